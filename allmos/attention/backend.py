@@ -1,0 +1,39 @@
+"""The attention backend interface: every backend writes new K/V into the paged cache and attends
+over it, following the layout in ``allmos.attention.metadata``."""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from allmos.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(abc.ABC):
+    """Stateless apart from preallocated workspaces; one instance serves every layer."""
+
+    name: str = "abstract"
+
+    def prepare(self, metadata: AttentionMetadata) -> AttentionMetadata:
+        """Add backend-specific fields (split counts, workspaces) once per forward pass, before any
+        layer runs. Must not synchronize with the device when ``metadata.is_decode`` (CUDA graphs)."""
+        return metadata
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """Store ``key``/``value`` at ``metadata.slot_mapping``, then causal attention of each query
+        over its sequence's cached context (``seq_lens``)."""
+
+    def supports_cuda_graphs(self) -> bool:
+        """Whether decode forwards can be captured (no host sync, fixed-size launches)."""
+        return False

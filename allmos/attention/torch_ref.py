@@ -1,0 +1,73 @@
+"""Reference paged attention in plain torch: the oracle for every kernel and the CPU path.
+
+See ``allmos.attention.metadata`` for the cache layout and the causal-offset convention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv_cache_ref(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = skip
+) -> None:
+    """Write each new token's K/V into its cache slot (slots of -1 are skipped)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_flat = k_cache.view(-1, *k_cache.shape[2:])  # [num_blocks * block_size, num_kv_heads, head_dim]
+    v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    k_flat[slots] = key[keep].to(k_cache.dtype)
+    v_flat[slots] = value[keep].to(v_cache.dtype)
+
+
+def gather_kv(
+    cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_table: list[int] | torch.Tensor,
+    seq_len: int,
+) -> torch.Tensor:  # [seq_len, num_kv_heads, head_dim]
+    """The first ``seq_len`` cached tokens of one sequence, contiguous."""
+    block_size = cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = torch.as_tensor(block_table[:num_blocks], dtype=torch.long, device=cache.device)
+    return cache[blocks].reshape(-1, *cache.shape[2:])[:seq_len]
+
+
+def paged_attention_ref(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    query_start_loc: list[int],  # num_seqs + 1 entries
+    seq_lens: list[int],  # num_seqs entries
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Causal attention of each sequence's new queries over its whole paged context.
+
+    Computed per sequence with float32 softmax; GQA by repeating KV heads.
+    """
+    out = torch.empty_like(query)
+    num_heads, num_kv_heads = query.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    for s, seq_len in enumerate(seq_lens):
+        start, end = query_start_loc[s], query_start_loc[s + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[s], seq_len).repeat_interleave(group, dim=1)
+        v = gather_kv(v_cache, block_tables[s], seq_len).repeat_interleave(group, dim=1)
+        q = query[start:end]
+        # Query i (absolute position seq_len - q_len + i) sees keys 0 .. seq_len - q_len + i.
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
+        k_pos = torch.arange(seq_len, device=query.device)[None, :]
+        mask = k_pos <= q_pos  # [q_len, seq_len]
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(),
+            attn_mask=mask, scale=scale,
+        )  # [num_heads, q_len, head_dim]
+        out[start:end] = o.transpose(0, 1).to(query.dtype)
+    return out

@@ -1,0 +1,107 @@
+"""Engine configuration: user keys (API.md) plus the model's Hugging Face config, frozen and
+validated once. Values discovered at run time (KV block count, EOS ids) live elsewhere."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """User-facing engine settings; names and defaults follow API.md."""
+
+    model: str | None = None
+    max_model_len: int = 4096
+    max_num_seqs: int = 512
+    max_num_batched_tokens: int = 16384
+    gpu_memory_utilization: float = 0.9
+    kvcache_block_size: int = 256
+    enable_cuda_graphs: bool = True
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    device: str = "auto"
+    dtype: str | torch.dtype = "auto"
+    load_format: str = "auto"
+    num_kvcache_blocks: int | None = None
+    attention_backend: str = "auto"
+    seed: int = 0
+    tokenizer: str | None = None
+
+    @classmethod
+    def from_kwargs(cls, model: str | None, **kwargs: Any) -> "EngineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"Unknown engine option(s) {unknown}; known options: {sorted(known - {'model'})}")
+        cfg = cls(model=model, **kwargs)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        _positive(self, "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kvcache_block_size",
+                  "tensor_parallel_size")
+        if self.kvcache_block_size & (self.kvcache_block_size - 1):
+            raise ValueError(f"kvcache_block_size must be a power of two, got {self.kvcache_block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_kvcache_blocks is not None and self.num_kvcache_blocks < 1:
+            raise ValueError(f"num_kvcache_blocks must be >= 1, got {self.num_kvcache_blocks}")
+        if self.load_format not in _LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
+        if self.attention_backend not in _BACKENDS:
+            raise ValueError(f"attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if isinstance(self.dtype, str) and self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+        """Explicit dtype wins; 'auto' is float32 on the CPU and the checkpoint's dtype on a GPU."""
+        if isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if device.type == "cpu":
+            return torch.float32
+        return checkpoint_dtype or torch.bfloat16
+
+    def resolved_backend(self, device: torch.device) -> str:
+        if self.attention_backend == "auto":
+            return "triton" if device.type == "cuda" else "torch"
+        if self.attention_backend == "triton" and device.type != "cuda":
+            raise ValueError("attention_backend='triton' needs a CUDA device; use 'torch' on the CPU")
+        return self.attention_backend
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        return self.enable_cuda_graphs and not self.enforce_eager
+
+
+def _positive(cfg: EngineConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def dtype_from_name(name: str | None) -> torch.dtype | None:
+    """torch dtype of a config.json ``torch_dtype`` / ``dtype`` string (None when absent or unknown)."""
+    return _DTYPES.get(str(name).replace("torch.", "")) if name else None

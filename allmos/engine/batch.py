@@ -1,0 +1,52 @@
+"""The one object that crosses from the scheduler to the model runner (and, serialized, to workers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from allmos.engine.sampler import SamplingRow
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's share of a step: compute KV for ``input_token_ids`` at positions
+    ``start_pos ...``; when ``sampling`` is set, the step also samples the sequence's next token."""
+
+    request_id: str
+    input_token_ids: list[int]
+    start_pos: int  # the sequence's num_computed_tokens before this step
+    block_table: list[int]
+    sampling: SamplingRow | None
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.input_token_ids)
+
+    @property
+    def seq_len(self) -> int:
+        """Context length once this step's tokens are computed."""
+        return self.start_pos + len(self.input_token_ids)
+
+
+@dataclass
+class ScheduledBatch:
+    """Every sequence scheduled for one forward pass, in the order the runner lays out tokens."""
+
+    seqs: list[ScheduledSeq]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence computes exactly one token (the case CUDA graphs capture)."""
+        return bool(self.seqs) and all(s.num_new_tokens == 1 for s in self.seqs)
+
+    @property
+    def sampled_seqs(self) -> list[ScheduledSeq]:
+        return [s for s in self.seqs if s.sampling is not None]

@@ -1,0 +1,126 @@
+"""``LLM``: the offline API of API.md (generate, chat, stream) over an ``LLMEngine``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from allmos.config import EngineConfig
+from allmos.engine.llm_engine import LLMEngine
+from allmos.outputs import RequestOutput
+from allmos.sampling_params import SamplingParams
+
+PromptType = str | list[int]
+
+
+class LLM:
+    """Offline inference: ``LLM(model=None, **config)``; see API.md for the keys."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        self.config = EngineConfig.from_kwargs(model, **kwargs)
+        self.engine = LLMEngine(self.config)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order."""
+        prompt_list = _normalize_prompts(prompts)
+        params = self._normalize_params(sampling_params, len(prompt_list))
+        ids = self._add_all(prompt_list, params)
+        return self._run(ids, use_tqdm)
+
+    def _normalize_params(self, sampling_params, num_prompts: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [self.engine.default_sampling_params()] * num_prompts
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * num_prompts
+        params = list(sampling_params)
+        if len(params) != num_prompts:
+            raise ValueError(f"got {len(params)} SamplingParams for {num_prompts} prompts; "
+                             "give one for all or one per prompt")
+        return params
+
+    def _add_all(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[str]:
+        """Queue every prompt, or none: a bad prompt removes the ones already queued and re-raises."""
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.engine.add_request(None, prompt, p))
+        except Exception:
+            for request_id in ids:
+                self.engine.abort(request_id, emit_output=False)
+            raise
+        return ids
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True) if use_tqdm else None
+        start, tokens_at_start = time.perf_counter(), self.engine.num_generated_tokens
+        wanted = set(ids)
+        try:
+            while len(finished) < len(ids):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        finished[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+                if bar is not None:
+                    generated = self.engine.num_generated_tokens - tokens_at_start
+                    bar.set_postfix_str(f"{generated / max(time.perf_counter() - start, 1e-9):.0f} tok/s")
+        except BaseException:
+            for request_id in ids:
+                if request_id not in finished:
+                    self.engine.abort(request_id, emit_output=False)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [finished[i] for i in ids]
+
+    # ------------------------------------------------------------------ stream
+    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[dict]:
+        """Yield ``{"text": delta, "token_ids": new_ids, "finished": bool, "output": RequestOutput}``
+        as tokens arrive (single sequence, ``outputs[0]``). The deltas concatenate to the final text."""
+        request_id = self.engine.add_request(None, prompt, sampling_params, stream=True)
+        sent_text, sent_tokens = "", 0
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id != request_id:
+                        continue
+                    completion = out.outputs[0]
+                    delta = completion.text[len(sent_text):]
+                    new_ids = completion.token_ids[sent_tokens:]
+                    sent_text, sent_tokens = completion.text, len(completion.token_ids)
+                    if delta or new_ids or out.finished:
+                        yield {"text": delta, "token_ids": new_ids, "finished": out.finished, "output": out}
+                    if out.finished:
+                        return
+        finally:
+            self.engine.abort(request_id, emit_output=False)
+
+
+def _normalize_prompts(prompts) -> list[PromptType]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one tokenized prompt
+    for p in prompts:
+        if not isinstance(p, (str, list, tuple)):
+            raise ValueError(f"each prompt must be a str or a list of token ids, got {type(p).__name__}")
+    return [p if isinstance(p, str) else list(p) for p in prompts]
+
+
+__all__ = ["LLM", "EngineConfig"]

@@ -1,0 +1,309 @@
+"""The engine loop: admission and validation, one scheduler + runner step, stop checks, outputs.
+
+Usable online: ``add_request`` / ``step`` / ``abort`` / ``has_unfinished`` (a server drives this loop).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from allmos.config import EngineConfig
+from allmos.engine.batch import ScheduledBatch
+from allmos.engine.detokenizer import IncrementalDetokenizer
+from allmos.engine.model_runner import LocalModelRunner, ModelRunner, StepResult
+from allmos.engine.request import Request
+from allmos.engine.scheduler import ContinuousBatchingScheduler, SchedulerConfig
+from allmos.memory.block_manager import BlockManager
+from allmos.models.resolve import ModelSource, load_model_source
+from allmos.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from allmos.sampling_params import SamplingParams
+
+logger = logging.getLogger("allmos")
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """Values found at start-up (never written back into the config)."""
+
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+    num_kv_blocks: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+@dataclass
+class _Group:
+    """A user request: one prompt, ``n`` sequences."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Request]
+    detokenizers: list[IncrementalDetokenizer | None]
+    arrival_time: float
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
+        self.config = config
+        self.source: ModelSource = load_model_source(config.model)
+        self.tokenizer = self._load_tokenizer()
+        device = config.resolved_device()
+        hf_config = self.source.hf_config
+        dtype = config.resolved_dtype(self.source.checkpoint_dtype, device)
+        self.runner = runner or self._make_runner(device, dtype)
+        self.info = RuntimeInfo(
+            max_model_len=_max_model_len(config, hf_config),
+            vocab_size=hf_config.vocab_size,
+            eos_token_ids=frozenset(self._eos_ids()),
+            num_kv_blocks=self.runner.num_kv_blocks,
+            device=device, dtype=dtype,
+        )
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.kvcache_block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = ContinuousBatchingScheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.info.max_model_len),
+            self.block_manager)
+        self._groups: dict[str, _Group] = {}
+        self._pending_outputs: list[RequestOutput] = []
+        self._rng = random.Random(config.seed)
+        self._ids = itertools.count()
+        self.num_generated_tokens = 0
+        logger.info("allmos: %d KV blocks of %d tokens (%d max-length sequences of %d tokens), %s %s",
+                    self.info.num_kv_blocks, config.kvcache_block_size,
+                    self.info.num_kv_blocks * config.kvcache_block_size // self.info.max_model_len,
+                    self.info.max_model_len, device, dtype)
+
+    # ------------------------------------------------------------------ set-up
+    def _make_runner(self, device: torch.device, dtype: torch.dtype) -> ModelRunner:
+        if self.config.tensor_parallel_size > 1:
+            from allmos.engine.tp_runner import MultiprocessRunner
+            return MultiprocessRunner(self.config, self.source, device, dtype)
+        return LocalModelRunner(self.config, self.source.hf_config, self.source.folder, device, dtype)
+
+    def _load_tokenizer(self):
+        if not self.source.has_tokenizer:
+            return None
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(self.config.tokenizer or self.source.folder, trust_remote_code=False)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for value in (self.source.generation_config.get("eos_token_id"),
+                      getattr(self.source.hf_config, "eos_token_id", None)):
+            ids.update(_as_list(value))
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config.json defaults applied (as vLLM does)."""
+        gen = self.source.generation_config
+        keys = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                "repetition_penalty": "repetition_penalty"}
+        kwargs = {ours: gen[theirs] for theirs, ours in keys.items() if gen.get(theirs) is not None}
+        if gen.get("do_sample") is False:
+            kwargs["temperature"] = 0.0
+        if gen.get("max_new_tokens"):
+            kwargs["max_tokens"] = int(gen["max_new_tokens"])
+        return SamplingParams(**kwargs)
+
+    # ------------------------------------------------------------------ requests
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer (e.g. load_format='dummy' from a bare config.json): "
+                                 "pass prompts as lists of token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
+                    *, stream: bool = False, arrival_time: float | None = None) -> str:
+        """Validate and queue a request; raises ValueError (and queues nothing) on bad input."""
+        params = params or self.default_sampling_params()
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        token_ids = self.tokenize(prompt)
+        self._validate_prompt(token_ids, params)
+        arrival = arrival_time or time.time()
+        seqs = [self._make_seq(request_id, i, token_ids, params, arrival) for i in range(params.n)]
+        added: list[Request] = []
+        try:
+            for seq in seqs:
+                self.scheduler.add(seq)
+                added.append(seq)
+        except ValueError:
+            for seq in added:
+                self.scheduler.finish(seq, "abort")
+            raise
+        needs_stream_text = stream or bool(params.stop)
+        self._groups[request_id] = _Group(
+            request_id, prompt if isinstance(prompt, str) else None, token_ids, params, seqs,
+            [self._detokenizer(token_ids, params) if needs_stream_text else None for _ in seqs], arrival)
+        return request_id
+
+    def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("The prompt is empty: give at least one token")
+        max_len = self.info.max_model_len
+        if len(token_ids) >= max_len:
+            raise ValueError(f"This model's maximum context length is {max_len} tokens. However, your request has "
+                             f"{len(token_ids)} input tokens, which leaves no room for output. Please reduce "
+                             "the length of the prompt (or raise max_model_len).")
+        bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < self.info.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.info.vocab_size})")
+        params.validate_for_vocab(self.info.vocab_size)
+
+    def _make_seq(self, request_id: str, index: int, token_ids: list[int], params: SamplingParams,
+                  arrival: float) -> Request:
+        seq_id = request_id if params.n == 1 else f"{request_id}#{index}"
+        seed = self._rng.getrandbits(63) if params.seed is None else (params.seed + 0x9E3779B97F4A7C15 * index) % 2**63
+        seq = Request(seq_id, token_ids, params, seed, arrival)
+        if params.min_tokens > 0:
+            seq.banned_token_ids = tuple(sorted(set(params.stop_token_ids) | (
+                set() if params.ignore_eos else set(self.info.eos_token_ids))))
+        return seq
+
+    def _detokenizer(self, token_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
+        if self.tokenizer is None:
+            return None
+        return IncrementalDetokenizer(self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens,
+                                      stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
+
+    def abort(self, request_id: str, *, emit_output: bool = True) -> RequestOutput | None:
+        """Stop a request now and free its blocks; its final output (``finish_reason='abort'``) is returned
+        and, with ``emit_output``, also delivered by the next ``step``."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return None
+        for seq in group.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        out = self._make_output(group)
+        if emit_output:
+            self._pending_outputs.append(out)
+        return out
+
+    def has_unfinished(self) -> bool:
+        return bool(self._groups) or bool(self._pending_outputs)
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[RequestOutput]:
+        """Run one forward pass; returns an output for every request that advanced or finished."""
+        outputs, self._pending_outputs = self._pending_outputs, []
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return outputs
+        result = self.runner.execute(batch)
+        self.scheduler.on_step_done(batch)
+        touched = self._process_samples(batch, result)
+        for group in touched:
+            outputs.append(self._make_output(group))
+            if group.finished:
+                del self._groups[group.request_id]
+        return outputs
+
+    def _process_samples(self, batch: ScheduledBatch, result: StepResult) -> list[_Group]:
+        touched: dict[str, _Group] = {}
+        now = time.time()
+        for row, (seq_info, token) in enumerate(zip(batch.sampled_seqs, result.token_ids)):
+            seq = self.scheduler.requests.get(seq_info.request_id)
+            if seq is None:
+                continue
+            group = self._groups[seq.request_id.split("#")[0]]
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.append_token(token)
+            self.num_generated_tokens += 1
+            if result.logprobs is not None and group.params.logprobs is not None:
+                entries = result.logprobs[row]
+                seq.cumulative_logprob += entries[0][1]
+                seq.output_logprobs.append(dict(entries))
+            self._check_stop(group, seq, token)
+            touched[group.request_id] = group
+        return list(touched.values())
+
+    def _check_stop(self, group: _Group, seq: Request, token: int) -> None:
+        params = group.params
+        index = group.seqs.index(seq)
+        detok = group.detokenizers[index]
+        stop_string = None
+        if detok is not None:
+            stop_string = detok.update([token]).stop_string
+        reason, stop_reason = None, None
+        if seq.num_output_tokens >= params.min_tokens:
+            if token in params.stop_token_ids:
+                reason, stop_reason = "stop", token
+            elif not params.ignore_eos and token in self.info.eos_token_ids:
+                reason = "stop"
+        if reason is None and stop_string is not None:
+            reason, stop_reason = "stop", stop_string
+        if reason is None and (
+                (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens)
+                or seq.num_tokens >= self.info.max_model_len):
+            reason = "length"
+        if reason is not None:
+            seq.stop_reason = stop_reason
+            if detok is not None:
+                detok.finish()
+            self.scheduler.finish(seq, reason)
+
+    # ------------------------------------------------------------------ outputs
+    def _make_output(self, group: _Group) -> RequestOutput:
+        completions = [self._completion(group, i, seq) for i, seq in enumerate(group.seqs)]
+        first = [s.first_token_time for s in group.seqs if s.first_token_time is not None]
+        finished = group.finished
+        metrics = RequestMetrics(group.arrival_time, min(first) if first else None,
+                                 time.time() if finished else None)
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions, finished,
+                             max(0, group.seqs[0].num_cached_tokens), metrics)
+
+    def _completion(self, group: _Group, index: int, seq: Request) -> CompletionOutput:
+        detok = group.detokenizers[index]
+        if detok is not None:
+            text = detok.output_text
+        elif self.tokenizer is not None and seq.is_finished:
+            text = self.tokenizer.decode(_strip_eos(seq, self.info.eos_token_ids),
+                                         skip_special_tokens=group.params.skip_special_tokens)
+        else:
+            text = ""
+        return CompletionOutput(index=index, text=text, token_ids=list(seq.output_token_ids),
+                               cumulative_logprob=seq.cumulative_logprob if group.params.logprobs is not None else None,
+                               logprobs=list(seq.output_logprobs) if group.params.logprobs is not None else None,
+                               finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()
+
+
+def _strip_eos(seq: Request, eos_ids: frozenset[int]) -> list[int]:
+    ids = seq.output_token_ids
+    if seq.finish_reason == "stop" and seq.stop_reason is None and ids and ids[-1] in eos_ids:
+        return ids[:-1]
+    return ids
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _max_model_len(config: EngineConfig, hf_config) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    return min(config.max_model_len, limit) if limit else config.max_model_len

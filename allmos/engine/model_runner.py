@@ -1,0 +1,211 @@
+"""The model runner: turns a ``ScheduledBatch`` into tensors, runs the model and samples.
+
+It owns the model, the KV cache, the attention backend and the sampler of one rank. The scheduler never
+sees a tensor; the runner never makes a scheduling decision.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from allmos.attention.backend import AttentionBackend
+from allmos.attention.context import ForwardContext, forward_context
+from allmos.attention.metadata import AttentionMetadata
+from allmos.attention.torch_backend import TorchAttentionBackend
+from allmos.config import EngineConfig
+from allmos.engine.batch import ScheduledBatch
+from allmos.engine.sampler import Sampler, SamplingTensors
+from allmos.layers.tp import SINGLE, TPGroup
+from allmos.models.loader import build_model, init_dummy_weights, load_weights, safetensors_files
+
+logger = logging.getLogger("allmos")
+
+CPU_KV_CACHE_BYTES = 2 << 30  # KV budget on the CPU when num_kvcache_blocks is not given
+
+
+@dataclass
+class StepResult:
+    """Sampled tokens of ``batch.sampled_seqs``, in that order."""
+
+    token_ids: list[int]
+    logprobs: list[list[tuple[int, float]]] | None = None  # per row: (token, logprob) sampled first, then top-k
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_kv_heads: int  # on this rank
+    head_dim: int
+    vocab_size: int
+
+
+class ModelRunner(abc.ABC):
+    """Executes scheduled batches on one device (or one tensor-parallel rank)."""
+
+    num_kv_blocks: int
+
+    @abc.abstractmethod
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        """Compute KV for every scheduled token and sample the sequences that ask for it."""
+
+    def shutdown(self) -> None:
+        """Release devices and workers."""
+
+
+def make_backend(name: str) -> AttentionBackend:
+    if name == "torch":
+        return TorchAttentionBackend()
+    from allmos.attention.triton_backend import TritonAttentionBackend
+    return TritonAttentionBackend()
+
+
+class LocalModelRunner(ModelRunner):
+    def __init__(self, config: EngineConfig, hf_config, model_path: Path | None, device: torch.device,
+                 dtype: torch.dtype, tp: TPGroup = SINGLE) -> None:
+        self.config = config
+        self.device, self.dtype, self.tp = device, dtype, tp
+        self.model = build_model(hf_config, dtype, device, tp)
+        if config.load_format == "dummy":
+            init_dummy_weights(self.model, config.seed)
+        else:
+            load_weights(self.model, safetensors_files(model_path))
+        attn = self.model.model.layers[0].self_attn
+        self.shape = ModelShape(len(self.model.model.layers), attn.num_kv_heads, attn.head_dim, hf_config.vocab_size)
+        self.block_size = config.kvcache_block_size
+        self.backend = make_backend(config.resolved_backend(device))
+        self.sampler = Sampler()
+        self.num_kv_blocks = self._decide_num_blocks()
+        self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
+
+    # ------------------------------------------------------------------ KV cache
+    def block_bytes(self) -> int:
+        s = self.shape
+        return 2 * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * self.dtype.itemsize
+
+    def _decide_num_blocks(self) -> int:
+        if self.config.num_kvcache_blocks is not None:
+            return self.config.num_kvcache_blocks
+        per_seq = -(-self.config.max_model_len // self.block_size)
+        if self.device.type == "cpu":
+            budget_blocks = max(per_seq, CPU_KV_CACHE_BYTES // self.block_bytes())
+            return min(budget_blocks, per_seq * self.config.max_num_seqs)
+        return self._profile_num_blocks()
+
+    def _profile_num_blocks(self) -> int:
+        """Blocks that fit in what ``gpu_memory_utilization`` leaves after a forward at the token budget."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.config.max_model_len)
+        self._profile_forward(num_tokens)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_elsewhere = total - free - torch.cuda.memory_reserved(self.device)
+        available = total * self.config.gpu_memory_utilization - peak - max(0, used_elsewhere)
+        num_blocks = int(available // self.block_bytes())
+        if num_blocks < 1:
+            raise ValueError(f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} GiB of "
+                             f"{total / 2**30:.1f} GiB); raise gpu_memory_utilization or lower max_num_batched_tokens")
+        torch.cuda.empty_cache()
+        return num_blocks
+
+    def _profile_forward(self, num_tokens: int) -> None:
+        """One forward over ``num_tokens`` prompt tokens (in one sequence chunked by max_model_len)."""
+        per_seq = min(num_tokens, self.config.max_model_len)
+        seqs = [per_seq] * (num_tokens // per_seq) + ([num_tokens % per_seq] if num_tokens % per_seq else [])
+        blocks_needed = sum(-(-n // self.block_size) for n in seqs)
+        caches = self._allocate_kv_cache(blocks_needed)
+        from allmos.engine.batch import ScheduledSeq
+        next_block, batch_seqs = 0, []
+        for i, n in enumerate(seqs):
+            nb = -(-n // self.block_size)
+            batch_seqs.append(ScheduledSeq(str(i), [0] * n, 0, list(range(next_block, next_block + nb)), None))
+            next_block += nb
+        batch = ScheduledBatch(batch_seqs)
+        input_ids, positions, metadata, _ = self._prepare(batch)
+        logits_rows = torch.arange(len(seqs), device=self.device)
+        with torch.inference_mode(), forward_context(ForwardContext(metadata, caches, self.backend)):
+            hidden = self.model(input_ids, positions)
+            self.model.compute_logits(hidden[logits_rows])
+        del caches
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        s = self.shape
+        cache = torch.empty(2, s.num_layers, num_blocks, self.block_size, s.num_kv_heads, s.head_dim,
+                            dtype=self.dtype, device=self.device)
+        return [(cache[0, i], cache[1, i]) for i in range(s.num_layers)]
+
+    # ------------------------------------------------------------------ one step
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        if batch.is_empty:
+            return StepResult([])
+        input_ids, positions, metadata, rope_seq_lens = self._prepare(batch)
+        sampled = batch.sampled_seqs
+        with torch.inference_mode():
+            ctx = ForwardContext(self.backend.prepare(metadata), self.kv_caches, self.backend, rope_seq_lens)
+            with forward_context(ctx):
+                hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
+            if not sampled:
+                return StepResult([])
+            rows = self._sample_rows(batch)
+            logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab]
+            tensors = SamplingTensors.build([s.sampling for s in sampled], self.shape.vocab_size, self.device)
+            out = self.sampler(logits, tensors)
+            return _to_step_result(out, [s.sampling.num_logprobs for s in sampled])
+
+    def _sample_rows(self, batch: ScheduledBatch) -> torch.Tensor:
+        ends = np.cumsum([s.num_new_tokens for s in batch.seqs]) - 1
+        rows = [int(end) for end, s in zip(ends, batch.seqs) if s.sampling is not None]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _prepare(self, batch: ScheduledBatch):
+        """Host lists -> device tensors: token ids, positions and attention metadata."""
+        seqs = batch.seqs
+        q_lens = np.array([s.num_new_tokens for s in seqs], dtype=np.int64)
+        seq_lens = np.array([s.seq_len for s in seqs], dtype=np.int64)
+        query_start_loc = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=query_start_loc[1:])
+        input_ids = np.fromiter((t for s in seqs for t in s.input_token_ids), dtype=np.int64,
+                                count=int(query_start_loc[-1]))
+        # absolute position of every new token: start_pos of its sequence + index within the step
+        seq_of_token = np.repeat(np.arange(len(seqs)), q_lens)
+        positions = np.arange(len(input_ids)) - query_start_loc[seq_of_token] + (seq_lens - q_lens)[seq_of_token]
+        max_blocks = max(len(s.block_table) for s in seqs)
+        block_tables = np.zeros((len(seqs), max_blocks), dtype=np.int32)
+        for i, s in enumerate(seqs):
+            block_tables[i, : len(s.block_table)] = s.block_table
+        slot_mapping = (block_tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size
+                        + positions % self.block_size)
+        dev = self.device
+        metadata = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slot_mapping).to(dev),
+            query_start_loc=torch.from_numpy(query_start_loc.astype(np.int32)).to(dev),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
+            block_tables=torch.from_numpy(block_tables).to(dev),
+            max_query_len=int(q_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+            is_decode=bool((q_lens == 1).all()),
+            query_start_loc_cpu=query_start_loc.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+        )
+        rope_seq_lens = torch.from_numpy(seq_lens[seq_of_token]).to(dev)
+        return torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev), metadata, rope_seq_lens
+
+
+def _to_step_result(out, num_logprobs: list[int | None]) -> StepResult:
+    token_ids = out.token_ids.tolist()
+    if out.logprobs is None:
+        return StepResult(token_ids)
+    values, ids = out.logprobs.tolist(), out.logprob_token_ids.tolist()
+    logprobs = []
+    for row, k in enumerate(num_logprobs):
+        n = 0 if k is None else 1 + k
+        logprobs.append(list(zip(ids[row][:n], values[row][:n])))
+    return StepResult(token_ids, logprobs)

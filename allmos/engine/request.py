@@ -1,0 +1,67 @@
+"""A request as the scheduler sees it: token ids plus one token-accounting model.
+
+Invariant: ``num_computed_tokens <= num_tokens``. Tokens ``[0, num_computed_tokens)`` have KV in the
+cache (through ``block_table``); the scheduler computes the rest. Prefill, chunked prefill, prefix hits,
+decode and recompute after preemption all follow from that difference.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from allmos.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Request:
+    """One sequence being generated (a request with ``n > 1`` becomes ``n`` of these)."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 seed: int, arrival_time: float | None = None) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.seed = seed  # the request's seed, or one drawn from the engine's RNG
+        self.banned_token_ids: tuple[int, ...] = ()  # EOS / stop ids, banned until min_tokens is reached
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # prefix-cache hits at first admission; -1 until admitted
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks of token_ids
+        self.arrival_time = arrival_time if arrival_time is not None else time.time()
+        self.first_token_time: float | None = None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.output_logprobs: list[dict[int, float]] = []
+        self.cumulative_logprob = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
+                f"blocks={len(self.block_table)}, {self.status.value})")

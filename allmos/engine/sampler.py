@@ -1,0 +1,559 @@
+"""Batched token sampler: penalties, filtering and a counter-based random draw.
+
+Invariant: the token chosen for a row is a pure function of that row's logits, its
+sampling parameters, its seed and its position. Nothing in a row's result depends on
+the other rows, the batch size or the order of the batch, and no torch.Generator is
+used. The random draw is an exponential race (Gumbel-max):
+
+    token = argmax_i( z_i + g_i ),  z = logits / T (filtered tokens at -inf),
+    g_i = -log(-log(u_i)),          u_i = hash(seed, position, i) mapped into (0, 1)
+
+which is argmax(p_i / E_i) with E_i = -log(u_i) ~ Exp(1), so token ~ softmax(z).
+The hash is counter based: a 64-bit key per row, derived on the host from
+(seed, position) with the splitmix64 finalizer, then a keyed 32-bit murmur3-style mix
+of the vocabulary index. The same integer arithmetic runs in the torch reference path
+(int32 tensors, wrapping multiplies, masked right shifts) and in the optional Triton
+kernel (uint32), so both produce the same noise bits.
+
+Steps, same semantics as vLLM:
+raw logprobs (log_softmax of the raw logits, float32) -> penalties (repetition,
+frequency, presence) -> banned ids set to -inf -> greedy rows: argmax ->
+temperature -> top-k -> top-p -> min-p -> random draw.
+
+Filtering never writes a masked copy of the logits: it produces one threshold per row
+in scaled-logit space (keep z >= threshold), which the draw applies on the fly. A
+filter that is off leaves the values bit-for-bit unchanged, so whichever filters other
+rows switch on, a row's draw is the same.
+
+`Sampler.forward` does not synchronize with the host: it branches only on flags that
+`SamplingTensors.build` computed from plain Python values.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+try:  # Triton is optional: the torch path is the complete reference.
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the installation
+    _HAS_TRITON = False
+
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS).
+GREEDY_TEMPERATURE_EPS = 1e-5
+
+_MASK32 = 0xFFFFFFFF
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+_GOLDEN64 = 0x9E3779B97F4A7C15
+_SPLITMIX_M1 = 0xBF58476D1CE4E5B9
+_SPLITMIX_M2 = 0x94D049BB133111EB
+_GOLDEN32 = 0x9E3779B1
+_FMIX32_M1 = 0x85EBCA6B
+_FMIX32_M2 = 0xC2B2AE35
+_UNIFORM_BITS = 23  # u = (2 * bits + 1) / 2**24 is exact in float32 and lies in (0, 1)
+_UNIFORM_SCALE = 2.0**-24
+
+# Triton draw kernel tiling: a fixed chunk per program (independent of the batch).
+_DRAW_CHUNK = 8192
+_DRAW_BLOCK = 1024
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass
+class SamplingRow:
+    """One request's sampling state at this step (plain Python, built by the engine).
+
+    Penalties follow vLLM: presence/frequency count OUTPUT tokens only; repetition
+    covers prompt + output tokens (logit > 0 -> logit / r, else logit * r).
+    `banned_token_ids` get -inf (the engine bans EOS/stop ids until min_tokens).
+    """
+
+    temperature: float = 1.0  # < 1e-5 = greedy
+    top_k: int = -1  # -1 or 0 = off
+    top_p: float = 1.0  # (0, 1]; 1 = off
+    min_p: float = 0.0  # [0, 1]; 0 = off
+    seed: int = 0  # 0 <= seed < 2**63
+    position: int = 0  # index of the token being sampled in prompt + output
+    presence_penalty: float = 0.0  # [-2, 2]
+    frequency_penalty: float = 0.0  # [-2, 2]
+    repetition_penalty: float = 1.0  # > 0
+    num_logprobs: int | None = None  # None = none; k >= 0 -> sampled + top-k logprobs
+    prompt_token_ids: Sequence[int] = ()  # read only when repetition_penalty != 1
+    output_token_ids: Sequence[int] = ()  # read only when a penalty is active
+    banned_token_ids: Sequence[int] = ()
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE_EPS
+
+    @property
+    def has_output_penalty(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def has_repetition_penalty(self) -> bool:
+        return self.repetition_penalty != 1.0
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise ValueError naming the first field that is out of range."""
+        checks = (
+            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0.0),
+            ("top_p", 0.0 < self.top_p <= 1.0),
+            ("min_p", 0.0 <= self.min_p <= 1.0),
+            ("seed", 0 <= self.seed < 2**63),
+            ("position", 0 <= self.position < 2**63),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0),
+            ("repetition_penalty", 0.0 < self.repetition_penalty < math.inf),
+            ("top_k", self.top_k >= -1),
+            ("num_logprobs", self.num_logprobs is None or 0 <= self.num_logprobs <= vocab_size),
+        )
+        for field, ok in checks:
+            if not ok:
+                raise ValueError(f"SamplingRow.{field} is out of range: {getattr(self, field)!r}")
+
+    def effective_top_k(self, vocab_size: int) -> int:
+        """top_k as a count of kept tokens; vocab_size when off (or greedy)."""
+        if self.is_greedy or self.top_k <= 0 or self.top_k >= vocab_size:
+            return vocab_size
+        return self.top_k
+
+
+# --------------------------------------------------------------------------- hash
+
+
+def _mix64(z: int) -> int:
+    """splitmix64 finalizer on a Python int in [0, 2**64)."""
+    z = ((z ^ (z >> 30)) * _SPLITMIX_M1) & _MASK64
+    z = ((z ^ (z >> 27)) * _SPLITMIX_M2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def noise_key(seed: int, position: int) -> int:
+    """64-bit noise key of one (seed, position) pair; distinct pairs give unrelated keys."""
+    seed_state = _mix64((seed + _GOLDEN64) & _MASK64)
+    return _mix64((seed_state + (position + 1) * _GOLDEN64) & _MASK64)
+
+
+def _to_int32(value: int) -> int:
+    """Reinterpret a uint32 as a signed int32 (the bits torch stores)."""
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _signed32(value: int) -> int:
+    return _to_int32(value & _MASK32)
+
+
+def _fmix32_torch(x: torch.Tensor) -> torch.Tensor:
+    """murmur3 fmix32 on int32 tensors holding uint32 bits (multiplies wrap)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _signed32(_FMIX32_M1)
+    x = x ^ ((x >> 13) & 0x7FFFF)
+    x = x * _signed32(_FMIX32_M2)
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def uniform_bits_torch(key_lo: torch.Tensor, key_hi: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """23 random bits per (row, vocab index): int32 [B, V] in [0, 2**23).
+
+    key_lo, key_hi: int32 [B], the low/high halves of each row's `noise_key`.
+    """
+    idx = torch.arange(vocab_size, dtype=torch.int32, device=key_lo.device)  # [V]
+    x = idx * _signed32(_GOLDEN32) + key_lo[:, None]  # [B, V]
+    x = _fmix32_torch(x)
+    x = _fmix32_torch(x ^ key_hi[:, None])
+    return (x >> (32 - _UNIFORM_BITS)) & ((1 << _UNIFORM_BITS) - 1)
+
+
+def gumbel_noise_torch(key_lo: torch.Tensor, key_hi: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log(u)) from the counter hash: float32 [B, V]."""
+    bits = uniform_bits_torch(key_lo, key_hi, vocab_size)  # [B, V]
+    u = (bits * 2 + 1).to(torch.float32) * _UNIFORM_SCALE
+    return u.log_().neg_().log_().neg_()
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+@dataclass
+class SamplingTensors:
+    """The batch as tensors on the logits' device, built once per step by `build`.
+
+    Every per-row value is a [B] tensor; token-id lists are flattened into
+    (row index, token id) pairs. The host-side flags let `Sampler.forward` skip work
+    that no row needs without reading any tensor back.
+    """
+
+    vocab_size: int
+    inv_temperature: torch.Tensor  # [B] float32, 1 for greedy rows
+    noise_scale: torch.Tensor  # [B] float32, 1 = random draw, 0 = greedy
+    top_k: torch.Tensor  # [B] int64, vocab_size when off
+    top_p: torch.Tensor  # [B] float32, 1 when off
+    min_p: torch.Tensor  # [B] float32, 0 when off
+    presence_penalty: torch.Tensor  # [B] float32
+    frequency_penalty: torch.Tensor  # [B] float32
+    repetition_penalty: torch.Tensor  # [B] float32
+    seeds: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64
+    noise_key_lo: torch.Tensor  # [B] int32, uint32 bits of noise_key(seed, position)
+    noise_key_hi: torch.Tensor  # [B] int32
+    output_rows: torch.Tensor  # [num_output_ids] int64, rows with any penalty
+    output_token_ids: torch.Tensor  # [num_output_ids] int64
+    prompt_rows: torch.Tensor  # [num_prompt_ids] int64, rows with a repetition penalty
+    prompt_token_ids: torch.Tensor  # [num_prompt_ids] int64
+    banned_rows: torch.Tensor  # [num_banned_ids] int64
+    banned_token_ids: torch.Tensor  # [num_banned_ids] int64
+    num_logprobs_cpu: list[int | None]
+    max_num_logprobs: int | None  # None when no row asks for logprobs
+    max_top_k: int  # largest active top_k (vocab_size when none)
+    all_greedy: bool
+    all_random: bool
+    any_top_k: bool
+    any_top_p: bool
+    any_min_p: bool
+    any_presence: bool
+    any_frequency: bool
+    any_repetition: bool
+    any_banned: bool
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.num_logprobs_cpu)
+
+    @property
+    def any_penalty(self) -> bool:
+        return self.any_presence or self.any_frequency or self.any_repetition
+
+    @property
+    def any_filter(self) -> bool:
+        return self.any_top_k or self.any_top_p or self.any_min_p
+
+    @classmethod
+    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> SamplingTensors:
+        """Validate `rows` and move them to `device` (a handful of host-to-device copies)."""
+        if vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        for row in rows:
+            row.validate(vocab_size)
+        floats = _float_columns(rows).to(device)  # [7, B]
+        ints = _int_columns(rows, vocab_size).to(device)  # [5, B]
+        keys = ints[3:5].to(torch.int32)  # [2, B]
+        output_rows, output_ids = _flatten_ids(
+            rows, lambda r: r.output_token_ids if r.has_output_penalty or r.has_repetition_penalty else (),
+            vocab_size, "output_token_ids", device)
+        prompt_rows, prompt_ids = _flatten_ids(
+            rows, lambda r: r.prompt_token_ids if r.has_repetition_penalty else (),
+            vocab_size, "prompt_token_ids", device)
+        banned_rows, banned_ids = _flatten_ids(
+            rows, lambda r: r.banned_token_ids, vocab_size, "banned_token_ids", device)
+        random_rows = [r for r in rows if not r.is_greedy]
+        active_top_k = [r.effective_top_k(vocab_size) for r in random_rows]
+        requested = [r.num_logprobs for r in rows if r.num_logprobs is not None]
+        return cls(
+            vocab_size=vocab_size,
+            inv_temperature=floats[0], noise_scale=floats[1], top_p=floats[2], min_p=floats[3],
+            presence_penalty=floats[4], frequency_penalty=floats[5], repetition_penalty=floats[6],
+            top_k=ints[0], seeds=ints[1], positions=ints[2], noise_key_lo=keys[0], noise_key_hi=keys[1],
+            output_rows=output_rows, output_token_ids=output_ids,
+            prompt_rows=prompt_rows, prompt_token_ids=prompt_ids,
+            banned_rows=banned_rows, banned_token_ids=banned_ids,
+            num_logprobs_cpu=[r.num_logprobs for r in rows],
+            max_num_logprobs=max(requested) if requested else None,
+            max_top_k=max((k for k in active_top_k if k < vocab_size), default=vocab_size),
+            all_greedy=not random_rows,
+            all_random=len(random_rows) == len(rows),
+            any_top_k=any(k < vocab_size for k in active_top_k),
+            any_top_p=any(r.top_p < 1.0 for r in random_rows),
+            any_min_p=any(r.min_p > 0.0 for r in random_rows),
+            any_presence=any(r.presence_penalty != 0.0 for r in rows),
+            any_frequency=any(r.frequency_penalty != 0.0 for r in rows),
+            any_repetition=any(r.has_repetition_penalty for r in rows),
+            any_banned=banned_ids.numel() > 0,
+        )
+
+
+def _float_columns(rows: list[SamplingRow]) -> torch.Tensor:
+    """float32 [7, B]: inv_temperature, noise_scale, top_p, min_p, presence, frequency, repetition."""
+    columns = [
+        [1.0 if r.is_greedy else 1.0 / r.temperature for r in rows],
+        [0.0 if r.is_greedy else 1.0 for r in rows],
+        [1.0 if r.is_greedy else r.top_p for r in rows],
+        [0.0 if r.is_greedy else r.min_p for r in rows],
+        [r.presence_penalty for r in rows],
+        [r.frequency_penalty for r in rows],
+        [r.repetition_penalty for r in rows],
+    ]
+    return torch.tensor(columns, dtype=torch.float32).reshape(7, len(rows))
+
+
+def _int_columns(rows: list[SamplingRow], vocab_size: int) -> torch.Tensor:
+    """int64 [5, B]: top_k, seed, position, noise key low half, noise key high half (int32 bits)."""
+    keys = [noise_key(r.seed, r.position) for r in rows]
+    columns = [
+        [r.effective_top_k(vocab_size) for r in rows],
+        [r.seed for r in rows],
+        [r.position for r in rows],
+        [_to_int32(k & _MASK32) for k in keys],
+        [_to_int32(k >> 32) for k in keys],
+    ]
+    return torch.tensor(columns, dtype=torch.int64).reshape(5, len(rows))
+
+
+def _flatten_ids(rows, select, vocab_size: int, field: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, token id) pairs, int64 [N] each, of the id lists `select(row)` picks."""
+    lists = [select(r) for r in rows]
+    lengths = torch.tensor([len(ids) for ids in lists], dtype=torch.int64)  # [B]
+    token_ids = torch.tensor(list(itertools.chain.from_iterable(lists)), dtype=torch.int64)  # [N]
+    if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab_size):
+        raise ValueError(f"SamplingRow.{field} holds a token id outside [0, {vocab_size})")
+    row_ids = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int64), lengths)  # [N]
+    return row_ids.to(device), token_ids.to(device)
+
+
+# --------------------------------------------------------------------------- output
+
+
+@dataclass
+class SamplerOutput:
+    """Sampled tokens and (when any row asked) raw logprobs.
+
+    logprobs / logprob_token_ids: [B, 1 + max_num_logprobs]; column 0 is the sampled
+    token, then the top-k of the raw distribution in descending order. Rows that asked
+    for fewer (or none) are sliced by the engine.
+    """
+
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None  # [B, 1 + max_k] float32
+    logprob_token_ids: torch.Tensor | None  # [B, 1 + max_k] int64
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Repetition, then frequency, then presence penalty (vLLM): new float32 [B, V]."""
+    x = logits.float()  # [B, V]
+    batch, vocab = x.shape
+    counts = torch.zeros(batch, vocab, dtype=torch.float32, device=x.device)  # [B, V]
+    ones = torch.ones_like(t.output_token_ids, dtype=torch.float32)
+    counts.index_put_((t.output_rows, t.output_token_ids), ones, accumulate=True)
+    in_output = counts > 0  # [B, V]
+    if t.any_repetition:
+        seen = in_output.clone()
+        seen[t.prompt_rows, t.prompt_token_ids] = True
+        r = t.repetition_penalty[:, None]  # [B, 1]
+        x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
+    if t.any_frequency:
+        x = x - t.frequency_penalty[:, None] * counts
+    if t.any_presence:
+        x = x - t.presence_penalty[:, None] * in_output.float()
+    return x
+
+
+def apply_banned(x: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Set banned (row, token) pairs to -inf in place on `x` (a tensor the sampler owns)."""
+    x[t.banned_rows, t.banned_token_ids] = -math.inf
+    return x
+
+
+def filter_threshold(z: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Per-row threshold in scaled-logit space: keep z >= threshold. float32 [B].
+
+    z: [B, V] float32, temperature-scaled logits. Top-k, then top-p over the top-k
+    renormalized distribution, then min-p (p >= min_p * p_max, i.e.
+    z >= z_max + log(min_p), which renormalization does not change). Off -> -inf.
+    """
+    if t.any_top_p:
+        threshold = _top_k_top_p_threshold(z, t)
+    elif t.any_top_k:
+        threshold = _top_k_threshold(z, t)
+    else:
+        threshold = torch.full_like(z[:, 0], -math.inf)
+    if t.any_min_p:
+        threshold = torch.maximum(threshold, z.amax(dim=-1) + torch.log(t.min_p))
+    return threshold
+
+
+def _top_k_threshold(z: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Value of each row's k-th largest z (-inf where top-k is off): [B]."""
+    values = z.topk(t.max_top_k, dim=-1).values  # [B, max_top_k], descending
+    kth = (t.top_k.clamp(max=t.max_top_k) - 1)[:, None]  # [B, 1]
+    threshold = values.gather(1, kth).squeeze(1)
+    return torch.where(t.top_k < t.vocab_size, threshold, -math.inf)
+
+
+def _top_k_top_p_threshold(z: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Smallest kept z after top-k then top-p (exclusive cumulative prob < p): [B]."""
+    vocab = z.shape[-1]
+    ranked = z.sort(dim=-1, descending=True).values  # [B, V]
+    rank = torch.arange(vocab, device=z.device)  # [V]
+    in_top_k = rank[None, :] < t.top_k[:, None]  # [B, V]
+    probs = ranked.masked_fill(~in_top_k, -math.inf).softmax(dim=-1)  # [B, V]
+    mass_before = probs.cumsum(dim=-1) - probs  # [B, V]
+    in_top_p = (mass_before < t.top_p[:, None]) | (t.top_p[:, None] >= 1.0)
+    num_kept = (in_top_k & in_top_p).sum(dim=-1, keepdim=True).clamp(min=1)  # [B, 1]
+    return ranked.gather(1, num_kept - 1).squeeze(1)
+
+
+def gumbel_argmax_torch(x: torch.Tensor, t: SamplingTensors, threshold: torch.Tensor | None) -> torch.Tensor:
+    """Reference draw: argmax(where(z >= thr, z, -inf) + noise_scale * g), z = x * inv_T. [B] int64."""
+    z = x.float() * t.inv_temperature[:, None]  # [B, V]
+    if threshold is not None:
+        z = torch.where(z >= threshold[:, None], z, -math.inf)
+    g = gumbel_noise_torch(t.noise_key_lo, t.noise_key_hi, x.shape[-1])  # [B, V]
+    if not t.all_random:
+        g = g * t.noise_scale[:, None]
+    return (z + g).argmax(dim=-1)
+
+
+def raw_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, max_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled-token logprob then top-`max_k` of log_softmax(raw logits, float32).
+
+    Returns (logprobs float32 [B, 1 + max_k], token ids int64 [B, 1 + max_k]).
+    """
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+    sampled = token_ids[:, None]  # [B, 1]
+    if max_k == 0:
+        return lp.gather(1, sampled), sampled
+    top = lp.topk(max_k, dim=-1)  # sorted descending
+    return torch.cat([lp.gather(1, sampled), top.values], 1), torch.cat([sampled, top.indices], 1)
+
+
+# --------------------------------------------------------------------------- module
+
+
+class Sampler(torch.nn.Module):
+    """Samples one token per row; see the module docstring for the exact semantics.
+
+    use_triton: None picks the fused Triton draw for CUDA logits when Triton is
+    installed; True forces it (also on CPU tensors under TRITON_INTERPRET=1); False
+    always uses the torch reference.
+    """
+
+    def __init__(self, use_triton: bool | None = None) -> None:
+        super().__init__()
+        self.use_triton = use_triton
+
+    def forward(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+        """logits: [B, V] any float dtype (not modified). Returns tokens [B] and logprobs."""
+        if logits.dim() != 2 or logits.shape[0] != t.batch_size or logits.shape[1] != t.vocab_size:
+            raise ValueError(f"logits shape {tuple(logits.shape)} does not match the sampling batch "
+                             f"[{t.batch_size}, {t.vocab_size}]")
+        x = self._processed_logits(logits, t)  # [B, V]
+        token_ids = x.argmax(dim=-1) if t.all_greedy else self._draw(x, t)  # [B]
+        if t.max_num_logprobs is None:
+            return SamplerOutput(token_ids, None, None)
+        logprobs, logprob_ids = raw_logprobs(logits, token_ids, t.max_num_logprobs)
+        return SamplerOutput(token_ids, logprobs, logprob_ids)
+
+    def _processed_logits(self, logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+        """Penalties and banned ids applied; the input itself when neither is active."""
+        if t.any_penalty:
+            x = apply_penalties(logits, t)
+        elif t.any_banned:
+            x = logits.to(torch.float32, copy=True)
+        else:
+            return logits
+        return apply_banned(x, t) if t.any_banned else x
+
+    def _draw(self, x: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+        """Temperature, filters and the counter-based random draw (greedy rows: noise 0)."""
+        threshold = None
+        if t.any_filter:
+            threshold = filter_threshold(x.float() * t.inv_temperature[:, None], t)
+        use_triton = self.use_triton
+        if use_triton is None:
+            use_triton = _HAS_TRITON and x.is_cuda
+        if use_triton:
+            return gumbel_argmax_triton(x, t, threshold)
+        return gumbel_argmax_torch(x, t, threshold)
+
+
+# --------------------------------------------------------------------------- triton
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _fmix32(x):
+        x = x ^ (x >> 16)
+        x = x * 0x85EBCA6B
+        x = x ^ (x >> 13)
+        x = x * 0xC2B2AE35
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _gumbel(idx, key_lo, key_hi):
+        x = idx.to(tl.uint32) * 0x9E3779B1 + key_lo
+        x = _fmix32(x)
+        x = _fmix32(x ^ key_hi)
+        u = ((x >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08
+        return -tl.log(-tl.log(u))
+
+    @triton.jit
+    def _gumbel_argmax_kernel(
+        logits_ptr, row_stride, inv_t_ptr, noise_ptr, thr_ptr, key_lo_ptr, key_hi_ptr,
+        best_val_ptr, best_idx_ptr, vocab_size, num_chunks,
+        CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALL_RANDOM: tl.constexpr,
+    ):
+        """Per (row, chunk): max and first argmax of where(z >= thr, z, -inf) + noise * g.
+
+        The threshold select always runs (thr = -inf when no filter is on): it keeps
+        the compiler from contracting x * inv_t + g into one FMA, whose rounding would
+        differ from the filtered case and from the torch path.
+        """
+        row = tl.program_id(0)
+        chunk = tl.program_id(1)
+        row_ptr = logits_ptr + row.to(tl.int64) * row_stride
+        inv_t = tl.load(inv_t_ptr + row)
+        thr = tl.load(thr_ptr + row)
+        key_lo = tl.load(key_lo_ptr + row).to(tl.uint32, bitcast=True)
+        key_hi = tl.load(key_hi_ptr + row).to(tl.uint32, bitcast=True)
+        best_val = tl.full([BLOCK], float("-inf"), tl.float32)
+        best_idx = tl.zeros([BLOCK], tl.int32)
+        for start in range(0, CHUNK, BLOCK):
+            idx = chunk * CHUNK + start + tl.arange(0, BLOCK)
+            x = tl.load(row_ptr + idx, mask=idx < vocab_size, other=float("-inf")).to(tl.float32)
+            z = x * inv_t
+            z = tl.where(z >= thr, z, float("-inf"))
+            g = _gumbel(idx, key_lo, key_hi)
+            if not ALL_RANDOM:
+                g = g * tl.load(noise_ptr + row)
+            z = z + g
+            better = z > best_val  # strict: each lane keeps its first maximum
+            best_val = tl.where(better, z, best_val)
+            best_idx = tl.where(better, idx, best_idx)
+        top = tl.max(best_val, axis=0)
+        first = tl.min(tl.where(best_val == top, best_idx, 2147483647), axis=0)
+        tl.store(best_val_ptr + row * num_chunks + chunk, top)
+        tl.store(best_idx_ptr + row * num_chunks + chunk, first)
+
+
+def gumbel_argmax_triton(x: torch.Tensor, t: SamplingTensors, threshold: torch.Tensor | None) -> torch.Tensor:
+    """Fused Triton version of `gumbel_argmax_torch` (same noise bits): one read of x. [B] int64."""
+    if not _HAS_TRITON:
+        raise RuntimeError("Sampler(use_triton=True) needs the triton package")
+    batch, vocab = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    num_chunks = triton.cdiv(vocab, _DRAW_CHUNK)
+    best_val = torch.empty(batch, num_chunks, dtype=torch.float32, device=x.device)  # [B, C]
+    best_idx = torch.empty(batch, num_chunks, dtype=torch.int32, device=x.device)  # [B, C]
+    if threshold is None:
+        threshold = torch.full((batch,), -math.inf, dtype=torch.float32, device=x.device)
+    if batch:
+        _gumbel_argmax_kernel[(batch, num_chunks)](
+            x, x.stride(0), t.inv_temperature, t.noise_scale, threshold,
+            t.noise_key_lo, t.noise_key_hi, best_val, best_idx, vocab, num_chunks,
+            CHUNK=_DRAW_CHUNK, BLOCK=_DRAW_BLOCK, ALL_RANDOM=t.all_random, num_warps=4,
+        )
+    chunk = best_val.argmax(dim=-1, keepdim=True)  # [B, 1], first chunk on ties
+    return best_idx.gather(1, chunk).squeeze(1).long()

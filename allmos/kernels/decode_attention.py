@@ -1,0 +1,322 @@
+"""Triton paged decode attention: one new query token per sequence, all keys read from the paged cache.
+
+Invariants (cache layout and causal offset: see ``allmos.attention.metadata``):
+- One program owns one (sequence, KV head, split): the ``group = num_heads // num_kv_heads`` query heads
+  that share the KV head are the rows of one ``tl.dot`` tile (padded to at least 16 rows), so every byte
+  of K/V is read from memory exactly once.
+- Keys are visited in tiles of ``BLOCK_N`` tokens. A tile never straddles a page boundary unevenly: if
+  ``BLOCK_N <= block_size`` it lies inside one page (one block-table load per tile), otherwise it covers
+  ``BLOCK_N // block_size`` whole pages (one vector load of their block ids).
+- With ``num_splits > 1`` split ``k`` handles a contiguous run of tiles and writes a float32 partial output
+  plus its log-sum-exp (base 2) to a ``DecodeWorkspace``; a second kernel merges the splits.
+- No host synchronization: grids come from host-known sizes, so the launches can be captured in a CUDA
+  graph (preallocate the workspace for that).
+
+``kv_tile_offsets`` and ``attend_kv_tile`` are the shared tile primitives, reused by the prefill kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_NUM_SPLITS = 16
+MIN_TOKENS_PER_SPLIT = 256
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the decode kernel (a tuning override; defaults come from ``default_decode_config``)."""
+
+    block_n: int  # key tokens per tile
+    num_warps: int
+    num_stages: int
+
+
+@dataclass
+class DecodeWorkspace:
+    """Scratch buffers of split decode; preallocate one (max sizes) to capture the call in a CUDA graph."""
+
+    partial_out: torch.Tensor  # [max_num_seqs, num_heads, max_num_splits, head_dim] float32
+    lse: torch.Tensor  # [max_num_seqs, num_heads, max_num_splits] float32, log2 of the softmax denominator
+
+    @classmethod
+    def allocate(
+        cls, max_num_seqs: int, num_heads: int, head_dim: int, max_num_splits: int, device: torch.device | str
+    ) -> DecodeWorkspace:
+        partial_out = torch.empty(
+            max_num_seqs, num_heads, max_num_splits, head_dim, dtype=torch.float32, device=device
+        )
+        lse = torch.empty(max_num_seqs, num_heads, max_num_splits, dtype=torch.float32, device=device)
+        return cls(partial_out, lse)
+
+    def check_fits(self, num_seqs: int, num_heads: int, head_dim: int, num_splits: int) -> None:
+        """Raise ValueError unless this workspace can hold a call of the given sizes."""
+        s, h, k, d = self.partial_out.shape
+        if s < num_seqs or h != num_heads or k < num_splits or d != head_dim:
+            raise ValueError(
+                f"workspace partial_out {tuple(self.partial_out.shape)} does not fit num_seqs={num_seqs}, "
+                f"num_heads={num_heads}, num_splits={num_splits}, head_dim={head_dim}"
+            )
+        if self.lse.shape != (s, h, k) or self.partial_out.dtype != torch.float32:
+            raise ValueError("workspace lse must be [max_num_seqs, num_heads, max_num_splits] and both float32")
+
+
+@triton.jit
+def kv_tile_offsets(
+    block_table_ptr, start, limit, stride_cb, stride_ct,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Cache offsets (int64, [BLOCK_N]) of tokens ``start .. start + BLOCK_N - 1`` of one sequence.
+
+    ``start`` is a multiple of ``BLOCK_N``; ``start < limit``. Tokens at or past ``limit`` get the offsets of
+    block 0 when ``MASKED`` (their page may be unallocated: its block-table entry is never read).
+    """
+    tokens = start + tl.arange(0, BLOCK_N)
+    if BLOCK_N <= BLOCK_SIZE:
+        block = tl.load(block_table_ptr + start // BLOCK_SIZE).to(tl.int64)
+        offsets = block * stride_cb + ((start % BLOCK_SIZE) + tl.arange(0, BLOCK_N)) * stride_ct
+    else:
+        if MASKED:
+            blocks = tl.load(block_table_ptr + tokens // BLOCK_SIZE, mask=tokens < limit, other=0)
+        else:
+            blocks = tl.load(block_table_ptr + tokens // BLOCK_SIZE)
+        offsets = blocks.to(tl.int64) * stride_cb + (tokens % BLOCK_SIZE) * stride_ct
+    return offsets
+
+
+@triton.jit
+def attend_kv_tile(
+    q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, kv_offsets, dims, kv_valid, score_mask, scale_log2,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step (base 2, float32) of query rows ``q`` over one key tile.
+
+    q [M, D]; acc [M, D] fp32; m_i, l_i [M] fp32; kv_offsets [N] (head offset included); dims [D];
+    kv_valid [N] and score_mask [M, N] are only used when ``MASKED``. Returns (acc, m_i, l_i).
+    """
+    ptrs = kv_offsets[:, None] + dims[None, :]  # [N, D]
+    if MASKED:
+        k = tl.load(k_cache_ptr + ptrs, mask=kv_valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + ptrs, mask=kv_valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + ptrs)
+        v = tl.load(v_cache_ptr + ptrs)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N]
+    if MASKED:
+        s = tl.where(score_mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr, out_ptr, part_ptr, lse_ptr,
+    scale_log2, num_splits,
+    stride_qs, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
+    stride_os, stride_oh, stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_lk,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    rows = tl.arange(0, GROUP_P)
+    dims = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + rows  # [GROUP_P]
+    row_valid = rows < GROUP
+    q_ptrs = q_ptr + seq.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + dims[None, :]
+    q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)  # [GROUP_P, HEAD_DIM]
+
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    full_hi = tl.maximum(tl.minimum(tile_hi, seq_len // BLOCK_N), tile_lo)  # tiles with no padding
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    head_offset = kv_head * stride_ch
+
+    acc = tl.zeros([GROUP_P, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([GROUP_P], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([GROUP_P], dtype=tl.float32)
+    for tile in range(tile_lo, full_hi):
+        start = tile * BLOCK_N
+        offsets = kv_tile_offsets(table, start, seq_len, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, False)
+        acc, m_i, l_i = attend_kv_tile(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, offsets + head_offset, dims, row_valid, row_valid,
+            scale_log2, False, DOT_PRECISION,
+        )
+    for tile in range(full_hi, tile_hi):  # at most one partial tile: the sequence's last
+        start = tile * BLOCK_N
+        kv_valid = start + tl.arange(0, BLOCK_N) < seq_len  # [BLOCK_N]
+        offsets = kv_tile_offsets(table, start, seq_len, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, True)
+        acc, m_i, l_i = attend_kv_tile(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, offsets + head_offset, dims, kv_valid,
+            kv_valid[None, :] & row_valid[:, None], scale_log2, True, DOT_PRECISION,
+        )
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]  # [GROUP_P, HEAD_DIM]
+    if SPLIT:
+        part_ptrs = (part_ptr + seq.to(tl.int64) * stride_ps + heads[:, None] * stride_ph + split * stride_pk
+                     + dims[None, :])
+        tl.store(part_ptrs, o, mask=row_valid[:, None])
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+        lse_ptrs = lse_ptr + seq.to(tl.int64) * stride_ls + heads * stride_lh + split * stride_lk
+        tl.store(lse_ptrs, lse, mask=row_valid)
+    else:
+        out_ptrs = out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_ptr, lse_ptr, out_ptr, num_splits,
+    stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_lk, stride_os, stride_oh,
+    HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_P2)
+    dims = tl.arange(0, HEAD_DIM)
+    split_valid = splits < num_splits
+    lse_ptrs = lse_ptr + seq * stride_ls + head * stride_lh + splits * stride_lk
+    lse = tl.load(lse_ptrs, mask=split_valid, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    weights = tl.exp2(lse - m)  # [SPLITS_P2]; empty splits weigh 0
+    part_ptrs = part_ptr + seq * stride_ps + head * stride_ph + splits[:, None] * stride_pk + dims[None, :]
+    parts = tl.load(part_ptrs, mask=split_valid[:, None], other=0.0)  # [SPLITS_P2, HEAD_DIM]
+    total = tl.sum(weights, 0)
+    o = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
+
+
+def default_decode_config(head_dim: int, dtype: torch.dtype, block_size: int) -> DecodeConfig:
+    """Tiles of about 16 KiB per K (and per V) stage: 64 tokens at head_dim 128 in 16-bit."""
+    block_n = max(16, min(128, 16384 // (head_dim * torch.finfo(dtype).bits // 8)))
+    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3)
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
+    """How many key splits to use: split only when the (seq, KV head) grid is below about one wave.
+
+    Each split keeps at least ``MIN_TOKENS_PER_SPLIT`` keys, at most ``MAX_NUM_SPLITS`` splits.
+    """
+    programs = num_seqs * num_kv_heads
+    if programs <= 0 or programs >= num_sms:
+        return 1
+    by_wave = triton.cdiv(num_sms, programs)
+    by_length = max(1, max_seq_len // MIN_TOKENS_PER_SPLIT)
+    return max(1, min(by_wave, by_length, MAX_NUM_SPLITS))
+
+
+def _check_decode_args(query, k_cache, v_cache, seq_lens, block_tables, num_splits) -> None:
+    if query.dim() != 3:
+        raise ValueError(f"query must be [num_seqs, num_heads, head_dim], got {tuple(query.shape)}")
+    check_paged_kv_args(query, k_cache, v_cache, block_tables)
+    if seq_lens.shape != (query.shape[0],) or block_tables.shape[0] != query.shape[0]:
+        raise ValueError(
+            f"seq_lens {tuple(seq_lens.shape)} / block_tables {tuple(block_tables.shape)} must have "
+            f"num_seqs={query.shape[0]} rows"
+        )
+    if not 1 <= num_splits <= 65535:
+        raise ValueError(f"num_splits must be in [1, 65535], got {num_splits}")
+
+
+def check_paged_kv_args(query, k_cache, v_cache, block_tables) -> None:
+    """Validate shapes shared by the decode and prefill kernels (host-side only, no synchronization)."""
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
+        raise ValueError("k_cache/v_cache must share shape and strides [num_blocks, block_size, kv_heads, head_dim]")
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache head_dim {k_cache.shape[3]} != query head_dim {head_dim}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if head_dim < 16 or head_dim & (head_dim - 1) or block_size & (block_size - 1):
+        raise ValueError(f"head_dim ({head_dim}, >= 16) and block_size ({block_size}) must be powers of two")
+    if k_cache.dtype != query.dtype:
+        raise ValueError(f"k_cache dtype {k_cache.dtype} != query dtype {query.dtype}")
+    if query.stride(-1) != 1 or k_cache.stride(-1) != 1:
+        raise ValueError("query and k_cache/v_cache need a contiguous last (head_dim) dimension")
+    if block_tables.dim() != 2 or block_tables.stride(-1) != 1:
+        raise ValueError("block_tables must be a 2-D tensor [num_seqs, max_blocks_per_seq], row-contiguous")
+
+
+def make_output(out: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
+    """``out`` checked against ``query`` (same shape and dtype, contiguous head_dim), or a new tensor like it."""
+    if out is None:
+        return torch.empty_like(query)
+    if out.shape != query.shape or out.dtype != query.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must match query {tuple(query.shape)} {query.dtype} with contiguous head_dim")
+    return out
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Exact float32 products for float32 inputs (tests); the default elsewhere."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def paged_decode_attention(
+    query: torch.Tensor,  # [num_seqs, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    seq_lens: torch.Tensor,  # [num_seqs] int32, includes the new token
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    scale: float,
+    *,
+    num_splits: int = 1,
+    out: torch.Tensor | None = None,  # [num_seqs, num_heads, head_dim]
+    workspace: DecodeWorkspace | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
+    """Attention of each sequence's single new query over its ``seq_lens[s]`` cached keys.
+
+    The new token's K/V must already be in the cache. ``num_splits > 1`` splits every sequence's keys
+    into that many contiguous runs (see ``choose_num_splits``) and needs a workspace; one is allocated
+    when none is given. A sequence with ``seq_lens == 0`` (a padded graph row) gets zeros.
+    """
+    _check_decode_args(query, k_cache, v_cache, seq_lens, block_tables, num_splits)
+    num_seqs, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    out = make_output(out, query)
+    if num_seqs == 0:
+        return out
+    cfg = config or default_decode_config(head_dim, query.dtype, block_size)
+    split = num_splits > 1
+    if split:
+        if workspace is None:
+            workspace = DecodeWorkspace.allocate(num_seqs, num_heads, head_dim, num_splits, query.device)
+        workspace.check_fits(num_seqs, num_heads, head_dim, num_splits)
+        part, lse = workspace.partial_out, workspace.lse
+    else:
+        part, lse = out, out  # unused by the kernel
+    group = num_heads // num_kv_heads
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, seq_lens, block_tables, out, part, lse,
+        scale * 1.4426950408889634, num_splits,
+        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1), part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        lse.stride(2),
+        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_N=cfg.block_n, SPLIT=split, DOT_PRECISION=dot_precision(query.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            part, lse, out, num_splits,
+            part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+    return out

@@ -1,0 +1,149 @@
+"""One decoder-only transformer shared by the Llama, Qwen2 and Qwen3 families.
+
+Family differences are explicit in ``DecoderSpec`` and chosen by the architecture name (see
+``models.registry``): Qwen3 normalizes q and k per head, Qwen2 always has a q/k/v bias, Llama-style
+models take biases from ``attention_bias`` / ``mlp_bias``. Module names equal checkpoint keys; packed
+modules (``qkv_proj``, ``gate_up_proj``) are declared in ``packed_modules_mapping``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from allmos.attention.context import get_forward_context
+from allmos.layers.activation import SiluAndMul
+from allmos.layers.attention import Attention
+from allmos.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from allmos.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from allmos.layers.norm import RMSNorm
+from allmos.layers.rotary import get_rope, rope_config_from_hf
+from allmos.layers.tp import SINGLE, TPGroup
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What distinguishes one family's decoder from another's."""
+
+    qk_norm: bool  # RMSNorm over each q and k head before RoPE (Qwen3)
+    qkv_bias: bool  # bias on q/k/v projections
+    o_bias: bool  # bias on the output projection
+    mlp_bias: bool = False
+
+
+def head_dim_of(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, cfg, spec: DecoderSpec, layer_idx: int, tp: TPGroup) -> None:
+        super().__init__()
+        head_dim = head_dim_of(cfg)
+        num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, head_dim, cfg.num_attention_heads, num_kv_heads,
+                                          bias=spec.qkv_bias, tp=tp)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = head_dim
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, cfg.hidden_size, bias=spec.o_bias, tp=tp)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
+        self.qk_norm = spec.qk_norm
+        self.rotary_emb = get_rope(rope_config_from_hf(cfg))
+        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, head_dim, scale=head_dim**-0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # positions [num_tokens]; x [num_tokens, hidden]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        seq_lens = get_forward_context().rope_seq_lens if self.rotary_emb.needs_seq_lens else None
+        q, k = self.rotary_emb(positions, q, k, seq_lens)
+        o = self.attn(q, k, v)  # [num_tokens, num_heads, head_dim]
+        return self.o_proj(o.flatten(1))
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, cfg, spec: DecoderSpec, tp: TPGroup) -> None:
+        super().__init__()
+        act = getattr(cfg, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act={act!r} is not supported (only 'silu')")
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2,
+                                                       bias=spec.mlp_bias, tp=tp)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=spec.mlp_bias, tp=tp)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, spec: DecoderSpec, layer_idx: int, tp: TPGroup) -> None:
+        super().__init__()
+        self.self_attn = DecoderAttention(cfg, spec, layer_idx, tp)
+        self.mlp = DecoderMLP(cfg, spec, tp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None):
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg, spec: DecoderSpec, tp: TPGroup) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, spec, i, tp) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden]
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class DecoderForCausalLM(nn.Module):
+    """``forward`` returns final hidden states; ``compute_logits`` projects the rows to sample."""
+
+    spec: DecoderSpec
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg, tp: TPGroup = SINGLE) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, self.make_spec(cfg), tp)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def make_spec(cls, cfg) -> DecoderSpec:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [num_seqs, hidden] -> [num_seqs, vocab]
+        return self.lm_head(hidden)

@@ -1,0 +1,12 @@
+"""Qwen3 (dense): per-head RMSNorm on q and k; biases only if ``attention_bias``."""
+
+from __future__ import annotations
+
+from allmos.models.decoder import DecoderForCausalLM, DecoderSpec
+
+
+class Qwen3ForCausalLM(DecoderForCausalLM):
+    @classmethod
+    def make_spec(cls, cfg) -> DecoderSpec:
+        bias = bool(getattr(cfg, "attention_bias", False))
+        return DecoderSpec(qk_norm=True, qkv_bias=bias, o_bias=bias)

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints built with transformers' own classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_tiny_model(folder: Path, arch: str = "qwen3", *, num_kv_heads: int = 2, tie: bool = False,
+                    vocab_size: int = 512, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random model of ``arch`` (transformers' classes) with generation_config.json."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=2048,
+                  tie_word_embeddings=tie, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+    if arch == "qwen3":
+        cfg = transformers.Qwen3Config(head_dim=32, **common, **overrides)
+        model = transformers.Qwen3ForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = transformers.Qwen2Config(**common, **overrides)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    elif arch == "llama":
+        cfg = transformers.LlamaConfig(**common, **overrides)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif arch == "mistral":
+        cfg = transformers.MistralConfig(sliding_window=None, **common, **overrides)
+        model = transformers.MistralForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():  # make logits less flat than the default init so greedy paths are decisive
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.to(torch.float32).save_pretrained(folder, safe_serialization=True)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "bos_token_id": 1}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("qwen3"), "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    cache: dict = {}
+
+    def get(arch: str = "qwen3", **kwargs) -> Path:
+        key = (arch, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = make_tiny_model(tmp_path_factory.mktemp(arch), arch, **kwargs)
+        return cache[key]
+
+    return get
