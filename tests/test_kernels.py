@@ -6,12 +6,15 @@ Two tiers:
 2. ``@pytest.mark.gpu`` cases (skipped without CUDA): lengths up to 4096, block sizes 16 and 256, GQA
    1/2/4/8, head_dim 64/128, bfloat16 and float32, prefix hits, chunked prefill, decode splits, graph capture.
 
-Interpreter mode: ``triton.jit`` decides between compiled and interpreted kernels when the decorator runs
-(it reads ``TRITON_INTERPRET`` then, triton 3.x), i.e. when a kernel module is first imported, not when
-triton itself is imported. So without CUDA this module sets ``TRITON_INTERPRET=1`` before importing the
-kernels, and the ``kernels`` fixture reloads the kernel modules if another test module imported them
-earlier, compiled (the reload re-runs the decorators; interpreted kernels are the only ones a GPU-less
-process can run anyway). The variable stays set for the rest of the pytest process.
+Interpreter mode (CPU): ``triton.jit`` picks compiled or interpreted functions when the decorator runs, so
+``TRITON_INTERPRET=1`` must be set before ``triton`` itself is first imported (``triton.language``'s own
+jit'd helpers such as ``tl.cdiv``/``tl.sum`` are decorated then; setting it later breaks them in the
+interpreter). Without CUDA this module sets the variable before importing anything that imports triton.
+If another test module (or conftest) imported triton earlier in the same pytest process, the tier-1
+tests here skip and ``test_tier1_in_fresh_interpreter`` runs them in a fresh ``python -m pytest``
+subprocess with the variable set from the start, so the tier still fails CI on a regression. The
+variable stays set for the rest of the pytest process (harmless without a GPU). Setting it in
+``conftest.py`` when CUDA is unavailable avoids the subprocess.
 
 Every case draws fresh random data, poisons outputs and unused cache slots with NaN, and shuffles the
 block tables (padding entries hold an out-of-range block id that must never be read).
@@ -19,10 +22,11 @@ block tables (padding entries hold an out-of-range block id that must never be r
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import random
+import subprocess
+import sys
 import types
 from dataclasses import dataclass
 
@@ -32,38 +36,45 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported (see module docstring)
 
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
 from allmos.attention.torch_ref import paged_attention_ref, store_kv_cache_ref  # noqa: E402
+from allmos.kernels import decode_attention, prefill_attention, store_kv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PAD_BLOCK_ID = 2**30  # block-table padding: reading it would fault or poison the result
-KERNEL_MODULES = ("allmos.kernels.store_kv", "allmos.kernels.decode_attention", "allmos.kernels.prefill_attention")
+# Triton was imported before TRITON_INTERPRET was set: interpreted kernels cannot run in this process.
+INTERPRETER_BROKEN = not torch.cuda.is_available() and not isinstance(tl.cdiv, InterpretedFunction)
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def _needs_reload(modules: list[types.ModuleType]) -> bool:
-    if torch.cuda.is_available():
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    decode = modules[1]
-    return not isinstance(decode._decode_kernel, InterpretedFunction)
+tier1 = pytest.mark.skipif(INTERPRETER_BROKEN, reason="triton imported before TRITON_INTERPRET=1; "
+                           "run by test_tier1_in_fresh_interpreter")
 
 
 @pytest.fixture(scope="module")
 def kernels() -> types.SimpleNamespace:
-    """The kernel entry points, interpreted when there is no GPU (reloading modules imported compiled)."""
-    modules = [importlib.import_module(name) for name in KERNEL_MODULES]
-    if _needs_reload(modules):
-        os.environ["TRITON_INTERPRET"] = "1"
-        modules = [importlib.reload(module) for module in modules]  # decode before prefill (it imports decode)
-    store, decode, prefill = modules
+    """The kernel entry points under test."""
     return types.SimpleNamespace(
-        store_kv_cache=store.store_kv_cache,
-        paged_decode_attention=decode.paged_decode_attention,
-        choose_num_splits=decode.choose_num_splits,
-        DecodeWorkspace=decode.DecodeWorkspace,
-        paged_prefill_attention=prefill.paged_prefill_attention,
+        store_kv_cache=store_kv.store_kv_cache,
+        paged_decode_attention=decode_attention.paged_decode_attention,
+        choose_num_splits=decode_attention.choose_num_splits,
+        DecodeWorkspace=decode_attention.DecodeWorkspace,
+        paged_prefill_attention=prefill_attention.paged_prefill_attention,
     )
+
+
+@pytest.mark.skipif(not INTERPRETER_BROKEN, reason="tier 1 runs in this process")
+def test_tier1_in_fresh_interpreter() -> None:
+    """Run this file's tier 1 in a new process where TRITON_INTERPRET=1 precedes the triton import."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
+         os.path.abspath(__file__)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 @dataclass
@@ -86,7 +97,9 @@ class PagedCase:
         return qsl, torch.tensor(self.seq_lens, dtype=torch.int32, device=self.k_cache.device)
 
 
-def make_block_tables(seq_lens: list[int], block_size: int, num_blocks: int, rng: random.Random) -> torch.Tensor:
+def make_block_tables(
+    seq_lens: list[int], block_size: int, num_blocks: int, rng: random.Random
+) -> torch.Tensor:
     """Shuffled, non-contiguous block ids per sequence; padding entries hold PAD_BLOCK_ID."""
     needed = [math.ceil(n / block_size) for n in seq_lens]
     ids = list(range(num_blocks))
@@ -142,12 +155,14 @@ def run_prefill(kernels, case: PagedCase, num_heads: int, dtype: torch.dtype, se
     scale = head_dim ** -0.5
     out = torch.full_like(query, float("nan"))
     qsl, seq_lens = case.tensors()
-    kernels.paged_prefill_attention(query, case.k_cache, case.v_cache, qsl, seq_lens, case.block_tables, scale,
-                                    max(case.q_lens), out=out)
+    kernels.paged_prefill_attention(query, case.k_cache, case.v_cache, qsl, seq_lens, case.block_tables,
+                                    scale, max(case.q_lens), out=out)
     torch.testing.assert_close(out, reference(query, case, scale), **tolerance(dtype))
 
 
-def run_decode(kernels, case: PagedCase, num_heads: int, dtype: torch.dtype, num_splits: int, seed: int) -> None:
+def run_decode(
+    kernels, case: PagedCase, num_heads: int, dtype: torch.dtype, num_splits: int, seed: int
+) -> None:
     head_dim = case.k_cache.shape[3]
     query = random_query(len(case.seq_lens), num_heads, head_dim, dtype, seed)
     scale = head_dim ** -0.5
@@ -160,6 +175,7 @@ def run_decode(kernels, case: PagedCase, num_heads: int, dtype: torch.dtype, num
 
 # ---------------------------------------------------------------- tier 1: interpreter-sized, float32
 
+@tier1
 @pytest.mark.parametrize("block_size,num_kv_heads", [(16, 2), (256, 4)])
 def test_store_kv_cache(kernels, block_size: int, num_kv_heads: int) -> None:
     gen = torch.Generator().manual_seed(block_size)
@@ -188,9 +204,10 @@ PREFILL_SMALL = [
 ]
 
 
+@tier1
 @pytest.mark.parametrize("block_size,num_kv_heads,group,seq_lens,q_lens", PREFILL_SMALL)
 def test_prefill_small(kernels, block_size, num_kv_heads, group, seq_lens, q_lens) -> None:
-    case = make_case(seq_lens, q_lens, num_kv_heads, 64, block_size, torch.float32, seed=len(seq_lens) + group)
+    case = make_case(seq_lens, q_lens, num_kv_heads, 64, block_size, torch.float32, seed=len(q_lens) + group)
     run_prefill(kernels, case, num_kv_heads * group, torch.float32, seed=block_size)
 
 
@@ -203,6 +220,7 @@ DECODE_SMALL = [
 ]
 
 
+@tier1
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("block_size,num_kv_heads,group,seq_lens", DECODE_SMALL)
 def test_decode_small(kernels, block_size, num_kv_heads, group, seq_lens, num_splits) -> None:
@@ -210,6 +228,7 @@ def test_decode_small(kernels, block_size, num_kv_heads, group, seq_lens, num_sp
     run_decode(kernels, case, num_kv_heads * group, torch.float32, num_splits, seed=num_splits)
 
 
+@tier1
 def test_decode_preallocated_workspace_and_empty_rows(kernels) -> None:
     """A larger preallocated workspace is used in place; a padded row (seq_len 0) comes out as zeros."""
     case = make_case([70, 9, 1], [1, 1, 1], 2, 64, 16, torch.float32, seed=7)
@@ -225,6 +244,7 @@ def test_decode_preallocated_workspace_and_empty_rows(kernels) -> None:
     assert torch.equal(out[3], torch.zeros_like(out[3]))
 
 
+@tier1
 def test_choose_num_splits(kernels) -> None:
     choose = kernels.choose_num_splits
     assert choose(256, 8, 1024) == 1  # grid already fills the chip
@@ -233,6 +253,7 @@ def test_choose_num_splits(kernels) -> None:
     assert all(1 <= choose(b, h, n) <= 16 for b in (1, 3, 8, 64) for h in (1, 8) for n in (1, 512, 65536))
 
 
+@tier1
 def test_rejects_bad_shapes(kernels) -> None:
     case = make_case([5], [5], 2, 64, 16, torch.float32, seed=0)
     query = random_query(5, 3, 64, torch.float32, seed=0)  # 3 heads over 2 KV heads

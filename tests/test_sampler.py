@@ -13,11 +13,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
+from allmos.engine import sampler as sampler_module
 from allmos.engine.sampler import (
     Sampler,
     SamplingRow,
@@ -28,7 +28,6 @@ from allmos.engine.sampler import (
 )
 
 CPU = torch.device("cpu")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _build(rows: list[SamplingRow], vocab_size: int) -> SamplingTensors:
@@ -72,7 +71,8 @@ def test_hash_matches_python_big_int_reference():
     t = _build(rows, 600)
     bits = uniform_bits_torch(t.noise_key_lo, t.noise_key_hi, 600)  # [5, 600]
     for r, (seed, position) in enumerate(pairs):
-        assert noise_key(seed, position) == (int(t.noise_key_hi[r]) & M32) << 32 | (int(t.noise_key_lo[r]) & M32)
+        key = (int(t.noise_key_hi[r]) & M32) << 32 | (int(t.noise_key_lo[r]) & M32)
+        assert noise_key(seed, position) == key
         expected = [_ref_bits(seed, position, i) for i in range(600)]
         assert bits[r].tolist() == expected
 
@@ -333,7 +333,8 @@ def test_logprobs_with_only_sampled_column():
     logits = torch.randn(3, 20)
     out = _sample(logits, [SamplingRow(num_logprobs=0, seed=i) for i in range(3)])
     assert out.logprobs.shape == (3, 1)
-    torch.testing.assert_close(out.logprobs[:, 0], torch.log_softmax(logits, -1).gather(1, out.token_ids[:, None])[:, 0])
+    expected = torch.log_softmax(logits, -1).gather(1, out.token_ids[:, None])
+    torch.testing.assert_close(out.logprobs, expected)
 
 
 # --------------------------------------------------------------------------- banned ids
@@ -342,7 +343,8 @@ def test_logprobs_with_only_sampled_column():
 def test_banned_ids_are_never_sampled():
     vocab, num_draws = 20, 3000
     logits = torch.linspace(3.0, -3.0, vocab).expand(num_draws, vocab)  # ids 0 and 1 are the most likely
-    rows = [SamplingRow(temperature=1.5, seed=77, position=p, banned_token_ids=[0, 1, 13]) for p in range(num_draws)]
+    rows = [SamplingRow(temperature=1.5, seed=77, position=p, banned_token_ids=[0, 1, 13])
+            for p in range(num_draws)]
     counts = torch.bincount(_sample(logits, rows).token_ids, minlength=vocab)
     assert counts[0] == counts[1] == counts[13] == 0
     assert counts[2] > 0
@@ -383,11 +385,29 @@ def test_empty_batch():
 
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
+    import importlib.util
+    import sys
+
     import torch
-    from allmos.engine.sampler import Sampler, SamplingRow, SamplingTensors
+
+    # load the module file alone: the allmos package __init__ is not needed here
+    spec = importlib.util.spec_from_file_location("sampler_under_test", sys.argv[1])
+    sampler = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = sampler
+    spec.loader.exec_module(sampler)
+    Sampler, SamplingRow, SamplingTensors = sampler.Sampler, sampler.SamplingRow, sampler.SamplingTensors
+    filter_threshold, gumbel_argmax_torch = sampler.filter_threshold, sampler.gumbel_argmax_torch
+    gumbel_argmax_triton = sampler.gumbel_argmax_triton
+
+    def build(rows, vocab):
+        return SamplingTensors.build(rows, vocab, torch.device("cpu"))
+
+    def draws(logits, t, **tiling):
+        x = Sampler()._processed_logits(logits, t)
+        thr = filter_threshold(x.float() * t.inv_temperature[:, None], t) if t.any_filter else None
+        return gumbel_argmax_triton(x, t, thr, **tiling), gumbel_argmax_torch(x, t, thr)
 
     torch.manual_seed(0)
-    vocab = 9000  # two chunks of the kernel
     rows = [
         SamplingRow(temperature=0.0, seed=1, position=9),
         SamplingRow(temperature=1.2, top_k=20, seed=2, position=4, num_logprobs=2),
@@ -397,21 +417,26 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         SamplingRow(temperature=0.9, seed=5, position=50, presence_penalty=1.0, repetition_penalty=1.3,
                     prompt_token_ids=[1, 2, 3], output_token_ids=[4, 4, 7]),
     ]
+    vocab = 2500  # three chunks of 1024
     logits = torch.randn(len(rows), vocab, dtype=torch.bfloat16)
-    logits[3, 8500] = 30.0  # a winner in the second chunk
-    logits[4, 8700] = 4.0
-    t = SamplingTensors.build(rows, vocab, torch.device("cpu"))
-    fused = Sampler(use_triton=True)(logits, t).token_ids
-    reference = Sampler(use_triton=False)(logits, t).token_ids
+    logits[3, 2300] = 30.0  # winners in later chunks
+    logits[4, 1500] = 4.0
+    t = build(rows, vocab)
+    fused, reference = draws(logits, t, chunk_size=1024, block_size=512)
     assert torch.equal(fused, reference), (fused, reference)
-    plain = [SamplingRow(temperature=0.8, seed=s, position=3 * s) for s in range(5)]
-    plain_logits = torch.randn(5, vocab)
-    t = SamplingTensors.build(plain, vocab, torch.device("cpu"))
-    assert torch.equal(Sampler(use_triton=True)(plain_logits, t).token_ids,
-                       Sampler(use_triton=False)(plain_logits, t).token_ids)
-    alone = SamplingTensors.build(plain[2:3], vocab, torch.device("cpu"))
-    assert Sampler(use_triton=True)(plain_logits[2:3], alone).token_ids[0] == reference.new_tensor(
-        Sampler(use_triton=True)(plain_logits, t).token_ids[2])
+    assert fused[3] == 2300 and fused[0] == logits[0].float().argmax()
+
+    plain = [SamplingRow(temperature=0.8, seed=s, position=3 * s) for s in range(4)]
+    plain_logits = torch.randn(4, vocab)
+    fused, reference = draws(plain_logits, build(plain, vocab), chunk_size=1024, block_size=512)
+    assert torch.equal(fused, reference), (fused, reference)
+    alone, _ = draws(plain_logits[2:3], build(plain[2:3], vocab), chunk_size=1024, block_size=512)
+    assert alone[0] == fused[2]
+
+    small = torch.randn(6, 700)
+    t = build([SamplingRow(temperature=0.0 if i == 0 else 1.0, top_k=5 * i, seed=i) for i in range(6)], 700)
+    fused, reference = Sampler(use_triton=True)(small, t), Sampler(use_triton=False)(small, t)
+    assert torch.equal(fused.token_ids, reference.token_ids)
     print("ok")
     """
 )
@@ -419,8 +444,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
 def test_triton_kernel_matches_torch_under_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, cwd=REPO_ROOT,
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, sampler_module.__file__], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 

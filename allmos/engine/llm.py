@@ -88,6 +88,34 @@ class LLM:
                 bar.close()
         return [finished[i] for i in ids]
 
+    # ------------------------------------------------------------------ chat
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True, *,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of ``{"role", "content"}``) or a list of them,
+        through the tokenizer's chat template (or ``chat_template``)."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.apply_chat_template(c, chat_template=chat_template,
+                                            add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, conversation: list[dict], *, chat_template: str | None = None,
+                            add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        """The prompt text for one conversation."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer, so chat() cannot apply a chat template")
+        if chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template; pass chat_template='...' (a Jinja template) "
+                             "or use generate() with a plain prompt")
+        for message in conversation:
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(f"each chat message must be a dict with 'role' and 'content', got {message!r}")
+        return tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, **kwargs)
+
     # ------------------------------------------------------------------ stream
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[dict]:
         """Yield ``{"text": delta, "token_ids": new_ids, "finished": bool, "output": RequestOutput}``

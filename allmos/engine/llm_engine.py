@@ -127,7 +127,9 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer (e.g. load_format='dummy' from a bare config.json): "
                                  "pass prompts as lists of token ids")
-            return self.tokenizer.encode(prompt)
+            # a chat template already carries its special tokens; a plain prompt gets the usual BOS
+            templated = bool(self.tokenizer.bos_token) and prompt.startswith(self.tokenizer.bos_token)
+            return self.tokenizer.encode(prompt, add_special_tokens=not templated)
         return list(prompt)
 
     def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,

@@ -361,7 +361,7 @@ def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
 def apply_banned(x: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Set banned (row, token) pairs to -inf in place on `x` (a tensor the sampler owns)."""
-    x[t.banned_rows, t.banned_token_ids] = -math.inf
+    x[t.banned_rows, t.banned_token_ids] = -1e3
     return x
 
 
@@ -415,7 +415,9 @@ def gumbel_argmax_torch(x: torch.Tensor, t: SamplingTensors, threshold: torch.Te
     return (z + g).argmax(dim=-1)
 
 
-def raw_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, max_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def raw_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, max_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled-token logprob then top-`max_k` of log_softmax(raw logits, float32).
 
     Returns (logprobs float32 [B, 1 + max_k], token ids int64 [B, 1 + max_k]).
@@ -519,7 +521,8 @@ if _HAS_TRITON:
         key_hi = tl.load(key_hi_ptr + row).to(tl.uint32, bitcast=True)
         best_val = tl.full([BLOCK], float("-inf"), tl.float32)
         best_idx = tl.zeros([BLOCK], tl.int32)
-        for start in range(0, CHUNK, BLOCK):
+        chunk_len = tl.minimum(vocab_size - chunk * CHUNK, CHUNK)
+        for start in range(0, chunk_len, BLOCK):
             idx = chunk * CHUNK + start + tl.arange(0, BLOCK)
             x = tl.load(row_ptr + idx, mask=idx < vocab_size, other=float("-inf")).to(tl.float32)
             z = x * inv_t
@@ -537,14 +540,24 @@ if _HAS_TRITON:
         tl.store(best_idx_ptr + row * num_chunks + chunk, first)
 
 
-def gumbel_argmax_triton(x: torch.Tensor, t: SamplingTensors, threshold: torch.Tensor | None) -> torch.Tensor:
-    """Fused Triton version of `gumbel_argmax_torch` (same noise bits): one read of x. [B] int64."""
+def gumbel_argmax_triton(
+    x: torch.Tensor, t: SamplingTensors, threshold: torch.Tensor | None,
+    chunk_size: int = _DRAW_CHUNK, block_size: int = _DRAW_BLOCK,
+) -> torch.Tensor:
+    """Fused Triton version of `gumbel_argmax_torch` (same noise bits): one read of x. [B] int64.
+
+    Each program reduces `chunk_size` logits of one row (a fixed size, never derived
+    from the batch); partial results combine to the first maximum of the row, the
+    same index torch.argmax returns, whatever the chunk size.
+    """
     if not _HAS_TRITON:
         raise RuntimeError("Sampler(use_triton=True) needs the triton package")
     batch, vocab = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    num_chunks = triton.cdiv(vocab, _DRAW_CHUNK)
+    if chunk_size % block_size:
+        raise ValueError(f"chunk_size {chunk_size} must be a multiple of block_size {block_size}")
+    num_chunks = triton.cdiv(vocab, chunk_size)
     best_val = torch.empty(batch, num_chunks, dtype=torch.float32, device=x.device)  # [B, C]
     best_idx = torch.empty(batch, num_chunks, dtype=torch.int32, device=x.device)  # [B, C]
     if threshold is None:
@@ -553,7 +566,7 @@ def gumbel_argmax_triton(x: torch.Tensor, t: SamplingTensors, threshold: torch.T
         _gumbel_argmax_kernel[(batch, num_chunks)](
             x, x.stride(0), t.inv_temperature, t.noise_scale, threshold,
             t.noise_key_lo, t.noise_key_hi, best_val, best_idx, vocab, num_chunks,
-            CHUNK=_DRAW_CHUNK, BLOCK=_DRAW_BLOCK, ALL_RANDOM=t.all_random, num_warps=4,
+            CHUNK=chunk_size, BLOCK=block_size, ALL_RANDOM=t.all_random, num_warps=4,
         )
     chunk = best_val.argmax(dim=-1, keepdim=True)  # [B, 1], first chunk on ties
     return best_idx.gather(1, chunk).squeeze(1).long()

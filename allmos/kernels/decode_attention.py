@@ -29,7 +29,7 @@ MIN_TOKENS_PER_SPLIT = 256
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch parameters of the decode kernel (a tuning override; defaults come from ``default_decode_config``)."""
+    """Launch parameters of the decode kernel (tuning override; default: ``default_decode_config``)."""
 
     block_n: int  # key tokens per tile
     num_warps: int
@@ -62,7 +62,7 @@ class DecodeWorkspace:
                 f"num_heads={num_heads}, num_splits={num_splits}, head_dim={head_dim}"
             )
         if self.lse.shape != (s, h, k) or self.partial_out.dtype != torch.float32:
-            raise ValueError("workspace lse must be [max_num_seqs, num_heads, max_num_splits] and both float32")
+            raise ValueError("workspace lse must be [max_num_seqs, num_heads, max_num_splits], both float32")
 
 
 @triton.jit
@@ -233,9 +233,9 @@ def _check_decode_args(query, k_cache, v_cache, seq_lens, block_tables, num_spli
 
 
 def check_paged_kv_args(query, k_cache, v_cache, block_tables) -> None:
-    """Validate shapes shared by the decode and prefill kernels (host-side only, no synchronization)."""
+    """Check shapes of the decode and prefill kernels (host-side only, no synchronizing)."""
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
-        raise ValueError("k_cache/v_cache must share shape and strides [num_blocks, block_size, kv_heads, head_dim]")
+        raise ValueError("k_cache/v_cache must share shape and strides [blocks, block_size, kv_heads, dim]")
     num_heads, head_dim = query.shape[1], query.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape[3] != head_dim:
@@ -253,7 +253,7 @@ def check_paged_kv_args(query, k_cache, v_cache, block_tables) -> None:
 
 
 def make_output(out: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
-    """``out`` checked against ``query`` (same shape and dtype, contiguous head_dim), or a new tensor like it."""
+    """``out`` checked against ``query`` (same shape and dtype, contiguous head_dim), or a new one."""
     if out is None:
         return torch.empty_like(query)
     if out.shape != query.shape or out.dtype != query.dtype or out.stride(-1) != 1:
@@ -306,8 +306,8 @@ def paged_decode_attention(
         scale * 1.4426950408889634, num_splits,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
-        out.stride(0), out.stride(1), part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        lse.stride(2),
+        out.stride(0), out.stride(1), part.stride(0), part.stride(1), part.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=cfg.block_n, SPLIT=split, DOT_PRECISION=dot_precision(query.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

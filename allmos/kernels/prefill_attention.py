@@ -21,13 +21,18 @@ import torch
 import triton
 import triton.language as tl
 
-from allmos.kernels.decode_attention import attend_kv_tile, check_paged_kv_args, dot_precision, kv_tile_offsets
-from allmos.kernels.decode_attention import make_output
+from allmos.kernels.decode_attention import (
+    attend_kv_tile,
+    check_paged_kv_args,
+    dot_precision,
+    kv_tile_offsets,
+    make_output,
+)
 
 
 @dataclass(frozen=True)
 class PrefillConfig:
-    """Launch parameters of the prefill kernel (a tuning override; defaults from ``default_prefill_config``)."""
+    """Launch parameters of the prefill kernel (tuning override; default: ``default_prefill_config``)."""
 
     block_m: int  # rows per program: query tokens x padded GQA group
     block_n: int  # key tokens per tile
@@ -74,7 +79,8 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for tile in range(0, num_full):
-        offsets = kv_tile_offsets(table, tile * BLOCK_N, kv_end, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, False)
+        start = tile * BLOCK_N
+        offsets = kv_tile_offsets(table, start, kv_end, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, False)
         acc, m_i, l_i = attend_kv_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, offsets + head_offset, dims, row_valid, row_valid,
             scale_log2, False, DOT_PRECISION,
@@ -102,7 +108,9 @@ def default_prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
     return PrefillConfig(block_m=128, block_n=64, num_warps=8 if head_dim > 64 else 4, num_stages=3)
 
 
-def _check_prefill_args(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, max_query_len) -> None:
+def _check_prefill_args(
+    query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, max_query_len
+) -> None:
     if query.dim() != 3:
         raise ValueError(f"query must be [num_tokens, num_heads, head_dim], got {tuple(query.shape)}")
     check_paged_kv_args(query, k_cache, v_cache, block_tables)
@@ -151,7 +159,8 @@ def paged_prefill_attention(
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_q * group_p2, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(query.dtype),
+        BLOCK_M=block_q * group_p2, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
+        DOT_PRECISION=dot_precision(query.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -39,9 +39,10 @@ def _store_kv_kernel(
 
 def _check_store_args(key, value, k_cache, v_cache, slot_mapping) -> None:
     if key.dim() != 3 or value.shape != key.shape:
-        raise ValueError(f"key/value must be [num_tokens, num_kv_heads, head_dim], got {key.shape}/{value.shape}")
+        shapes = f"{tuple(key.shape)}, {tuple(value.shape)}"
+        raise ValueError(f"key/value must be [num_tokens, num_kv_heads, head_dim], got {shapes}")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.stride() != v_cache.stride():
-        raise ValueError("k_cache/v_cache must share shape and strides [num_blocks, block_size, kv_heads, head_dim]")
+        raise ValueError("k_cache/v_cache must share shape and strides [blocks, block_size, kv_heads, dim]")
     if k_cache.shape[2:] != key.shape[1:]:
         raise ValueError(f"k_cache heads/head_dim {tuple(k_cache.shape[2:])} != key {tuple(key.shape[1:])}")
     if slot_mapping.shape != (key.shape[0],):

@@ -106,12 +106,13 @@ class BlockManager:
         empty). Returns False and changes nothing when the free blocks do not suffice."""
         if cached_blocks and seq.block_table:
             raise ValueError("cached prefix blocks can only start an empty block table")
-        if not self.can_allocate(seq, num_new_tokens, cached_blocks):
+        num_fresh = self._num_new_blocks(seq, num_new_tokens, cached_blocks)
+        if num_fresh > self._num_available(cached_blocks):
             return False
         for block_id in cached_blocks:
             self._take(block_id)
             seq.block_table.append(block_id)
-        for _ in range(self._num_new_blocks(seq, num_new_tokens, ())):
+        for _ in range(num_fresh):
             seq.block_table.append(self._take_fresh())
         return True
 

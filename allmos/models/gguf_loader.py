@@ -96,7 +96,9 @@ class ArchSpec:
 _ARCH_SPECS = MappingProxyType(
     {
         "llama": ArchSpec("LlamaForCausalLM", "llama", permute_qk=True, extra_config=(("mlp_bias", False),)),
-        "qwen2": ArchSpec("Qwen2ForCausalLM", "qwen2", permute_qk=False, extra_config=(("use_sliding_window", False),)),
+        "qwen2": ArchSpec(
+            "Qwen2ForCausalLM", "qwen2", permute_qk=False, extra_config=(("use_sliding_window", False),)
+        ),
         "qwen3": ArchSpec(
             "Qwen3ForCausalLM",
             "qwen3",
@@ -122,7 +124,9 @@ class TensorEntry:
 # ----------------------------------------------------------------------------------------------------
 
 
-def convert_gguf_to_hf_folder(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+def convert_gguf_to_hf_folder(
+    gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32
+) -> Path:
     """Convert ``gguf_path`` into a Hugging Face folder at ``out_dir`` and return ``out_dir``.
 
     Writes ``config.json``, ``model.safetensors`` (or shards plus ``model.safetensors.index.json`` above
@@ -193,7 +197,7 @@ def default_cache_dir() -> Path:
 
 
 def gguf_cache_key(gguf_path: Path) -> str:
-    """Folder name for a GGUF file: its stem plus a digest of absolute path, size, mtime and converter version."""
+    """Folder name for a GGUF file: its stem plus a digest of path, size, mtime and converter version."""
     stat = gguf_path.stat()
     ident = f"{CONVERTER_VERSION}\0{gguf_path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
@@ -208,7 +212,9 @@ def gguf_cache_key(gguf_path: Path) -> str:
 
 def read_metadata(reader: Any) -> dict[str, Any]:
     """All GGUF key/values as Python values, except the large tokenizer arrays."""
-    return {name: _field_value(field) for name, field in reader.fields.items() if name not in _SKIPPED_METADATA}
+    return {
+        name: _field_value(field) for name, field in reader.fields.items() if name not in _SKIPPED_METADATA
+    }
 
 
 def _field_value(field: Any) -> Any:
@@ -242,10 +248,13 @@ def arch_spec(metadata: dict[str, Any]) -> ArchSpec:
     architecture = metadata.get("general.architecture")
     if architecture not in _ARCH_SPECS:
         raise ValueError(
-            f"unsupported GGUF general.architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"unsupported GGUF general.architecture {architecture!r}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     if int(metadata.get("split.count", 1)) > 1:
-        raise ValueError("split GGUF files (split.count > 1) are not supported; merge them with llama-gguf-split")
+        raise ValueError(
+            "split GGUF files (split.count > 1) are not supported; merge them with llama-gguf-split"
+        )
     return _ARCH_SPECS[architecture]
 
 
@@ -304,7 +313,11 @@ def build_config(
 
 
 def _special_token_ids(metadata: dict[str, Any]) -> dict[str, int]:
-    names = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "padding_token_id"}
+    names = {
+        "bos_token_id": "bos_token_id",
+        "eos_token_id": "eos_token_id",
+        "pad_token_id": "padding_token_id",
+    }
     found = {hf: metadata.get(f"tokenizer.ggml.{key}") for hf, key in names.items()}
     return {hf: int(value) for hf, value in found.items() if value is not None}
 
@@ -322,7 +335,9 @@ def build_generation_config(metadata: dict[str, Any]) -> dict[str, Any]:
     return ids
 
 
-def _rope_scaling(reader: Any, metadata: dict[str, Any], rope_theta: float, head_dim: int) -> dict[str, Any] | None:
+def _rope_scaling(
+    reader: Any, metadata: dict[str, Any], rope_theta: float, head_dim: int
+) -> dict[str, Any] | None:
     rope_freqs = _find_tensor(reader, _ROPE_FREQS_TENSOR)
     if rope_freqs is not None:
         factors = np.asarray(rope_freqs.data, dtype=np.float64).reshape(-1)
@@ -340,8 +355,14 @@ def _rope_scaling(reader: Any, metadata: dict[str, Any], rope_theta: float, head
         original = metadata.get(f"{arch}.rope.scaling.original_context_length")
         if original is None:
             raise ValueError(f"GGUF yarn rope scaling lacks {arch}.rope.scaling.original_context_length")
-        return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(original)}
-    raise ValueError(f"unsupported GGUF rope scaling type {kind!r} (supported: none, linear, yarn, rope_freqs)")
+        return {
+            "rope_type": "yarn",
+            "factor": float(factor),
+            "original_max_position_embeddings": int(original),
+        }
+    raise ValueError(
+        f"unsupported GGUF rope scaling type {kind!r} (supported: none, linear, yarn, rope_freqs)"
+    )
 
 
 def llama3_rope_factors(scaling: dict[str, Any], rope_theta: float, head_dim: int) -> np.ndarray:
@@ -367,7 +388,7 @@ def llama3_rope_scaling_from_factors(
     for original in _LLAMA3_ORIGINAL_CONTEXTS:
         candidate = {
             "rope_type": "llama3",
-            "factor": float(factors.max()),
+            "factor": round(float(factors.max()), 4),  # rope_freqs is float32
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": original,
@@ -390,7 +411,9 @@ def hf_tensor_name(gguf_name: str) -> str | None:
         return _GLOBAL_TENSOR_NAMES[gguf_name]
     match = _LAYER_TENSOR_RE.match(gguf_name)
     if match is None or match.group(2) not in _LAYER_TENSOR_NAMES:
-        raise ValueError(f"unsupported GGUF tensor {gguf_name!r} (mixture-of-experts and other layouts are not supported)")
+        raise ValueError(
+            f"unsupported GGUF tensor {gguf_name!r} (mixture-of-experts and other layouts are not supported)"
+        )
     layer, kind, suffix = match.groups()
     return f"model.layers.{layer}.{_LAYER_TENSOR_NAMES[kind]}.{suffix}"
 
@@ -460,7 +483,12 @@ def plan_shards(entries: list[TensorEntry], dtype: torch.dtype, max_bytes: int) 
 
 
 def _write_weights(
-    reader: Any, entries: list[TensorEntry], metadata: dict[str, Any], spec: ArchSpec, folder: Path, dtype: torch.dtype
+    reader: Any,
+    entries: list[TensorEntry],
+    metadata: dict[str, Any],
+    spec: ArchSpec,
+    folder: Path,
+    dtype: torch.dtype,
 ) -> None:
     """Write one shard at a time so that peak memory stays near one shard."""
     from safetensors.torch import save_file
@@ -472,7 +500,7 @@ def _write_weights(
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map: dict[str, str] = {}
     total_size = 0
-    for file_name, shard in zip(names, shards):
+    for file_name, shard in zip(names, shards, strict=True):
         tensors = {e.hf_name: _to_torch(_dequantize(reader, e, metadata, spec), dtype) for e in shard}
         save_file(tensors, str(folder / file_name), metadata={"format": "pt"})
         weight_map.update({name: file_name for name in tensors})
@@ -498,7 +526,7 @@ def _write_tokenizer(gguf_path: Path, reader: Any, metadata: dict[str, Any], fol
 
 
 def _normalize_tokenizer_config(path: Path, reader: Any, metadata: dict[str, Any]) -> None:
-    """Make tokenizer_config.json loadable by transformers 4.x and 5.x and carry the GGUF's template and tokens."""
+    """Make tokenizer_config.json loadable by transformers 4 and 5; carry the GGUF template and tokens."""
     config = json.loads(path.read_text(encoding="utf-8"))
     for key in ("backend", "is_local", "local_files_only"):  # transformers 5 load-time bookkeeping
         config.pop(key, None)

@@ -1,0 +1,185 @@
+"""Benchmark of allmos's Triton attention kernels (needs a CUDA GPU).
+
+Decode attention is memory bound: its figure of merit is the K/V bytes it reads per second, compared
+with a measured device-to-device copy bandwidth (bytes read + written per second of a large
+``Tensor.copy_``). Prefill is compute bound: it reports causal-attention TFLOP/s next to torch's
+``scaled_dot_product_attention`` on contiguous tensors. Shapes are Qwen3-0.6B's (16 query heads, 8 KV
+heads, head_dim 128, bfloat16) with block_size 256. Times are medians of ``triton.testing.do_bench``
+(which flushes the L2 cache before each run).
+
+Usage: ``PYTHONPATH=. python benchmarks/bench_kernels.py [--sweep]`` (``--sweep`` also times other tile
+configurations of both kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from allmos.kernels.decode_attention import DecodeConfig, DecodeWorkspace, choose_num_splits, paged_decode_attention
+from allmos.kernels.prefill_attention import PrefillConfig, paged_prefill_attention
+
+
+@dataclass(frozen=True)
+class Shapes:
+    num_heads: int = 16
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    block_size: int = 256
+    dtype: torch.dtype = torch.bfloat16
+
+
+DECODE_SWEEP = {
+    256: [DecodeConfig(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)],
+    16: [DecodeConfig(n, 4, s) for n in (16, 32, 64, 128) for s in (2, 3, 4)],
+}
+PREFILL_SWEEP = [PrefillConfig(*c) for c in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2),
+                                             (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]]
+
+
+@dataclass
+class PagedInputs:
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, shuffled
+    seq_lens: torch.Tensor  # [num_seqs] int32
+
+    def kv_bytes(self) -> int:
+        """Bytes of K and V the sequences own (what attention must read)."""
+        per_token = 2 * self.k_cache.shape[2] * self.k_cache.shape[3] * self.k_cache.element_size()
+        return int(self.seq_lens.sum()) * per_token
+
+
+def median_ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def copy_bandwidth(num_bytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.randn(num_bytes // 2, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    return 2 * num_bytes / (ms * 1e-3)
+
+
+def make_paged(num_seqs: int, seq_len: int, shapes: Shapes) -> PagedInputs:
+    blocks_per_seq = math.ceil(seq_len / shapes.block_size)
+    num_blocks = num_seqs * blocks_per_seq
+    cache_shape = (num_blocks, shapes.block_size, shapes.num_kv_heads, shapes.head_dim)
+    k_cache = torch.randn(cache_shape, device="cuda", dtype=shapes.dtype)
+    v_cache = torch.randn(cache_shape, device="cuda", dtype=shapes.dtype)
+    perm = torch.randperm(num_blocks, device="cuda", dtype=torch.int32)
+    block_tables = perm.view(num_seqs, blocks_per_seq).contiguous()
+    seq_lens = torch.full((num_seqs,), seq_len, device="cuda", dtype=torch.int32)
+    return PagedInputs(k_cache, v_cache, block_tables, seq_lens)
+
+
+def time_decode(inputs: PagedInputs, shapes: Shapes, num_splits: int, config: DecodeConfig | None = None) -> float:
+    num_seqs = inputs.seq_lens.shape[0]
+    query = torch.randn(num_seqs, shapes.num_heads, shapes.head_dim, device="cuda", dtype=shapes.dtype)
+    out = torch.empty_like(query)
+    workspace = DecodeWorkspace.allocate(num_seqs, shapes.num_heads, shapes.head_dim, max(num_splits, 1), "cuda")
+
+    def run() -> None:
+        paged_decode_attention(query, inputs.k_cache, inputs.v_cache, inputs.seq_lens, inputs.block_tables,
+                               shapes.head_dim ** -0.5, num_splits=num_splits, out=out, workspace=workspace,
+                               config=config)
+
+    return median_ms(run)
+
+
+def decode_table(shapes: Shapes, copy_bw: float) -> None:
+    print("\n## Decode attention (KV bytes read / s; % of copy bandwidth)")
+    print(f"{'batch':>6} {'ctx':>6} {'splits':>7} {'time us':>9} {'GB/s':>8} {'% copy':>7}")
+    for batch, ctx in [(256, 1024), (1, 1024), (8, 1024), (32, 1024), (1, 8192), (8, 8192), (32, 4096)]:
+        inputs = make_paged(batch, ctx, shapes)
+        chosen = choose_num_splits(batch, shapes.num_kv_heads, ctx)
+        for splits in sorted({1, 2, 4, 8, 16, chosen}) if batch < 256 else [1]:
+            ms = time_decode(inputs, shapes, splits)
+            bw = inputs.kv_bytes() / (ms * 1e-3)
+            mark = " <- choose_num_splits" if splits == chosen else ""
+            print(f"{batch:>6} {ctx:>6} {splits:>7} {ms * 1e3:>9.1f} {bw / 1e9:>8.0f} {100 * bw / copy_bw:>6.1f}%{mark}")
+        del inputs
+
+
+def decode_sweep(shapes: Shapes, copy_bw: float) -> None:
+    print("\n## Decode config sweep, batch 256, ctx 1024 (block_size 256 and 16)")
+    print(f"{'block_size':>10} {'block_n':>7} {'warps':>5} {'stages':>6} {'time us':>9} {'% copy':>7}")
+    for block_size in (256, 16):
+        bs_shapes = Shapes(block_size=block_size)
+        inputs = make_paged(256, 1024, bs_shapes)
+        for cfg in DECODE_SWEEP[block_size]:
+            try:
+                ms = time_decode(inputs, bs_shapes, 1, cfg)
+            except Exception as exc:  # out of shared memory, etc.
+                print(f"{block_size:>10} {cfg.block_n:>7} {cfg.num_warps:>5} {cfg.num_stages:>6}  failed: {exc!r:.60}")
+                continue
+            pct = 100 * inputs.kv_bytes() / (ms * 1e-3) / copy_bw
+            print(f"{block_size:>10} {cfg.block_n:>7} {cfg.num_warps:>5} {cfg.num_stages:>6} {ms * 1e3:>9.1f} {pct:>6.1f}%")
+        del inputs
+
+
+def prefill_flops(q_lens: list[int], shapes: Shapes) -> float:
+    """Causal attention FLOPs (QK^T and PV, 2 flops per multiply-add) of fresh prompts."""
+    return sum(4 * shapes.num_heads * shapes.head_dim * n * (n + 1) / 2 for n in q_lens)
+
+
+def time_prefill(num_seqs: int, seq_len: int, shapes: Shapes, config: PrefillConfig | None = None) -> float:
+    inputs = make_paged(num_seqs, seq_len, shapes)
+    query = torch.randn(num_seqs * seq_len, shapes.num_heads, shapes.head_dim, device="cuda", dtype=shapes.dtype)
+    qsl = torch.arange(0, num_seqs + 1, device="cuda", dtype=torch.int32) * seq_len
+    out = torch.empty_like(query)
+    return median_ms(lambda: paged_prefill_attention(
+        query, inputs.k_cache, inputs.v_cache, qsl, inputs.seq_lens, inputs.block_tables, shapes.head_dim ** -0.5,
+        seq_len, out=out, config=config))
+
+
+def time_sdpa(num_seqs: int, seq_len: int, shapes: Shapes) -> float:
+    q = torch.randn(num_seqs, shapes.num_heads, seq_len, shapes.head_dim, device="cuda", dtype=shapes.dtype)
+    k = torch.randn(num_seqs, shapes.num_kv_heads, seq_len, shapes.head_dim, device="cuda", dtype=shapes.dtype)
+    v = torch.randn_like(k)
+    return median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+
+
+def prefill_table(shapes: Shapes, sweep: bool) -> None:
+    print("\n## Prefill attention, 16k new tokens (causal TFLOP/s)")
+    print(f"{'layout':>12} {'kernel':>28} {'time ms':>8} {'TFLOP/s':>8}")
+    for num_seqs, seq_len in [(1, 16384), (16, 1024)]:
+        flops = prefill_flops([seq_len] * num_seqs, shapes)
+        for cfg in [None] + (PREFILL_SWEEP if sweep and num_seqs == 1 else []):
+            name = "allmos (default)" if cfg is None else f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+            try:
+                ms = time_prefill(num_seqs, seq_len, shapes, cfg)
+            except Exception as exc:
+                print(f"{num_seqs:>3} x {seq_len:<6} {name:>28}  failed: {exc!r:.60}")
+                continue
+            print(f"{num_seqs:>3} x {seq_len:<6} {name:>28} {ms:>8.3f} {flops / (ms * 1e-3) / 1e12:>8.1f}")
+        ms = time_sdpa(num_seqs, seq_len, shapes)
+        print(f"{num_seqs:>3} x {seq_len:<6} {'torch sdpa (contiguous)':>28} {ms:>8.3f} {flops / (ms * 1e-3) / 1e12:>8.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time other tile configurations")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels needs a CUDA GPU")
+    shapes = Shapes()
+    props = torch.cuda.get_device_properties(0)
+    print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
+    copy_bw = copy_bandwidth()
+    print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    decode_table(shapes, copy_bw)
+    if args.sweep:
+        decode_sweep(shapes, copy_bw)
+    prefill_table(shapes, args.sweep)
+
+
+if __name__ == "__main__":
+    main()
