@@ -22,7 +22,12 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from allmos.kernels.decode_attention import DecodeConfig, DecodeWorkspace, choose_num_splits, paged_decode_attention
+from allmos.kernels.decode_attention import (
+    DecodeConfig,
+    DecodeWorkspace,
+    choose_num_splits,
+    paged_decode_attention,
+)
 from allmos.kernels.prefill_attention import PrefillConfig, paged_prefill_attention
 
 
@@ -39,8 +44,11 @@ DECODE_SWEEP = {
     256: [DecodeConfig(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)],
     16: [DecodeConfig(n, 4, s) for n in (16, 32, 64, 128) for s in (2, 3, 4)],
 }
-PREFILL_SWEEP = [PrefillConfig(*c) for c in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2),
-                                             (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]]
+PREFILL_SWEEP = [
+    PrefillConfig(*c)
+    for c in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3),
+              (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+]
 
 
 @dataclass
@@ -56,6 +64,11 @@ class PagedInputs:
         return int(self.seq_lens.sum()) * per_token
 
 
+def row(*cells: object, widths: tuple[int, ...]) -> str:
+    """One right-aligned table row."""
+    return " ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=False))
+
+
 def median_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
@@ -69,6 +82,7 @@ def copy_bandwidth(num_bytes: int = 1 << 30) -> float:
 
 
 def make_paged(num_seqs: int, seq_len: int, shapes: Shapes) -> PagedInputs:
+    """Random caches holding exactly the sequences' pages, with shuffled block tables."""
     blocks_per_seq = math.ceil(seq_len / shapes.block_size)
     num_blocks = num_seqs * blocks_per_seq
     cache_shape = (num_blocks, shapes.block_size, shapes.num_kv_heads, shapes.head_dim)
@@ -80,23 +94,26 @@ def make_paged(num_seqs: int, seq_len: int, shapes: Shapes) -> PagedInputs:
     return PagedInputs(k_cache, v_cache, block_tables, seq_lens)
 
 
-def time_decode(inputs: PagedInputs, shapes: Shapes, num_splits: int, config: DecodeConfig | None = None) -> float:
+def time_decode(
+    inputs: PagedInputs, shapes: Shapes, num_splits: int, config: DecodeConfig | None = None
+) -> float:
     num_seqs = inputs.seq_lens.shape[0]
     query = torch.randn(num_seqs, shapes.num_heads, shapes.head_dim, device="cuda", dtype=shapes.dtype)
     out = torch.empty_like(query)
-    workspace = DecodeWorkspace.allocate(num_seqs, shapes.num_heads, shapes.head_dim, max(num_splits, 1), "cuda")
+    workspace = DecodeWorkspace.allocate(num_seqs, shapes.num_heads, shapes.head_dim, num_splits, "cuda")
+    scale = shapes.head_dim**-0.5
 
     def run() -> None:
         paged_decode_attention(query, inputs.k_cache, inputs.v_cache, inputs.seq_lens, inputs.block_tables,
-                               shapes.head_dim ** -0.5, num_splits=num_splits, out=out, workspace=workspace,
-                               config=config)
+                               scale, num_splits=num_splits, out=out, workspace=workspace, config=config)
 
     return median_ms(run)
 
 
 def decode_table(shapes: Shapes, copy_bw: float) -> None:
+    widths = (6, 6, 7, 9, 8, 7)
     print("\n## Decode attention (KV bytes read / s; % of copy bandwidth)")
-    print(f"{'batch':>6} {'ctx':>6} {'splits':>7} {'time us':>9} {'GB/s':>8} {'% copy':>7}")
+    print(row("batch", "ctx", "splits", "time us", "GB/s", "% copy", widths=widths))
     for batch, ctx in [(256, 1024), (1, 1024), (8, 1024), (32, 1024), (1, 8192), (8, 8192), (32, 4096)]:
         inputs = make_paged(batch, ctx, shapes)
         chosen = choose_num_splits(batch, shapes.num_kv_heads, ctx)
@@ -104,24 +121,27 @@ def decode_table(shapes: Shapes, copy_bw: float) -> None:
             ms = time_decode(inputs, shapes, splits)
             bw = inputs.kv_bytes() / (ms * 1e-3)
             mark = " <- choose_num_splits" if splits == chosen else ""
-            print(f"{batch:>6} {ctx:>6} {splits:>7} {ms * 1e3:>9.1f} {bw / 1e9:>8.0f} {100 * bw / copy_bw:>6.1f}%{mark}")
+            print(row(batch, ctx, splits, f"{ms * 1e3:.1f}", f"{bw / 1e9:.0f}", f"{100 * bw / copy_bw:.1f}%",
+                      widths=widths) + mark)
         del inputs
 
 
-def decode_sweep(shapes: Shapes, copy_bw: float) -> None:
+def decode_sweep(copy_bw: float) -> None:
+    widths = (10, 7, 5, 6, 9, 7)
     print("\n## Decode config sweep, batch 256, ctx 1024 (block_size 256 and 16)")
-    print(f"{'block_size':>10} {'block_n':>7} {'warps':>5} {'stages':>6} {'time us':>9} {'% copy':>7}")
+    print(row("block_size", "block_n", "warps", "stages", "time us", "% copy", widths=widths))
     for block_size in (256, 16):
-        bs_shapes = Shapes(block_size=block_size)
-        inputs = make_paged(256, 1024, bs_shapes)
+        shapes = Shapes(block_size=block_size)
+        inputs = make_paged(256, 1024, shapes)
         for cfg in DECODE_SWEEP[block_size]:
+            cells = (block_size, cfg.block_n, cfg.num_warps, cfg.num_stages)
             try:
-                ms = time_decode(inputs, bs_shapes, 1, cfg)
+                ms = time_decode(inputs, shapes, 1, cfg)
             except Exception as exc:  # out of shared memory, etc.
-                print(f"{block_size:>10} {cfg.block_n:>7} {cfg.num_warps:>5} {cfg.num_stages:>6}  failed: {exc!r:.60}")
+                print(row(*cells, widths=widths[:4]) + f"  failed: {exc!r:.60}")
                 continue
             pct = 100 * inputs.kv_bytes() / (ms * 1e-3) / copy_bw
-            print(f"{block_size:>10} {cfg.block_n:>7} {cfg.num_warps:>5} {cfg.num_stages:>6} {ms * 1e3:>9.1f} {pct:>6.1f}%")
+            print(row(*cells, f"{ms * 1e3:.1f}", f"{pct:.1f}%", widths=widths))
         del inputs
 
 
@@ -132,36 +152,43 @@ def prefill_flops(q_lens: list[int], shapes: Shapes) -> float:
 
 def time_prefill(num_seqs: int, seq_len: int, shapes: Shapes, config: PrefillConfig | None = None) -> float:
     inputs = make_paged(num_seqs, seq_len, shapes)
-    query = torch.randn(num_seqs * seq_len, shapes.num_heads, shapes.head_dim, device="cuda", dtype=shapes.dtype)
+    num_tokens = num_seqs * seq_len
+    query = torch.randn(num_tokens, shapes.num_heads, shapes.head_dim, device="cuda", dtype=shapes.dtype)
     qsl = torch.arange(0, num_seqs + 1, device="cuda", dtype=torch.int32) * seq_len
     out = torch.empty_like(query)
+    scale = shapes.head_dim**-0.5
     return median_ms(lambda: paged_prefill_attention(
-        query, inputs.k_cache, inputs.v_cache, qsl, inputs.seq_lens, inputs.block_tables, shapes.head_dim ** -0.5,
-        seq_len, out=out, config=config))
+        query, inputs.k_cache, inputs.v_cache, qsl, inputs.seq_lens, inputs.block_tables, scale, seq_len,
+        out=out, config=config))
 
 
 def time_sdpa(num_seqs: int, seq_len: int, shapes: Shapes) -> float:
-    q = torch.randn(num_seqs, shapes.num_heads, seq_len, shapes.head_dim, device="cuda", dtype=shapes.dtype)
-    k = torch.randn(num_seqs, shapes.num_kv_heads, seq_len, shapes.head_dim, device="cuda", dtype=shapes.dtype)
+    options = {"device": "cuda", "dtype": shapes.dtype}
+    q = torch.randn(num_seqs, shapes.num_heads, seq_len, shapes.head_dim, **options)
+    k = torch.randn(num_seqs, shapes.num_kv_heads, seq_len, shapes.head_dim, **options)
     v = torch.randn_like(k)
     return median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
 
 
 def prefill_table(shapes: Shapes, sweep: bool) -> None:
+    widths = (12, 28, 8, 8)
     print("\n## Prefill attention, 16k new tokens (causal TFLOP/s)")
-    print(f"{'layout':>12} {'kernel':>28} {'time ms':>8} {'TFLOP/s':>8}")
+    print(row("seqs x len", "kernel", "time ms", "TFLOP/s", widths=widths))
     for num_seqs, seq_len in [(1, 16384), (16, 1024)]:
+        layout = f"{num_seqs} x {seq_len}"
         flops = prefill_flops([seq_len] * num_seqs, shapes)
         for cfg in [None] + (PREFILL_SWEEP if sweep and num_seqs == 1 else []):
-            name = "allmos (default)" if cfg is None else f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+            name = "allmos default" if cfg is None else (
+                f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}")
             try:
                 ms = time_prefill(num_seqs, seq_len, shapes, cfg)
             except Exception as exc:
-                print(f"{num_seqs:>3} x {seq_len:<6} {name:>28}  failed: {exc!r:.60}")
+                print(row(layout, name, widths=widths[:2]) + f"  failed: {exc!r:.60}")
                 continue
-            print(f"{num_seqs:>3} x {seq_len:<6} {name:>28} {ms:>8.3f} {flops / (ms * 1e-3) / 1e12:>8.1f}")
+            print(row(layout, name, f"{ms:.3f}", f"{flops / (ms * 1e-3) / 1e12:.1f}", widths=widths))
         ms = time_sdpa(num_seqs, seq_len, shapes)
-        print(f"{num_seqs:>3} x {seq_len:<6} {'torch sdpa (contiguous)':>28} {ms:>8.3f} {flops / (ms * 1e-3) / 1e12:>8.1f}")
+        tflops = flops / (ms * 1e-3) / 1e12
+        print(row(layout, "torch sdpa (contiguous)", f"{ms:.3f}", f"{tflops:.1f}", widths=widths))
 
 
 def main() -> None:
@@ -172,12 +199,13 @@ def main() -> None:
         raise SystemExit("bench_kernels needs a CUDA GPU")
     shapes = Shapes()
     props = torch.cuda.get_device_properties(0)
-    print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
+          f"triton {triton.__version__}")
     copy_bw = copy_bandwidth()
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
     decode_table(shapes, copy_bw)
     if args.sweep:
-        decode_sweep(shapes, copy_bw)
+        decode_sweep(copy_bw)
     prefill_table(shapes, args.sweep)
 
 

@@ -27,17 +27,18 @@ def make_tiny_model(folder: Path, arch: str = "qwen3", *, num_kv_heads: int = 2,
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=2048,
                   tie_word_embeddings=tie, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+    common.update(overrides)
     if arch == "qwen3":
-        cfg = transformers.Qwen3Config(head_dim=32, **common, **overrides)
+        cfg = transformers.Qwen3Config(**{"head_dim": 32, **common})
         model = transformers.Qwen3ForCausalLM(cfg)
     elif arch == "qwen2":
-        cfg = transformers.Qwen2Config(**common, **overrides)
+        cfg = transformers.Qwen2Config(**common)
         model = transformers.Qwen2ForCausalLM(cfg)
     elif arch == "llama":
-        cfg = transformers.LlamaConfig(**common, **overrides)
+        cfg = transformers.LlamaConfig(**common)
         model = transformers.LlamaForCausalLM(cfg)
     elif arch == "mistral":
-        cfg = transformers.MistralConfig(sliding_window=None, **common, **overrides)
+        cfg = transformers.MistralConfig(**{"sliding_window": None, **common})
         model = transformers.MistralForCausalLM(cfg)
     else:
         raise ValueError(arch)

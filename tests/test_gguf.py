@@ -78,6 +78,11 @@ def converted(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> t
 
 
 @pytest.fixture(scope="module")
+def converted_model(converted: tuple[Path, Path, float]) -> torch.nn.Module:
+    return _load_hf_folder(converted[0])
+
+
+@pytest.fixture(scope="module")
 def hf_tokenizer(converted: tuple[Path, Path, float]):
     return transformers.AutoTokenizer.from_pretrained(str(converted[0]))
 
@@ -100,9 +105,9 @@ def test_default_model_folder_layout(converted: tuple[Path, Path, float]) -> Non
 @requires_smollm2
 @requires_accelerate
 def test_default_model_weights_and_config_match_transformers_gguf(
-    converted: tuple[Path, Path, float], default_gguf: Path
+    converted: tuple[Path, Path, float], converted_model: torch.nn.Module, default_gguf: Path
 ) -> None:
-    ours = _load_hf_folder(converted[0])
+    ours = converted_model
     reference = _load_hf_gguf(default_gguf)
     _assert_same_state_dict(ours, reference)
     for key in (
@@ -124,8 +129,8 @@ def test_default_model_weights_and_config_match_transformers_gguf(
 
 
 @requires_smollm2
-def test_default_model_answers_paris(converted: tuple[Path, Path, float], hf_tokenizer) -> None:
-    model = _load_hf_folder(converted[0])
+def test_default_model_answers_paris(converted_model: torch.nn.Module, hf_tokenizer) -> None:
+    model = converted_model
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     input_ids = hf_tokenizer(prompt, return_tensors="pt").input_ids

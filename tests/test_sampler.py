@@ -153,22 +153,9 @@ def _reference_probs(logits, temperature, top_k=-1, top_p=1.0, min_p=0.0) -> lis
     return [probs.get(i, 0.0) for i in range(len(logits))]
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        dict(temperature=1.0),
-        dict(temperature=0.7, top_k=5),
-        dict(temperature=1.3, top_p=0.8),
-        dict(temperature=1.0, min_p=0.1),
-        dict(temperature=0.9, top_k=8, top_p=0.9, min_p=0.05),
-    ],
-)
-def test_empirical_frequencies_match_filtered_softmax(params):
-    num_draws, vocab = 20000, len(DIST_LOGITS)
-    logits = torch.tensor(DIST_LOGITS).expand(num_draws, vocab)
-    rows = [SamplingRow(**params, seed=2024, position=p) for p in range(num_draws)]
-    counts = torch.bincount(_sample(logits, rows).token_ids, minlength=vocab).tolist()
-    expected = _reference_probs(DIST_LOGITS, **params)
+def _assert_counts_match(counts: list[int], expected: list[float]) -> None:
+    """Filtered-out tokens never drawn; each frequency within 5 sigma; chi-square within 6 sigma."""
+    num_draws = sum(counts)
     chi2, df = 0.0, -1
     for count, p in zip(counts, expected, strict=True):
         if p == 0.0:
@@ -181,13 +168,48 @@ def test_empirical_frequencies_match_filtered_softmax(params):
     assert chi2 < df + 6 * math.sqrt(2 * max(df, 1))
 
 
-def test_many_seeds_in_one_batch_follow_softmax():
-    num_rows, vocab = 16000, 8
-    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, 0.8, -1.0, 0.2, 0.1]).expand(num_rows, vocab)
-    rows = [SamplingRow(temperature=0.8, seed=s * 7919 + 1, position=11) for s in range(num_rows)]
-    counts = torch.bincount(_sample(logits, rows).token_ids, minlength=vocab).double()
-    expected = torch.softmax(logits[0].double() / 0.8, -1) * num_rows
-    assert (((counts - expected) ** 2) / expected).sum().item() < 7 + 6 * math.sqrt(14)
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(temperature=1.0),
+        dict(temperature=0.4),
+        dict(temperature=2.5),
+        dict(temperature=0.7, top_k=5),
+        dict(temperature=1.3, top_p=0.8),
+        dict(temperature=1.0, min_p=0.1),
+        dict(temperature=0.9, top_k=8, top_p=0.9, min_p=0.05),
+    ],
+)
+def test_empirical_frequencies_match_filtered_softmax(params):
+    """One row's logits, 20000 independent draws taken at positions 0..N-1 of one seed."""
+    num_draws, vocab = 20000, len(DIST_LOGITS)
+    logits = torch.tensor(DIST_LOGITS).expand(num_draws, vocab)
+    rows = [SamplingRow(**params, seed=2024, position=p) for p in range(num_draws)]
+    counts = torch.bincount(_sample(logits, rows).token_ids, minlength=vocab).tolist()
+    _assert_counts_match(counts, _reference_probs(DIST_LOGITS, **params))
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [
+        # with top-p in the batch (sorted path)
+        [dict(temperature=0.8), dict(temperature=1.0, top_k=3), dict(temperature=1.0, top_k=6),
+         dict(temperature=1.2, top_p=0.7), dict(temperature=0.6, min_p=0.3)],
+        # top-k without top-p (top-k only path)
+        [dict(temperature=1.5), dict(temperature=1.0, top_k=2), dict(temperature=0.8, top_k=5),
+         dict(temperature=1.0, top_k=9, min_p=0.05)],
+    ],
+)
+def test_mixed_parameters_in_one_batch_follow_their_own_distributions(groups):
+    """Rows with distinct seeds and different filters share one batch; each group is checked."""
+    per_group, vocab = 4000, len(DIST_LOGITS)
+    rows = [SamplingRow(**groups[i % len(groups)], seed=i * 7919 + 1, position=11)
+            for i in range(per_group * len(groups))]
+    logits = torch.tensor(DIST_LOGITS).expand(len(rows), vocab)
+    tokens = _sample(logits, rows).token_ids
+    for g, params in enumerate(groups):
+        counts = torch.bincount(tokens[g :: len(groups)], minlength=vocab).tolist()
+        _assert_counts_match(counts, _reference_probs(DIST_LOGITS, **params))
 
 
 # --------------------------------------------------------------------------- determinism

@@ -35,6 +35,7 @@ class AttentionMetadata:
     is_decode: bool  # every sequence has exactly one new token
     query_start_loc_cpu: list[int] | None = None  # host copies, used by the torch backend
     seq_lens_cpu: list[int] | None = None
+    num_splits: int = 1  # decode: key-range splits (chosen by the backend's prepare, fixed per CUDA graph)
 
     @property
     def num_seqs(self) -> int:

@@ -20,6 +20,7 @@ from allmos.attention.metadata import AttentionMetadata
 from allmos.attention.torch_backend import TorchAttentionBackend
 from allmos.config import EngineConfig
 from allmos.engine.batch import ScheduledBatch
+from allmos.engine.cuda_graphs import DecodeGraphs
 from allmos.engine.sampler import Sampler, SamplingTensors
 from allmos.layers.tp import SINGLE, TPGroup
 from allmos.models.loader import build_model, init_dummy_weights, load_weights, safetensors_files
@@ -58,11 +59,13 @@ class ModelRunner(abc.ABC):
         """Release devices and workers."""
 
 
-def make_backend(name: str) -> AttentionBackend:
+def make_backend(name: str, model: torch.nn.Module, config: EngineConfig, device: torch.device) -> AttentionBackend:
     if name == "torch":
         return TorchAttentionBackend()
     from allmos.attention.triton_backend import TritonAttentionBackend
-    return TritonAttentionBackend()
+    attn = model.model.layers[0].self_attn
+    return TritonAttentionBackend(attn.num_heads, attn.head_dim, attn.num_kv_heads, config.max_num_seqs,
+                                  config.max_model_len, device)
 
 
 class LocalModelRunner(ModelRunner):
@@ -78,10 +81,19 @@ class LocalModelRunner(ModelRunner):
         attn = self.model.model.layers[0].self_attn
         self.shape = ModelShape(len(self.model.model.layers), attn.num_kv_heads, attn.head_dim, hf_config.vocab_size)
         self.block_size = config.kvcache_block_size
-        self.backend = make_backend(config.resolved_backend(device))
+        self.max_model_len = min(config.max_model_len, getattr(hf_config, "max_position_embeddings", 1 << 30))
+        self.backend = make_backend(config.resolved_backend(device), self.model, config, device)
         self.sampler = Sampler()
         self.num_kv_blocks = self._decide_num_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
+        self.graphs = self._capture_graphs()
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        if not (self.device.type == "cuda" and self.config.use_cuda_graphs and self.backend.supports_cuda_graphs()):
+            return None
+        max_blocks = -(-self.max_model_len // self.block_size)
+        return DecodeGraphs(self.model, self.backend, self.kv_caches, self.config.max_num_seqs, max_blocks,
+                            self.device)
 
     # ------------------------------------------------------------------ KV cache
     def block_bytes(self) -> int:
@@ -91,7 +103,7 @@ class LocalModelRunner(ModelRunner):
     def _decide_num_blocks(self) -> int:
         if self.config.num_kvcache_blocks is not None:
             return self.config.num_kvcache_blocks
-        per_seq = -(-self.config.max_model_len // self.block_size)
+        per_seq = -(-self.max_model_len // self.block_size)
         if self.device.type == "cpu":
             budget_blocks = max(per_seq, CPU_KV_CACHE_BYTES // self.block_bytes())
             return min(budget_blocks, per_seq * self.config.max_num_seqs)
@@ -102,7 +114,7 @@ class LocalModelRunner(ModelRunner):
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.config.max_model_len)
+        num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
         self._profile_forward(num_tokens)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
@@ -118,7 +130,7 @@ class LocalModelRunner(ModelRunner):
 
     def _profile_forward(self, num_tokens: int) -> None:
         """One forward over ``num_tokens`` prompt tokens (in one sequence chunked by max_model_len)."""
-        per_seq = min(num_tokens, self.config.max_model_len)
+        per_seq = min(num_tokens, self.max_model_len)
         seqs = [per_seq] * (num_tokens // per_seq) + ([num_tokens % per_seq] if num_tokens % per_seq else [])
         blocks_needed = sum(-(-n // self.block_size) for n in seqs)
         caches = self._allocate_kv_cache(blocks_needed)
@@ -149,9 +161,12 @@ class LocalModelRunner(ModelRunner):
         input_ids, positions, metadata, rope_seq_lens = self._prepare(batch)
         sampled = batch.sampled_seqs
         with torch.inference_mode():
-            ctx = ForwardContext(self.backend.prepare(metadata), self.kv_caches, self.backend, rope_seq_lens)
-            with forward_context(ctx):
-                hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
+            if self.graphs is not None and metadata.is_decode and metadata.num_seqs <= self.graphs.max_batch_size:
+                hidden = self.graphs.run(input_ids, positions, metadata)  # [num_seqs, hidden]
+            else:
+                ctx = ForwardContext(self.backend.prepare(metadata), self.kv_caches, self.backend, rope_seq_lens)
+                with forward_context(ctx):
+                    hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
             if not sampled:
                 return StepResult([])
             rows = self._sample_rows(batch)

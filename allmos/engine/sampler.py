@@ -361,7 +361,7 @@ def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
 def apply_banned(x: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Set banned (row, token) pairs to -inf in place on `x` (a tensor the sampler owns)."""
-    x[t.banned_rows, t.banned_token_ids] = -1e3
+    x[t.banned_rows, t.banned_token_ids] = -math.inf
     return x
 
 

@@ -1,0 +1,53 @@
+"""The GPU attention backend over allmos's Triton kernels (``allmos.kernels``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from allmos.attention.backend import AttentionBackend
+from allmos.attention.metadata import AttentionMetadata
+from allmos.kernels.decode_attention import DecodeWorkspace, choose_num_splits, paged_decode_attention
+from allmos.kernels.prefill_attention import paged_prefill_attention
+from allmos.kernels.store_kv import store_kv_cache
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Store K/V, then paged prefill (varlen, causal with offset) or paged decode (GQA-grouped, split-KV).
+
+    Decode split counts depend only on the batch size and ``max_model_len`` (host-known), so a captured
+    CUDA graph stays valid whatever the sequences' current lengths.
+    """
+
+    name = "triton"
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, max_num_seqs: int, max_model_len: int,
+                 device: torch.device) -> None:
+        self.num_kv_heads = num_kv_heads
+        self.max_model_len = max_model_len
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        max_splits = choose_num_splits(1, num_kv_heads, max_model_len, self.num_sms)
+        self.workspace = DecodeWorkspace.allocate(max_num_seqs, num_heads, head_dim, max_splits, device)
+
+    def splits_for(self, num_seqs: int) -> int:
+        """Split count for a decode batch; small batches are rounded up to a power of two (the CUDA-graph
+        capture sizes) so eager and captured runs of the same batch sum in the same order."""
+        bucket = 1 << (num_seqs - 1).bit_length() if num_seqs <= 16 else num_seqs
+        return choose_num_splits(bucket, self.num_kv_heads, self.max_model_len, self.num_sms)
+
+    def prepare(self, metadata: AttentionMetadata) -> AttentionMetadata:
+        if not metadata.is_decode:
+            return metadata
+        return dataclasses.replace(metadata, num_splits=self.splits_for(metadata.num_seqs))
+
+    def forward(self, query, key, value, k_cache, v_cache, metadata: AttentionMetadata, scale: float):
+        store_kv_cache(key, value, k_cache, v_cache, metadata.slot_mapping)
+        if metadata.is_decode:
+            return paged_decode_attention(query, k_cache, v_cache, metadata.seq_lens, metadata.block_tables, scale,
+                                          num_splits=metadata.num_splits, workspace=self.workspace)
+        return paged_prefill_attention(query, k_cache, v_cache, metadata.query_start_loc, metadata.seq_lens,
+                                       metadata.block_tables, scale, metadata.max_query_len)
+
+    def supports_cuda_graphs(self) -> bool:
+        return True

@@ -1,0 +1,129 @@
+"""`allmos generate | chat | bench`: the command line over the offline API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _engine_args(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
+    if model_positional:
+        p.add_argument("model", nargs="?", default=None, help="model folder, .gguf file or hub id")
+    else:
+        p.add_argument("--model", default=None, help="model folder, .gguf file or hub id (default: embedded SmolLM2)")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=512)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--kvcache-block-size", type=int, default=256)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--load-format", default="auto")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _engine_kwargs(a) -> dict:
+    return dict(max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+                max_num_batched_tokens=a.max_num_batched_tokens, kvcache_block_size=a.kvcache_block_size,
+                dtype=a.dtype, device=a.device, enforce_eager=a.enforce_eager,
+                tensor_parallel_size=a.tensor_parallel_size, load_format=a.load_format)
+
+
+def _params(a):
+    from allmos import SamplingParams
+
+    return SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_tokens=a.max_tokens,
+                          seed=a.seed)
+
+
+def cmd_generate(a) -> None:
+    from allmos import LLM
+
+    llm = LLM(a.model, **_engine_kwargs(a))
+    prompts = a.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for out in llm.generate(prompts, _params(a), use_tqdm=False):
+        print(out.text if len(prompts) == 1 else f"### {out.prompt}\n{out.text}\n")
+
+
+def cmd_chat(a) -> None:
+    from allmos import LLM
+
+    llm = LLM(a.model, **_engine_kwargs(a))
+    params = _params(a)
+    history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
+    turns = [a.message] if a.message else None
+    while True:
+        if turns is not None:
+            if not turns:
+                return
+            user = turns.pop(0)
+        else:
+            try:
+                user = input("you> ")
+            except EOFError:
+                print()
+                return
+            if user.strip() in ("/exit", "/quit"):
+                return
+        history.append({"role": "user", "content": user})
+        prompt = llm.apply_chat_template(history)
+        print("assistant> ", end="", flush=True)
+        text = ""
+        for delta in llm.stream(prompt, params):
+            text += delta["text"]
+            print(delta["text"], end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": text})
+
+
+def cmd_bench(a) -> None:
+    from allmos.benchmark import run_throughput, standard_workload
+
+    workload = standard_workload(a.num_seqs, a.min_input_len, a.max_input_len, a.min_output_len, a.max_output_len)
+    kwargs = _engine_kwargs(a)
+    if a.load_format == "auto":
+        kwargs.pop("load_format")
+    result = run_throughput(a.model, workload, **kwargs)
+    print(f"Total: {result.output_tokens}tok, Time: {result.seconds:.2f}s, Throughput: {result.tokens_per_s:.2f}tok/s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="allmos", description="allmos: fast LLM inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="complete prompts (arguments or one per stdin line)")
+    _engine_args(g)
+    _sampling_args(g)
+    g.add_argument("prompt", nargs="*", help="prompt text (default: read lines from stdin)")
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="chat through the model's chat template (interactive, or --message)")
+    _engine_args(c)
+    _sampling_args(c)
+    c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--message", action="append", help="a user turn (repeatable); without it, read from the terminal")
+    c.set_defaults(func=cmd_chat)
+    b = sub.add_parser("bench", help="throughput on the standard workload (random weights without --model)")
+    _engine_args(b)
+    b.add_argument("--num-seqs", type=int, default=256)
+    b.add_argument("--min-input-len", type=int, default=100)
+    b.add_argument("--max-input-len", type=int, default=1024)
+    b.add_argument("--min-output-len", type=int, default=100)
+    b.add_argument("--max-output-len", type=int, default=1024)
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""CUDA graphs for decode: one captured forward per batch size, fed through persistent input buffers.
+
+Invariants: a graph for size ``bs`` reads rows ``[:bs]`` of the buffers; the runner writes rows ``[:n]``
+and pads rows ``n..bs`` as no-ops (slot -1: nothing stored; seq_len 0: attention returns zeros). The
+attention backend's decode launch depends only on ``bs`` (never on sequence lengths), so a graph stays
+valid for every later step of that size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from allmos.attention.backend import AttentionBackend
+from allmos.attention.context import ForwardContext, forward_context
+from allmos.attention.metadata import AttentionMetadata
+
+MAX_CAPTURE_SIZE = 512
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 16 up to ``min(max_num_seqs, 512)`` (always including the cap)."""
+    cap = min(max_num_seqs, MAX_CAPTURE_SIZE)
+    sizes = [s for s in (1, 2, 4, 8) if s <= cap] + list(range(16, cap + 1, 16))
+    if sizes[-1] != cap:
+        sizes.append(cap)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, backend: AttentionBackend, kv_caches, max_num_seqs: int,
+                 max_blocks_per_seq: int, device: torch.device) -> None:
+        self.model, self.backend, self.kv_caches = model, backend, kv_caches
+        self.sizes = capture_sizes(max_num_seqs)
+        max_bs = self.sizes[-1]
+        i32 = dict(dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(max_bs, **i32)
+        self.query_start_loc = torch.arange(max_bs + 1, **i32)
+        self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, **i32)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.max_seq_len = max_blocks_per_seq * kv_caches[0][0].shape[1]
+        self._capture_all()
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.sizes[-1]
+
+    def _metadata(self, bs: int) -> AttentionMetadata:
+        md = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], max_query_len=1,
+            max_seq_len=self.max_seq_len, is_decode=True)
+        return self.backend.prepare(md)
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        ctx = ForwardContext(self._metadata(bs), self.kv_caches, self.backend, rope_seq_lens=self.seq_lens[:bs])
+        with forward_context(ctx):
+            return self.model(self.input_ids[:bs], self.positions[:bs])
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        pool = None
+        for bs in reversed(self.sizes):
+            self._forward(bs)  # warm-up: compiles kernels outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bs] = self._forward(bs)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """Replay the smallest graph that fits ``n = len(input_ids)`` rows; returns hidden ``[n, hidden]``."""
+        n = input_ids.shape[0]
+        bs = next(s for s in self.sizes if s >= n)
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(metadata.slot_mapping, non_blocking=True)
+        self.seq_lens[:n].copy_(metadata.seq_lens, non_blocking=True)
+        width = metadata.block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(metadata.block_tables, non_blocking=True)
+        if bs > n:
+            self.slot_mapping[n:bs].fill_(-1)
+            self.seq_lens[n:bs].zero_()
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
