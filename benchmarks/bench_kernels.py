@@ -5,10 +5,11 @@ with a measured device-to-device copy bandwidth (bytes read + written per second
 ``Tensor.copy_``). Prefill is compute bound: it reports causal-attention TFLOP/s next to torch's
 ``scaled_dot_product_attention`` on contiguous tensors. Shapes are Qwen3-0.6B's (16 query heads, 8 KV
 heads, head_dim 128, bfloat16) with block_size 256. Times are medians of ``triton.testing.do_bench``
-(which flushes the L2 cache before each run).
+(which flushes the L2 cache before each run); decode is timed as replays of a captured CUDA graph, as
+the engine runs it (otherwise the host's launch time, tens of microseconds, dominates small batches).
 
-Usage: ``PYTHONPATH=. python benchmarks/bench_kernels.py [--sweep]`` (``--sweep`` also times other tile
-configurations of both kernels).
+Usage: ``PYTHONPATH=. python benchmarks/bench_kernels.py [--sweep] [--splits]`` (``--sweep`` also times
+other tile configurations of both kernels, ``--splits`` every split count over more batch sizes).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from allmos.kernels.decode_attention import (
     DecodeConfig,
     DecodeWorkspace,
     choose_num_splits,
+    max_shared_memory,
     paged_decode_attention,
 )
 from allmos.kernels.prefill_attention import PrefillConfig, paged_prefill_attention
@@ -46,8 +48,8 @@ DECODE_SWEEP = {
 }
 PREFILL_SWEEP = [
     PrefillConfig(*c)
-    for c in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3),
-              (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+    for c in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 4, 2), (128, 128, 8, 1), (64, 128, 4, 2),
+              (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 3)]
 ]
 
 
@@ -107,17 +109,25 @@ def time_decode(
         paged_decode_attention(query, inputs.k_cache, inputs.v_cache, inputs.seq_lens, inputs.block_tables,
                                scale, num_splits=num_splits, out=out, workspace=workspace, config=config)
 
-    return median_ms(run)
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return median_ms(graph.replay)
 
 
-def decode_table(shapes: Shapes, copy_bw: float) -> None:
+def decode_table(shapes: Shapes, copy_bw: float, all_splits: bool) -> None:
     widths = (6, 6, 7, 9, 8, 7)
-    print("\n## Decode attention (KV bytes read / s; % of copy bandwidth)")
+    print("\n## Decode attention, CUDA-graph replays (KV bytes read / s; % of copy bandwidth)")
     print(row("batch", "ctx", "splits", "time us", "GB/s", "% copy", widths=widths))
-    for batch, ctx in [(256, 1024), (1, 1024), (8, 1024), (32, 1024), (1, 8192), (8, 8192), (32, 4096)]:
+    layouts = [(256, 1024), (1, 1024), (8, 1024), (32, 1024), (1, 8192)]
+    if all_splits:
+        layouts += [(b, n) for b in (1, 4, 8, 16, 32, 64) for n in (1024, 4096, 16384) if (b, n) not in layouts]
+    for batch, ctx in layouts:
         inputs = make_paged(batch, ctx, shapes)
         chosen = choose_num_splits(batch, shapes.num_kv_heads, ctx)
-        for splits in sorted({1, 2, 4, 8, 16, chosen}) if batch < 256 else [1]:
+        for splits in sorted({1, 2, 4, 8, 16, chosen} if all_splits else {1, chosen}):
             ms = time_decode(inputs, shapes, splits)
             bw = inputs.kv_bytes() / (ms * 1e-3)
             mark = " <- choose_num_splits" if splits == chosen else ""
@@ -177,7 +187,7 @@ def prefill_table(shapes: Shapes, sweep: bool) -> None:
     for num_seqs, seq_len in [(1, 16384), (16, 1024)]:
         layout = f"{num_seqs} x {seq_len}"
         flops = prefill_flops([seq_len] * num_seqs, shapes)
-        for cfg in [None] + (PREFILL_SWEEP if sweep and num_seqs == 1 else []):
+        for cfg in [None] + (PREFILL_SWEEP if sweep else []):
             name = "allmos default" if cfg is None else (
                 f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}")
             try:
@@ -194,6 +204,7 @@ def prefill_table(shapes: Shapes, sweep: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time other tile configurations")
+    parser.add_argument("--splits", action="store_true", help="time every split count over more batches")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
@@ -203,7 +214,8 @@ def main() -> None:
           f"triton {triton.__version__}")
     copy_bw = copy_bandwidth()
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
-    decode_table(shapes, copy_bw)
+    print(f"shared memory per program: {max_shared_memory(torch.device('cuda')) // 1024} KiB")
+    decode_table(shapes, copy_bw, args.splits)
     if args.sweep:
         decode_sweep(copy_bw)
     prefill_table(shapes, args.sweep)

@@ -320,10 +320,10 @@ def test_store_kv_cache_gpu(kernels, block_size, dtype) -> None:
 @requires_cuda
 def test_decode_cuda_graph_replay(kernels) -> None:
     """Split decode is capturable: replays follow new seq_lens / queries written into the static inputs."""
-    seq_lens = [700, 1, 4096, 33]
-    case = make_case(seq_lens, [1] * 4, 8, 128, 256, torch.bfloat16, seed=3)
+    new_lens = [699, 2, 4000, 1]
+    case = make_case([700, 2, 4096, 33], [1] * 4, 8, 128, 256, torch.bfloat16, seed=3)  # every token filled
     query = random_query(4, 16, 128, torch.bfloat16, seed=3)
-    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([700, 1, 4096, 33], dtype=torch.int32, device=DEVICE)
     out = torch.empty_like(query)
     workspace = kernels.DecodeWorkspace.allocate(4, 16, 128, 8, DEVICE)
 
@@ -336,7 +336,6 @@ def test_decode_cuda_graph_replay(kernels) -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    new_lens = [699, 2, 4000, 1]
     lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
     query.copy_(random_query(4, 16, 128, torch.bfloat16, seed=4))
     out.fill_(float("nan"))

@@ -489,3 +489,20 @@ def test_triton_matches_torch_on_gpu():
     assert (fused != reference).sum().item() <= 1
     alone = SamplingTensors.build(rows[5:6], vocab, cuda)
     assert Sampler(use_triton=True)(logits[5:6], alone).token_ids[0].item() == fused[5].item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_forward_does_not_synchronize_on_gpu():
+    cuda, vocab = torch.device("cuda"), 151936
+    rows = _mixed_rows(SamplingRow(temperature=0.9, top_p=0.9, seed=3, position=4))
+    t = SamplingTensors.build(rows, vocab, cuda)
+    logits = torch.randn(len(rows), vocab, device=cuda)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for use_triton in (True, False):
+            Sampler(use_triton=use_triton)(logits, t)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

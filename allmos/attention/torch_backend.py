@@ -22,19 +22,20 @@ class TorchAttentionBackend(AttentionBackend):
 
 
 def _decode(query, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-    """All sequences at once: gather each one's pages, mask past its length, one SDPA call."""
+    """All sequences at once: gather each one's pages, mask past its length, one GQA SDPA call."""
     num_seqs, num_heads, head_dim = query.shape
-    num_kv_heads = k_cache.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     max_len = metadata.max_seq_len
-    num_pages = -(-max_len // k_cache.shape[1])
-    pages = metadata.block_tables[:, :num_pages].long()  # [num_seqs, num_pages]
-    k = k_cache[pages].flatten(1, 2)[:, :max_len]  # [num_seqs, max_len, num_kv_heads, head_dim]
-    v = v_cache[pages].flatten(1, 2)[:, :max_len]
-    group = num_heads // num_kv_heads
-    k = k.repeat_interleave(group, dim=2).transpose(1, 2)  # [num_seqs, num_heads, max_len, head_dim]
-    v = v.repeat_interleave(group, dim=2).transpose(1, 2)
+    num_pages = -(-max_len // block_size)
+    pages = metadata.block_tables[:, :num_pages].long().flatten()  # [num_seqs * num_pages]
+    k = k_cache.index_select(0, pages).view(num_seqs, num_pages * block_size, num_kv_heads, head_dim)
+    v = v_cache.index_select(0, pages).view(num_seqs, num_pages * block_size, num_kv_heads, head_dim)
+    k = k[:, :max_len].transpose(1, 2).to(query.dtype)  # [num_seqs, num_kv_heads, max_len, head_dim]
+    v = v[:, :max_len].transpose(1, 2).to(query.dtype)
     valid = torch.arange(max_len, device=query.device)[None, :] < metadata.seq_lens[:, None]
     q = query.unsqueeze(2)  # [num_seqs, num_heads, 1, head_dim]
-    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=valid[:, None, None, :],
-                                         scale=scale)
-    return out.squeeze(2)
+    group = num_heads // num_kv_heads
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+    return out.squeeze(2)  # [num_seqs, num_heads, head_dim]

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 try:  # Triton is optional: the torch path is the complete reference.
@@ -308,15 +309,21 @@ def _int_columns(rows: list[SamplingRow], vocab_size: int) -> torch.Tensor:
     return torch.tensor(columns, dtype=torch.int64).reshape(5, len(rows))
 
 
-def _flatten_ids(rows, select, vocab_size: int, field: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _flatten_ids(
+    rows: list[SamplingRow], select: Callable[[SamplingRow], Sequence[int]], vocab_size: int, field: str,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(row index, token id) pairs, int64 [N] each, of the id lists `select(row)` picks."""
     lists = [select(r) for r in rows]
-    lengths = torch.tensor([len(ids) for ids in lists], dtype=torch.int64)  # [B]
-    token_ids = torch.tensor(list(itertools.chain.from_iterable(lists)), dtype=torch.int64)  # [N]
-    if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab_size):
+    lengths = [len(ids) for ids in lists]
+    if not any(lengths):
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        return empty, empty
+    token_ids = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=sum(lengths))  # [N]
+    if token_ids.min() < 0 or token_ids.max() >= vocab_size:
         raise ValueError(f"SamplingRow.{field} holds a token id outside [0, {vocab_size})")
-    row_ids = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int64), lengths)  # [N]
-    return row_ids.to(device), token_ids.to(device)
+    row_ids = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)  # [N]
+    return torch.from_numpy(row_ids).to(device), torch.from_numpy(token_ids).to(device)
 
 
 # --------------------------------------------------------------------------- output

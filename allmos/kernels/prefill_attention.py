@@ -22,11 +22,13 @@ import triton
 import triton.language as tl
 
 from allmos.kernels.decode_attention import (
+    SHARED_MEMORY_MARGIN,
     attend_kv_tile,
     check_paged_kv_args,
     dot_precision,
     kv_tile_offsets,
     make_output,
+    max_shared_memory,
 )
 
 
@@ -101,11 +103,32 @@ def _prefill_kernel(
     tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
-def default_prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
-    """128x64 tiles for 16-bit inputs up to head_dim 128; smaller ones where shared memory would run out."""
-    if dtype == torch.float32 or head_dim > 128:
-        return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    return PrefillConfig(block_m=128, block_n=64, num_warps=8 if head_dim > 64 else 4, num_stages=3)
+# Preferred first; the first whose tiles fit the device's shared memory is used. 16-bit inputs up to
+# head_dim 128 start at the top; float32 (tests) and head_dim 256 use the small ones.
+PREFILL_CANDIDATES = (
+    PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=2),
+    PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
+    PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2),
+    PrefillConfig(block_m=32, block_n=32, num_warps=4, num_stages=1),
+)
+SMALL_TILES_FROM = 4  # index of the first candidate for float32 / head_dim > 128
+
+
+def prefill_shared_memory(config: PrefillConfig, head_dim: int, element_size: int) -> int:
+    """Estimated shared memory of one program: the query tile plus K and V tiles per pipeline stage."""
+    return (config.block_m + 2 * config.num_stages * config.block_n) * head_dim * element_size
+
+
+def default_prefill_config(head_dim: int, dtype: torch.dtype, shared_memory: int) -> PrefillConfig:
+    """The first of ``PREFILL_CANDIDATES`` that fits ``shared_memory`` bytes (with a margin)."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    first = SMALL_TILES_FROM if dtype == torch.float32 or head_dim > 128 else 0
+    for config in PREFILL_CANDIDATES[first:]:
+        if prefill_shared_memory(config, head_dim, element_size) + SHARED_MEMORY_MARGIN <= shared_memory:
+            return config
+    return PREFILL_CANDIDATES[-1]
 
 
 def _check_prefill_args(
@@ -148,7 +171,7 @@ def paged_prefill_attention(
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or max_query_len == 0 or query.shape[0] == 0:
         return out
-    cfg = config or default_prefill_config(head_dim, query.dtype)
+    cfg = config or default_prefill_config(head_dim, query.dtype, max_shared_memory(query.device))
     group = num_heads // num_kv_heads
     group_p2 = triton.next_power_of_2(group)
     block_q = max(1, cfg.block_m // group_p2)

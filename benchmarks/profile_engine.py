@@ -1,0 +1,86 @@
+"""Where the time goes on the standard workload: host phases per step and GPU kernels.
+
+Wraps engine methods with wall-clock timers (from outside; the engine carries no instrumentation),
+runs the workload once, then profiles a few decode steps at full batch with torch.profiler.
+Usage: python benchmarks/profile_engine.py [--num-seqs 256] [--trace]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import time
+
+import torch
+
+from allmos import LLM, SamplingParams
+from allmos.benchmark import DEFAULT_BENCH_MODEL, standard_workload
+
+TIMES: collections.Counter = collections.Counter()
+CALLS: collections.Counter = collections.Counter()
+
+
+def timed(obj, name: str, label: str, sync: bool = False) -> None:
+    fn = getattr(obj, name)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if sync:
+                torch.cuda.synchronize()
+            TIMES[label] += time.perf_counter() - start
+            CALLS[label] += 1
+
+    setattr(obj, name, wrapper)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--sync", action="store_true", help="synchronize around each phase (GPU time per phase)")
+    ap.add_argument("--extra", nargs="*", default=[], help="engine kwargs as key=value")
+    a = ap.parse_args()
+    kwargs = dict(kv.split("=") for kv in a.extra)
+    kwargs = {k: (v == "True" if v in ("True", "False") else int(v) if v.isdigit() else v) for k, v in kwargs.items()}
+    llm = LLM(str(DEFAULT_BENCH_MODEL), load_format="dummy", max_model_len=4096, **kwargs)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)
+    engine, runner = llm.engine, llm.engine.runner
+    timed(engine.scheduler, "schedule", "schedule")
+    timed(engine.scheduler, "on_step_done", "on_step_done")
+    timed(engine, "_process_samples", "process_samples")
+    timed(runner, "_prepare", "prepare_inputs", a.sync)
+    timed(runner.model, "compute_logits", "lm_head", a.sync)
+    timed(runner.sampler, "forward", "sampler", a.sync)
+    if runner.graphs is not None:
+        timed(runner.graphs, "run", "graph_replay", a.sync)
+    timed(runner, "execute", "execute(total)")
+    w = standard_workload(num_seqs=a.num_seqs)
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in w.max_tokens]
+    start = time.perf_counter()
+    llm.generate(w.prompts, params, use_tqdm=False)
+    total = time.perf_counter() - start
+    steps = CALLS["schedule"]
+    print(f"{torch.cuda.get_device_name()}: {sum(w.max_tokens) / total:.0f} tok/s, {total:.2f} s, {steps} steps")
+    print("| phase | total s | ms/step |")
+    print("| --- | --- | --- |")
+    for label, secs in TIMES.most_common():
+        print(f"| {label} | {secs:.3f} | {1000 * secs / max(steps, 1):.3f} |")
+
+    # kernel-level profile of a few full-batch decode steps
+    from torch.profiler import ProfilerActivity, profile
+
+    short = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=6)
+    prompts = [p[:512] for p in w.prompts[: a.num_seqs]]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate(prompts, short, use_tqdm=False)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
