@@ -8,8 +8,8 @@ heads, head_dim 128, bfloat16) with block_size 256. Times are medians of ``trito
 (which flushes the L2 cache before each run); decode is timed as replays of a captured CUDA graph, as
 the engine runs it (otherwise the host's launch time, tens of microseconds, dominates small batches).
 
-Usage: ``PYTHONPATH=. python benchmarks/bench_kernels.py [--sweep] [--splits]`` (``--sweep`` also times
-other tile configurations of both kernels, ``--splits`` every split count over more batch sizes).
+Usage: ``PYTHONPATH=. python benchmarks/bench_kernels.py [--sweep-decode] [--sweep-prefill] [--splits]``
+(the sweeps also time other tile configurations, ``--splits`` every split count over more batch sizes).
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def decode_table(shapes: Shapes, copy_bw: float, all_splits: bool) -> None:
     print(row("batch", "ctx", "splits", "time us", "GB/s", "% copy", widths=widths))
     layouts = [(256, 1024), (1, 1024), (8, 1024), (32, 1024), (1, 8192)]
     if all_splits:
-        layouts += [(b, n) for b in (1, 4, 8, 16, 32, 64) for n in (1024, 4096, 16384) if (b, n) not in layouts]
+        more = [(b, n) for b in (1, 4, 8, 16, 32, 64) for n in (1024, 4096, 16384)]
+        layouts += [layout for layout in more if layout not in layouts]
     for batch, ctx in layouts:
         inputs = make_paged(batch, ctx, shapes)
         chosen = choose_num_splits(batch, shapes.num_kv_heads, ctx)
@@ -203,7 +204,8 @@ def prefill_table(shapes: Shapes, sweep: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="also time other tile configurations")
+    parser.add_argument("--sweep-decode", action="store_true", help="time other decode tile configs")
+    parser.add_argument("--sweep-prefill", action="store_true", help="time other prefill tile configs")
     parser.add_argument("--splits", action="store_true", help="time every split count over more batches")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -216,9 +218,9 @@ def main() -> None:
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
     print(f"shared memory per program: {max_shared_memory(torch.device('cuda')) // 1024} KiB")
     decode_table(shapes, copy_bw, args.splits)
-    if args.sweep:
+    if args.sweep_decode:
         decode_sweep(copy_bw)
-    prefill_table(shapes, args.sweep)
+    prefill_table(shapes, args.sweep_prefill)
 
 
 if __name__ == "__main__":

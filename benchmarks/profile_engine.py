@@ -53,7 +53,7 @@ def main() -> None:
     engine, runner = llm.engine, llm.engine.runner
     timed(engine.scheduler, "schedule", "schedule")
     timed(engine.scheduler, "on_step_done", "on_step_done")
-    timed(engine, "_process_samples", "process_samples")
+    timed(engine, "_read_back", "read_back")
     timed(runner, "_prepare", "prepare_inputs", a.sync)
     timed(runner.model, "compute_logits", "lm_head", a.sync)
     timed(runner.sampler, "forward", "sampler", a.sync)

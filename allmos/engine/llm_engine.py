@@ -16,8 +16,8 @@ import torch
 from allmos.config import EngineConfig
 from allmos.engine.batch import ScheduledBatch
 from allmos.engine.detokenizer import IncrementalDetokenizer
-from allmos.engine.model_runner import LocalModelRunner, ModelRunner, StepResult
-from allmos.engine.request import Request
+from allmos.engine.model_runner import LocalModelRunner, ModelRunner
+from allmos.engine.request import PENDING_TOKEN, Request, RequestStatus
 from allmos.engine.scheduler import ContinuousBatchingScheduler, SchedulerConfig
 from allmos.memory.block_manager import BlockManager
 from allmos.models.resolve import ModelSource, load_model_source
@@ -53,7 +53,7 @@ class _Group:
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        return all(s.finish_reason is not None for s in self.seqs)
 
 
 class LLMEngine:
@@ -79,6 +79,7 @@ class LLMEngine:
             self.block_manager)
         self._groups: dict[str, _Group] = {}
         self._pending_outputs: list[RequestOutput] = []
+        self._in_flight = None  # (batch, PendingStep, reserved token slots) of the last launched step
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.num_generated_tokens = 0
@@ -194,7 +195,8 @@ class LLMEngine:
         if group is None:
             return None
         for seq in group.seqs:
-            if not seq.is_finished:
+            if seq.finish_reason is None:
+                seq.drop_pending_tail()
                 self.scheduler.finish(seq, "abort")
         out = self._make_output(group)
         if emit_output:
@@ -202,68 +204,115 @@ class LLMEngine:
         return out
 
     def has_unfinished(self) -> bool:
-        return bool(self._groups) or bool(self._pending_outputs)
+        return bool(self._groups) or bool(self._pending_outputs) or self._in_flight is not None
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
-        """Run one forward pass; returns an output for every request that advanced or finished."""
+        """Launch one forward pass, then read back the previous one; returns an output for every request
+        that advanced or finished in the step read back.
+
+        Overlap: tokens sampled in step N stay on the device and feed step N+1 directly; the host appends
+        ``PENDING_TOKEN`` for them, schedules and launches N+1, and only then waits for N's tokens (stop
+        checks, detokenization). A request that stopped at N wastes its slot in N+1, which is dropped.
+        Requests with penalties need their real output tokens, so their presence makes a step synchronous.
+        """
         outputs, self._pending_outputs = self._pending_outputs, []
+        if self._in_flight is not None and self._needs_sync():
+            outputs += self._read_back(self._in_flight)
+            self._in_flight = None
         batch = self.scheduler.schedule()
-        if batch.is_empty:
-            return outputs
-        result = self.runner.execute(batch)
-        self.scheduler.on_step_done(batch)
-        touched = self._process_samples(batch, result)
-        for group in touched:
-            outputs.append(self._make_output(group))
-            if group.finished:
-                del self._groups[group.request_id]
+        launched = None
+        if not batch.is_empty:
+            pending = self.runner.execute(batch)
+            self.scheduler.on_step_done(batch)
+            launched = (batch, pending, self._append_pending(batch))
+        if self._in_flight is not None:
+            outputs += self._read_back(self._in_flight)
+        self._in_flight = launched
         return outputs
 
-    def _process_samples(self, batch: ScheduledBatch, result: StepResult) -> list[_Group]:
-        touched: dict[str, _Group] = {}
-        now = time.time()
-        for row, (seq_info, token) in enumerate(zip(batch.sampled_seqs, result.token_ids)):
+    def _needs_sync(self) -> bool:
+        return any(g.params.presence_penalty or g.params.frequency_penalty or g.params.repetition_penalty != 1.0
+                   for g in self._groups.values())
+
+    def _append_pending(self, batch: ScheduledBatch) -> list[tuple[Request, int]]:
+        """Reserve each sampled token's slot; requests that reached their length limit leave the scheduler
+        now (their last token is still read back and reported)."""
+        slots = []
+        for seq_info in batch.sampled_seqs:
             seq = self.scheduler.requests.get(seq_info.request_id)
             if seq is None:
                 continue
-            group = self._groups[seq.request_id.split("#")[0]]
+            slots.append((seq, seq.append_token(PENDING_TOKEN)))
+            if self._hit_length_limit(seq):
+                self.scheduler.finish(seq, None)  # no more compute; the reason is set once read back
+        return slots
+
+    def _hit_length_limit(self, seq: Request) -> bool:
+        max_tokens = seq.params.max_tokens
+        return (max_tokens is not None and seq.num_output_tokens >= max_tokens) or \
+            seq.num_tokens >= self.info.max_model_len
+
+    def _read_back(self, in_flight) -> list[RequestOutput]:
+        batch, pending, slots = in_flight
+        result = pending.result()
+        touched: dict[str, _Group] = {}
+        now = time.time()
+        for row, (seq, index) in enumerate(slots):
+            group = self._groups.get(seq.request_id.split("#")[0])
+            if group is None or seq.finish_reason is not None:
+                continue  # aborted, or stopped in an earlier step: this token is dropped
+            token = result.token_ids[row]
+            seq.token_ids[index] = token
+            self.num_generated_tokens += 1
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            seq.append_token(token)
-            self.num_generated_tokens += 1
             if result.logprobs is not None and group.params.logprobs is not None:
                 entries = result.logprobs[row]
                 seq.cumulative_logprob += entries[0][1]
                 seq.output_logprobs.append(dict(entries))
             self._check_stop(group, seq, token)
             touched[group.request_id] = group
-        return list(touched.values())
+        outputs = []
+        for group in touched.values():
+            outputs.append(self._make_output(group))
+            if group.finished:
+                del self._groups[group.request_id]
+        return outputs
 
     def _check_stop(self, group: _Group, seq: Request, token: int) -> None:
+        """Decide whether ``token`` (just read back) ends ``seq``; vLLM's order: EOS / stop ids, stop
+        strings, then length."""
         params = group.params
-        index = group.seqs.index(seq)
-        detok = group.detokenizers[index]
-        stop_string = None
-        if detok is not None:
-            stop_string = detok.update([token]).stop_string
+        detok = group.detokenizers[group.seqs.index(seq)]
+        stop_string = detok.update([token]).stop_string if detok is not None else None
         reason, stop_reason = None, None
-        if seq.num_output_tokens >= params.min_tokens:
+        produced = self._num_known_outputs(seq)
+        if produced >= params.min_tokens:
             if token in params.stop_token_ids:
                 reason, stop_reason = "stop", token
             elif not params.ignore_eos and token in self.info.eos_token_ids:
                 reason = "stop"
         if reason is None and stop_string is not None:
             reason, stop_reason = "stop", stop_string
-        if reason is None and (
-                (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens)
-                or seq.num_tokens >= self.info.max_model_len):
-            reason = "length"
-        if reason is not None:
-            seq.stop_reason = stop_reason
-            if detok is not None:
-                detok.finish()
-            self.scheduler.finish(seq, reason)
+        if reason is None and seq.status is RequestStatus.FINISHED and not self._has_pending(seq):
+            reason = "length"  # left the scheduler when its last slot was reserved
+        if reason is None:
+            return
+        seq.drop_pending_tail()
+        seq.stop_reason = stop_reason
+        if detok is not None:
+            detok.finish()
+        self.scheduler.finish(seq, reason)
+
+    @staticmethod
+    def _has_pending(seq: Request) -> bool:
+        return seq.token_ids[-1] == PENDING_TOKEN
+
+    @staticmethod
+    def _num_known_outputs(seq: Request) -> int:
+        """Output tokens up to the one just read back (a later slot may still be pending)."""
+        return seq.num_output_tokens - (1 if seq.token_ids[-1] == PENDING_TOKEN else 0)
 
     # ------------------------------------------------------------------ outputs
     def _make_output(self, group: _Group) -> RequestOutput:
@@ -279,7 +328,7 @@ class LLMEngine:
         detok = group.detokenizers[index]
         if detok is not None:
             text = detok.output_text
-        elif self.tokenizer is not None and seq.is_finished:
+        elif self.tokenizer is not None and seq.finish_reason is not None:
             text = self.tokenizer.decode(_strip_eos(seq, self.info.eos_token_ids),
                                          skip_special_tokens=group.params.skip_special_tokens)
         else:

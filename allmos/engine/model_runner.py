@@ -21,7 +21,8 @@ from allmos.attention.torch_backend import TorchAttentionBackend
 from allmos.config import EngineConfig
 from allmos.engine.batch import ScheduledBatch
 from allmos.engine.cuda_graphs import DecodeGraphs
-from allmos.engine.sampler import Sampler, SamplingTensors
+from allmos.engine.request import PENDING_TOKEN
+from allmos.engine.sampler import Sampler, SamplerOutput, SamplingTensors
 from allmos.layers.tp import SINGLE, TPGroup
 from allmos.models.loader import build_model, init_dummy_weights, load_weights, safetensors_files
 
@@ -38,6 +39,45 @@ class StepResult:
     logprobs: list[list[tuple[int, float]]] | None = None  # per row: (token, logprob) sampled first, then top-k
 
 
+class PendingStep:
+    """A launched step whose sampled tokens are being copied to the host; ``result()`` waits for them.
+
+    The copies are non-blocking into pinned memory, so the host can schedule and launch the next step
+    while the device still works on this one.
+    """
+
+    def __init__(self, out: SamplerOutput | None, num_logprobs: list[int | None]) -> None:
+        self._num_logprobs = num_logprobs
+        self._event = None
+        self._host = None
+        if out is None:
+            return
+        tensors = [out.token_ids] + ([out.logprobs, out.logprob_token_ids] if out.logprobs is not None else [])
+        if out.token_ids.device.type == "cuda":
+            self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for host, dev in zip(self._host, tensors):
+                host.copy_(dev, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensors
+
+    def result(self) -> StepResult:
+        if self._host is None:
+            return StepResult([])
+        if self._event is not None:
+            self._event.synchronize()
+        token_ids = self._host[0].tolist()
+        if len(self._host) == 1:
+            return StepResult(token_ids)
+        values, ids = self._host[1].tolist(), self._host[2].tolist()
+        logprobs = []
+        for row, k in enumerate(self._num_logprobs):
+            n = 0 if k is None else 1 + k
+            logprobs.append(list(zip(ids[row][:n], values[row][:n])))
+        return StepResult(token_ids, logprobs)
+
+
 @dataclass(frozen=True)
 class ModelShape:
     num_layers: int
@@ -52,8 +92,11 @@ class ModelRunner(abc.ABC):
     num_kv_blocks: int
 
     @abc.abstractmethod
-    def execute(self, batch: ScheduledBatch) -> StepResult:
-        """Compute KV for every scheduled token and sample the sequences that ask for it."""
+    def execute(self, batch: ScheduledBatch) -> PendingStep:
+        """Launch the step: compute KV for every scheduled token and sample the sequences that ask for it.
+
+        An input token equal to ``PENDING_TOKEN`` is the token this runner sampled for that request in the
+        previous ``execute`` call; it is filled in on the device, without waiting for the host copy."""
 
     def shutdown(self) -> None:
         """Release devices and workers."""
@@ -73,6 +116,7 @@ class LocalModelRunner(ModelRunner):
                  dtype: torch.dtype, tp: TPGroup = SINGLE) -> None:
         self.config = config
         self.device, self.dtype, self.tp = device, dtype, tp
+        self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None  # previous step's device tokens
         self.model = build_model(hf_config, dtype, device, tp)
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
@@ -155,9 +199,9 @@ class LocalModelRunner(ModelRunner):
         return [(cache[0, i], cache[1, i]) for i in range(s.num_layers)]
 
     # ------------------------------------------------------------------ one step
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def execute(self, batch: ScheduledBatch) -> PendingStep:
         if batch.is_empty:
-            return StepResult([])
+            return PendingStep(None, [])
         input_ids, positions, metadata, rope_seq_lens = self._prepare(batch)
         sampled = batch.sampled_seqs
         with torch.inference_mode():
@@ -168,12 +212,13 @@ class LocalModelRunner(ModelRunner):
                 with forward_context(ctx):
                     hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
             if not sampled:
-                return StepResult([])
-            rows = self._sample_rows(batch)
-            logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab]
+                self._last_sampled = None
+                return PendingStep(None, [])
+            logits = self.model.compute_logits(hidden[self._sample_rows(batch)])  # [num_sampled, vocab]
             tensors = SamplingTensors.build([s.sampling for s in sampled], self.shape.vocab_size, self.device)
             out = self.sampler(logits, tensors)
-            return _to_step_result(out, [s.sampling.num_logprobs for s in sampled])
+        self._last_sampled = (out.token_ids, {s.request_id: row for row, s in enumerate(sampled)})
+        return PendingStep(out, [s.sampling.num_logprobs for s in sampled])
 
     def _sample_rows(self, batch: ScheduledBatch) -> torch.Tensor:
         ends = np.cumsum([s.num_new_tokens for s in batch.seqs]) - 1
@@ -211,16 +256,22 @@ class LocalModelRunner(ModelRunner):
             seq_lens_cpu=seq_lens.tolist(),
         )
         rope_seq_lens = torch.from_numpy(seq_lens[seq_of_token]).to(dev)
-        return torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev), metadata, rope_seq_lens
+        input_ids_dev = torch.from_numpy(input_ids).to(dev)
+        self._fill_pending(input_ids, input_ids_dev, seq_of_token, seqs)
+        return input_ids_dev, torch.from_numpy(positions).to(dev), metadata, rope_seq_lens
 
-
-def _to_step_result(out, num_logprobs: list[int | None]) -> StepResult:
-    token_ids = out.token_ids.tolist()
-    if out.logprobs is None:
-        return StepResult(token_ids)
-    values, ids = out.logprobs.tolist(), out.logprob_token_ids.tolist()
-    logprobs = []
-    for row, k in enumerate(num_logprobs):
-        n = 0 if k is None else 1 + k
-        logprobs.append(list(zip(ids[row][:n], values[row][:n])))
-    return StepResult(token_ids, logprobs)
+    def _fill_pending(self, input_ids: np.ndarray, input_ids_dev: torch.Tensor, seq_of_token: np.ndarray,
+                      seqs) -> None:
+        """Replace ``PENDING_TOKEN`` inputs by the tokens sampled on the device in the previous step."""
+        pending = np.flatnonzero(input_ids == PENDING_TOKEN)
+        if pending.size == 0:
+            return
+        if self._last_sampled is None:
+            raise RuntimeError("a scheduled token is pending but the previous step sampled nothing")
+        last_tokens, row_of = self._last_sampled
+        try:
+            rows = [row_of[seqs[i].request_id] for i in seq_of_token[pending]]
+        except KeyError as exc:
+            raise RuntimeError(f"pending token of request {exc} was not sampled in the previous step") from exc
+        index = torch.from_numpy(pending).to(self.device)
+        input_ids_dev[index] = last_tokens[torch.tensor(rows, device=self.device)]

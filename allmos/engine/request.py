@@ -12,6 +12,9 @@ import time
 
 from allmos.sampling_params import SamplingParams
 
+# Stands for a token that was sampled on the device but is not yet read back (see LLMEngine.step).
+PENDING_TOKEN = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -59,8 +62,15 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    def append_token(self, token_id: int) -> None:
+    def append_token(self, token_id: int) -> int:
+        """Append a token (or ``PENDING_TOKEN``); returns its index in ``token_ids``."""
         self.token_ids.append(token_id)
+        return len(self.token_ids) - 1
+
+    def drop_pending_tail(self) -> None:
+        """Forget trailing tokens that were never read back (the request finished before them)."""
+        while self.token_ids and self.token_ids[-1] == PENDING_TOKEN:
+            self.token_ids.pop()
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "

@@ -38,8 +38,9 @@ class Scheduler(abc.ABC):
         """Record that ``batch``'s tokens are computed (before sampled tokens are appended)."""
 
     @abc.abstractmethod
-    def finish(self, request: Request, reason: str) -> None:
-        """Remove a request (finished or aborted) and release its blocks."""
+    def finish(self, request: Request, reason: str | None) -> None:
+        """Remove a request (finished or aborted) and release its blocks. ``reason`` None: the request
+        needs no more compute but its outcome is not known yet (set by a later call)."""
 
     @abc.abstractmethod
     def has_unfinished(self) -> bool:
@@ -162,7 +163,7 @@ class ContinuousBatchingScheduler(Scheduler):
             request.num_computed_tokens = seq.seq_len
             self.block_manager.cache_full_blocks(request)
 
-    def finish(self, request: Request, reason: str) -> None:
+    def finish(self, request: Request, reason: str | None) -> None:
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:

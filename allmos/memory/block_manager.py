@@ -71,11 +71,14 @@ class BlockManager:
 
     # ----------------------------------------------------------------- prefix cache
     def update_block_hashes(self, seq: Sequence) -> None:
-        """Extend ``seq.block_hashes`` to cover every full block of its known tokens."""
+        """Extend ``seq.block_hashes`` to cover every full block of its known tokens (a block holding a
+        not-yet-known token id, negative, is not hashed until it is known)."""
         num_full = len(seq.token_ids) // self.block_size
         for i in range(len(seq.block_hashes), num_full):
             parent = seq.block_hashes[i - 1] if i else None
             tokens = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
+            if min(tokens) < 0:
+                return
             seq.block_hashes.append(hash_block(parent, tokens))
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
