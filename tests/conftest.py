@@ -67,3 +67,37 @@ def tiny_model_factory(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The embedded default model (SmolLM2-135M-Instruct), converted once into the user cache."""
+    from allmos.models.default_model import default_gguf_path, default_model_path
+
+    try:
+        default_gguf_path()
+    except (RuntimeError, ValueError) as exc:
+        pytest.skip(f"embedded default model not installed: {exc}")
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_real_tokenizer(tmp_path_factory, default_model_dir) -> Path:
+    """A tiny random Llama whose vocabulary is SmolLM2's byte-level BPE (tokenizer files copied in):
+    random tokens often split multi-byte characters, which is what streaming tests need."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("llama_tok"), "llama", vocab_size=49152, tie=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (default_model_dir / name).exists():
+            shutil.copy(default_model_dir / name, folder / name)
+    # make byte tokens that are only part of a UTF-8 character likely, so outputs split characters
+    tok = AutoTokenizer.from_pretrained(folder)
+    partial = [i for i in range(600) if tok.decode([i]) == "\ufffd"]
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"][partial] *= 8.0
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

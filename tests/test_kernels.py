@@ -27,7 +27,6 @@ import os
 import random
 import subprocess
 import sys
-import types
 from dataclasses import dataclass
 
 import pytest
@@ -40,7 +39,9 @@ import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from allmos.attention.torch_ref import paged_attention_ref, store_kv_cache_ref  # noqa: E402
-from allmos.kernels import decode_attention, prefill_attention, store_kv  # noqa: E402
+from allmos.kernels.decode_attention import DecodeWorkspace, choose_num_splits, paged_decode_attention  # noqa: E402
+from allmos.kernels.prefill_attention import paged_prefill_attention  # noqa: E402
+from allmos.kernels.store_kv import store_kv_cache  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PAD_BLOCK_ID = 2**30  # block-table padding: reading it would fault or poison the result
@@ -49,18 +50,6 @@ INTERPRETER_BROKEN = not torch.cuda.is_available() and not isinstance(tl.cdiv, I
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 tier1 = pytest.mark.skipif(INTERPRETER_BROKEN, reason="triton imported before TRITON_INTERPRET=1; "
                            "run by test_tier1_in_fresh_interpreter")
-
-
-@pytest.fixture(scope="module")
-def kernels() -> types.SimpleNamespace:
-    """The kernel entry points under test."""
-    return types.SimpleNamespace(
-        store_kv_cache=store_kv.store_kv_cache,
-        paged_decode_attention=decode_attention.paged_decode_attention,
-        choose_num_splits=decode_attention.choose_num_splits,
-        DecodeWorkspace=decode_attention.DecodeWorkspace,
-        paged_prefill_attention=prefill_attention.paged_prefill_attention,
-    )
 
 
 @pytest.mark.skipif(not INTERPRETER_BROKEN, reason="tier 1 runs in this process")
@@ -149,26 +138,26 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
     return {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
 
 
-def run_prefill(kernels, case: PagedCase, num_heads: int, dtype: torch.dtype, seed: int) -> None:
+def run_prefill(case: PagedCase, num_heads: int, dtype: torch.dtype, seed: int) -> None:
     head_dim = case.k_cache.shape[3]
     query = random_query(sum(case.q_lens), num_heads, head_dim, dtype, seed)
     scale = head_dim ** -0.5
     out = torch.full_like(query, float("nan"))
     qsl, seq_lens = case.tensors()
-    kernels.paged_prefill_attention(query, case.k_cache, case.v_cache, qsl, seq_lens, case.block_tables,
+    paged_prefill_attention(query, case.k_cache, case.v_cache, qsl, seq_lens, case.block_tables,
                                     scale, max(case.q_lens), out=out)
     torch.testing.assert_close(out, reference(query, case, scale), **tolerance(dtype))
 
 
 def run_decode(
-    kernels, case: PagedCase, num_heads: int, dtype: torch.dtype, num_splits: int, seed: int
+    case: PagedCase, num_heads: int, dtype: torch.dtype, num_splits: int, seed: int
 ) -> None:
     head_dim = case.k_cache.shape[3]
     query = random_query(len(case.seq_lens), num_heads, head_dim, dtype, seed)
     scale = head_dim ** -0.5
     out = torch.full_like(query, float("nan"))
     _, seq_lens = case.tensors()
-    kernels.paged_decode_attention(query, case.k_cache, case.v_cache, seq_lens, case.block_tables, scale,
+    paged_decode_attention(query, case.k_cache, case.v_cache, seq_lens, case.block_tables, scale,
                                    num_splits=num_splits, out=out)
     torch.testing.assert_close(out, reference(query, case, scale), **tolerance(dtype))
 
@@ -177,7 +166,7 @@ def run_decode(
 
 @tier1
 @pytest.mark.parametrize("block_size,num_kv_heads", [(16, 2), (256, 4)])
-def test_store_kv_cache(kernels, block_size: int, num_kv_heads: int) -> None:
+def test_store_kv_cache(block_size: int, num_kv_heads: int) -> None:
     gen = torch.Generator().manual_seed(block_size)
     num_tokens, head_dim = 13, 64
     qkv = torch.randn(num_tokens, 3 * num_kv_heads, head_dim, generator=gen).to(DEVICE)
@@ -190,7 +179,7 @@ def test_store_kv_cache(kernels, block_size: int, num_kv_heads: int) -> None:
     v_cache = torch.randn(shape, generator=gen).to(DEVICE)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     store_kv_cache_ref(key, value, k_ref, v_ref, slots.to(DEVICE))
-    kernels.store_kv_cache(key, value, k_cache, v_cache, slots.to(DEVICE))
+    store_kv_cache(key, value, k_cache, v_cache, slots.to(DEVICE))
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
@@ -206,9 +195,9 @@ PREFILL_SMALL = [
 
 @tier1
 @pytest.mark.parametrize("block_size,num_kv_heads,group,seq_lens,q_lens", PREFILL_SMALL)
-def test_prefill_small(kernels, block_size, num_kv_heads, group, seq_lens, q_lens) -> None:
+def test_prefill_small(block_size, num_kv_heads, group, seq_lens, q_lens) -> None:
     case = make_case(seq_lens, q_lens, num_kv_heads, 64, block_size, torch.float32, seed=len(q_lens) + group)
-    run_prefill(kernels, case, num_kv_heads * group, torch.float32, seed=block_size)
+    run_prefill(case, num_kv_heads * group, torch.float32, seed=block_size)
 
 
 DECODE_SMALL = [
@@ -223,30 +212,30 @@ DECODE_SMALL = [
 @tier1
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("block_size,num_kv_heads,group,seq_lens", DECODE_SMALL)
-def test_decode_small(kernels, block_size, num_kv_heads, group, seq_lens, num_splits) -> None:
+def test_decode_small(block_size, num_kv_heads, group, seq_lens, num_splits) -> None:
     case = make_case(seq_lens, [1] * len(seq_lens), num_kv_heads, 64, block_size, torch.float32, seed=group)
-    run_decode(kernels, case, num_kv_heads * group, torch.float32, num_splits, seed=num_splits)
+    run_decode(case, num_kv_heads * group, torch.float32, num_splits, seed=num_splits)
 
 
 @tier1
-def test_decode_preallocated_workspace_and_empty_rows(kernels) -> None:
+def test_decode_preallocated_workspace_and_empty_rows() -> None:
     """A larger preallocated workspace is used in place; a padded row (seq_len 0) comes out as zeros."""
     case = make_case([70, 9, 1], [1, 1, 1], 2, 64, 16, torch.float32, seed=7)
     query = random_query(4, 4, 64, torch.float32, seed=7)
-    workspace = kernels.DecodeWorkspace.allocate(8, 4, 64, 4, DEVICE)
+    workspace = DecodeWorkspace.allocate(8, 4, 64, 4, DEVICE)
     workspace.partial_out.fill_(float("nan"))
     workspace.lse.fill_(float("nan"))
     block_tables = torch.cat([case.block_tables, case.block_tables[:1]])
     seq_lens = torch.tensor(case.seq_lens + [0], dtype=torch.int32, device=DEVICE)
-    out = kernels.paged_decode_attention(query, case.k_cache, case.v_cache, seq_lens, block_tables, 0.125,
+    out = paged_decode_attention(query, case.k_cache, case.v_cache, seq_lens, block_tables, 0.125,
                                          num_splits=3, workspace=workspace)
     torch.testing.assert_close(out[:3], reference(query[:3], case, 0.125), atol=1e-4, rtol=1e-4)
     assert torch.equal(out[3], torch.zeros_like(out[3]))
 
 
 @tier1
-def test_choose_num_splits(kernels) -> None:
-    choose = kernels.choose_num_splits
+def test_choose_num_splits() -> None:
+    choose = choose_num_splits
     assert choose(256, 8, 1024) == 1  # grid already fills the chip
     assert choose(1, 8, 4096) > 1
     assert choose(1, 8, 100) == 1  # too short to split
@@ -254,12 +243,12 @@ def test_choose_num_splits(kernels) -> None:
 
 
 @tier1
-def test_rejects_bad_shapes(kernels) -> None:
+def test_rejects_bad_shapes() -> None:
     case = make_case([5], [5], 2, 64, 16, torch.float32, seed=0)
     query = random_query(5, 3, 64, torch.float32, seed=0)  # 3 heads over 2 KV heads
     qsl, seq_lens = case.tensors()
     with pytest.raises(ValueError, match="num_kv_heads"):
-        kernels.paged_prefill_attention(query, case.k_cache, case.v_cache, qsl, seq_lens, case.block_tables,
+        paged_prefill_attention(query, case.k_cache, case.v_cache, qsl, seq_lens, case.block_tables,
                                         0.1, 5)
 
 
@@ -282,26 +271,26 @@ GPU_DECODE_LENS = [1, 2, 15, 16, 17, 255, 256, 257, 1000, 2048, 4095, 4096]
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("block_size,num_kv_heads,group,head_dim,dtype", GPU_SHAPES)
-def test_prefill_gpu(kernels, block_size, num_kv_heads, group, head_dim, dtype) -> None:
+def test_prefill_gpu(block_size, num_kv_heads, group, head_dim, dtype) -> None:
     seq_lens, q_lens = GPU_PREFILL_LENS
     case = make_case(seq_lens, q_lens, num_kv_heads, head_dim, block_size, dtype, seed=group)
-    run_prefill(kernels, case, num_kv_heads * group, dtype, seed=head_dim)
+    run_prefill(case, num_kv_heads * group, dtype, seed=head_dim)
 
 
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("block_size,num_kv_heads,group,head_dim,dtype", GPU_SHAPES)
-def test_decode_gpu(kernels, block_size, num_kv_heads, group, head_dim, dtype, num_splits) -> None:
+def test_decode_gpu(block_size, num_kv_heads, group, head_dim, dtype, num_splits) -> None:
     case = make_case(GPU_DECODE_LENS, [1] * len(GPU_DECODE_LENS), num_kv_heads, head_dim, block_size, dtype,
                      seed=group)
-    run_decode(kernels, case, num_kv_heads * group, dtype, num_splits, seed=num_splits)
+    run_decode(case, num_kv_heads * group, dtype, num_splits, seed=num_splits)
 
 
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("block_size,dtype", [(256, torch.bfloat16), (16, torch.float32)])
-def test_store_kv_cache_gpu(kernels, block_size, dtype) -> None:
+def test_store_kv_cache_gpu(block_size, dtype) -> None:
     num_tokens, num_kv_heads, head_dim = 1000, 8, 128
     key = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE, dtype=dtype)
     value = torch.randn_like(key)
@@ -312,23 +301,23 @@ def test_store_kv_cache_gpu(kernels, block_size, dtype) -> None:
     v_cache = torch.randn_like(k_cache)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     store_kv_cache_ref(key, value, k_ref, v_ref, slots)
-    kernels.store_kv_cache(key, value, k_cache, v_cache, slots)
+    store_kv_cache(key, value, k_cache, v_cache, slots)
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
 @pytest.mark.gpu
 @requires_cuda
-def test_decode_cuda_graph_replay(kernels) -> None:
+def test_decode_cuda_graph_replay() -> None:
     """Split decode is capturable: replays follow new seq_lens / queries written into the static inputs."""
     new_lens = [699, 2, 4000, 1]
     case = make_case([700, 2, 4096, 33], [1] * 4, 8, 128, 256, torch.bfloat16, seed=3)  # every token filled
     query = random_query(4, 16, 128, torch.bfloat16, seed=3)
     lens = torch.tensor([700, 1, 4096, 33], dtype=torch.int32, device=DEVICE)
     out = torch.empty_like(query)
-    workspace = kernels.DecodeWorkspace.allocate(4, 16, 128, 8, DEVICE)
+    workspace = DecodeWorkspace.allocate(4, 16, 128, 8, DEVICE)
 
     def step() -> None:
-        kernels.paged_decode_attention(query, case.k_cache, case.v_cache, lens, case.block_tables, 0.1,
+        paged_decode_attention(query, case.k_cache, case.v_cache, lens, case.block_tables, 0.1,
                                        num_splits=8, out=out, workspace=workspace)
 
     step()  # compile outside the capture
