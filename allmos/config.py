@@ -41,7 +41,7 @@ class EngineConfig:
     tokenizer: str | None = None
 
     @classmethod
-    def from_kwargs(cls, model: str | None, **kwargs: Any) -> "EngineConfig":
+    def from_kwargs(cls, model: str | None, **kwargs: Any) -> EngineConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:

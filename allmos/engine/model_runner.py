@@ -25,6 +25,7 @@ from allmos.engine.request import PENDING_TOKEN
 from allmos.engine.sampler import Sampler, SamplerOutput, SamplingTensors
 from allmos.layers.tp import SINGLE, TPGroup
 from allmos.models.loader import build_model, init_dummy_weights, load_weights, safetensors_files
+from allmos.utils.transfer import to_device
 
 logger = logging.getLogger("allmos")
 
@@ -154,22 +155,26 @@ class LocalModelRunner(ModelRunner):
         return self._profile_num_blocks()
 
     def _profile_num_blocks(self) -> int:
-        """Blocks that fit in what ``gpu_memory_utilization`` leaves after a forward at the token budget."""
+        """Blocks that fit in what ``gpu_memory_utilization`` leaves after a forward at the token budget.
+
+        Counts everything already on the card (weights, other processes and engines) plus this engine's
+        activation peak, measured by a forward over ``max_num_batched_tokens`` tokens."""
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
         num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
         self._profile_forward(num_tokens)
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
+        activation_peak = torch.cuda.max_memory_allocated(self.device) - base
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        used_elsewhere = total - free - torch.cuda.memory_reserved(self.device)
-        available = total * self.config.gpu_memory_utilization - peak - max(0, used_elsewhere)
+        available = total * self.config.gpu_memory_utilization - (total - free) - activation_peak
         num_blocks = int(available // self.block_bytes())
         if num_blocks < 1:
-            raise ValueError(f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} GiB of "
-                             f"{total / 2**30:.1f} GiB); raise gpu_memory_utilization or lower max_num_batched_tokens")
-        torch.cuda.empty_cache()
+            raise ValueError(f"no GPU memory left for the KV cache ({(total - free) / 2**30:.1f} GiB in use, "
+                             f"{activation_peak / 2**30:.1f} GiB activation peak, {total / 2**30:.1f} GiB card); "
+                             "raise gpu_memory_utilization or lower max_num_batched_tokens")
         return num_blocks
 
     def _profile_forward(self, num_tokens: int) -> None:
@@ -222,8 +227,8 @@ class LocalModelRunner(ModelRunner):
 
     def _sample_rows(self, batch: ScheduledBatch) -> torch.Tensor:
         ends = np.cumsum([s.num_new_tokens for s in batch.seqs]) - 1
-        rows = [int(end) for end, s in zip(ends, batch.seqs) if s.sampling is not None]
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+        rows = np.array([int(end) for end, s in zip(ends, batch.seqs) if s.sampling is not None], dtype=np.int64)
+        return to_device(rows, self.device)
 
     def _prepare(self, batch: ScheduledBatch):
         """Host lists -> device tensors: token ids, positions and attention metadata."""
@@ -245,20 +250,20 @@ class LocalModelRunner(ModelRunner):
                         + positions % self.block_size)
         dev = self.device
         metadata = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slot_mapping).to(dev),
-            query_start_loc=torch.from_numpy(query_start_loc.astype(np.int32)).to(dev),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
-            block_tables=torch.from_numpy(block_tables).to(dev),
+            slot_mapping=to_device(slot_mapping, dev),
+            query_start_loc=to_device(query_start_loc.astype(np.int32), dev),
+            seq_lens=to_device(seq_lens.astype(np.int32), dev),
+            block_tables=to_device(block_tables, dev),
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
             is_decode=bool((q_lens == 1).all()),
             query_start_loc_cpu=query_start_loc.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
         )
-        rope_seq_lens = torch.from_numpy(seq_lens[seq_of_token]).to(dev)
-        input_ids_dev = torch.from_numpy(input_ids).to(dev)
+        rope_seq_lens = to_device(seq_lens[seq_of_token], dev)
+        input_ids_dev = to_device(input_ids, dev)
         self._fill_pending(input_ids, input_ids_dev, seq_of_token, seqs)
-        return input_ids_dev, torch.from_numpy(positions).to(dev), metadata, rope_seq_lens
+        return input_ids_dev, to_device(positions, dev), metadata, rope_seq_lens
 
     def _fill_pending(self, input_ids: np.ndarray, input_ids_dev: torch.Tensor, seq_of_token: np.ndarray,
                       seqs) -> None:
@@ -273,5 +278,5 @@ class LocalModelRunner(ModelRunner):
             rows = [row_of[seqs[i].request_id] for i in seq_of_token[pending]]
         except KeyError as exc:
             raise RuntimeError(f"pending token of request {exc} was not sampled in the previous step") from exc
-        index = torch.from_numpy(pending).to(self.device)
-        input_ids_dev[index] = last_tokens[torch.tensor(rows, device=self.device)]
+        index = to_device(pending, self.device)
+        input_ids_dev[index] = last_tokens[to_device(np.array(rows, dtype=np.int64), self.device)]

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from allmos.utils.transfer import to_device
+
 try:  # Triton is optional: the torch path is the complete reference.
     import triton
     import triton.language as tl
@@ -245,8 +247,8 @@ class SamplingTensors:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
         for row in rows:
             row.validate(vocab_size)
-        floats = _float_columns(rows).to(device)  # [7, B]
-        ints = _int_columns(rows, vocab_size).to(device)  # [5, B]
+        floats = to_device(_float_columns(rows), device)  # [7, B]
+        ints = to_device(_int_columns(rows, vocab_size), device)  # [5, B]
         keys = ints[3:5].to(torch.int32)  # [2, B]
         output_rows, output_ids = _flatten_ids(
             rows, lambda r: r.output_token_ids if r.has_output_penalty or r.has_repetition_penalty else (),
@@ -323,7 +325,7 @@ def _flatten_ids(
     if token_ids.min() < 0 or token_ids.max() >= vocab_size:
         raise ValueError(f"SamplingRow.{field} holds a token id outside [0, {vocab_size})")
     row_ids = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)  # [N]
-    return torch.from_numpy(row_ids).to(device), torch.from_numpy(token_ids).to(device)
+    return to_device(row_ids, device), to_device(token_ids, device)
 
 
 # --------------------------------------------------------------------------- output

@@ -6,7 +6,8 @@ Invariants (cache layout and causal offset: see ``allmos.attention.metadata``):
   of K/V is read from memory exactly once.
 - Keys are visited in tiles of ``BLOCK_N`` tokens. A tile never straddles a page boundary unevenly: if
   ``BLOCK_N <= block_size`` it lies inside one page (one block-table load per tile), otherwise it covers
-  ``BLOCK_N // block_size`` whole pages (one vector load of their block ids).
+  ``BLOCK_N // block_size`` whole pages (one vector load gathers each token's block id; block_size 16
+  with 64-token tiles ran as fast as 256-token pages on H100).
 - With ``num_splits > 1`` split ``k`` handles a contiguous run of tiles and writes a float32 partial output
   plus its log-sum-exp (base 2) to a ``DecodeWorkspace``; a second kernel merges the splits.
 - No host synchronization: grids come from host-known sizes, so the launches can be captured in a CUDA
@@ -64,7 +65,7 @@ class DecodeWorkspace:
                 f"workspace partial_out {tuple(self.partial_out.shape)} does not fit num_seqs={num_seqs}, "
                 f"num_heads={num_heads}, num_splits={num_splits}, head_dim={head_dim}"
             )
-        if self.lse.shape != (s, h, k) or self.partial_out.dtype != torch.float32:
+        if self.lse.shape != (s, h, k) or {self.partial_out.dtype, self.lse.dtype} != {torch.float32}:
             raise ValueError("workspace lse must be [max_num_seqs, num_heads, max_num_splits], both float32")
 
 
@@ -224,7 +225,7 @@ def default_decode_config(head_dim: int, dtype: torch.dtype, shared_memory: int)
     Measured on H100 (batch 256, context 1024, block_size 256 and 16): 64 x 4 warps x 3 stages reaches
     about 97% of copy bandwidth; 128-token tiles are as fast, 32-token tiles about 5% slower.
     """
-    element_size = torch.empty((), dtype=dtype).element_size()
+    element_size = dtype.itemsize
     block_n = max(16, min(128, 16384 // (head_dim * element_size)))
     stage_bytes = 2 * block_n * head_dim * element_size  # one K and one V tile
     num_stages = 3 if 3 * stage_bytes + SHARED_MEMORY_MARGIN <= shared_memory else 2

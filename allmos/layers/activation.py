@@ -6,8 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:
+    from allmos.kernels import fused_layers as fused
+except ImportError:  # no Triton (a CPU-only install): the torch path below is used
+    fused = None
+
 
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, 2 * d] -> [num_tokens, d]
+        if fused is not None and x.is_cuda and x.dim() == 2:
+            return fused.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+try:
+    from allmos.kernels import fused_layers as fused
+except ImportError:  # no Triton (a CPU-only install): the torch path below is used
+    fused = None
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
@@ -19,7 +24,11 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """``norm(x)``, or with ``residual``: ``s = x + residual`` and returns ``(norm(s), s)``."""
+        """``norm(x)``, or with ``residual``: ``s = x + residual`` and returns ``(norm(s), s)``.
+
+        On CUDA a 2-D input goes through one fused Triton kernel (same rounding as below)."""
+        if fused is not None and x.is_cuda and x.dim() == 2 and x.stride(-1) == 1:
+            return fused.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -19,7 +19,12 @@ from allmos.layers.attention import Attention
 from allmos.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from allmos.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from allmos.layers.norm import RMSNorm
-from allmos.layers.rotary import get_rope, rope_config_from_hf
+
+try:
+    from allmos.kernels import fused_layers as fused
+except ImportError:  # no Triton (a CPU-only install): the torch path below is used
+    fused = None
+from allmos.layers.rotary import CachedRotaryEmbedding, RotaryEmbedding, get_rope, rope_config_from_hf
 from allmos.layers.tp import SINGLE, TPGroup
 
 
@@ -38,7 +43,7 @@ def head_dim_of(cfg) -> int:
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg, spec: DecoderSpec, layer_idx: int, tp: TPGroup) -> None:
+    def __init__(self, cfg, spec: DecoderSpec, layer_idx: int, tp: TPGroup, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         head_dim = head_dim_of(cfg)
         num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -51,22 +56,35 @@ class DecoderAttention(nn.Module):
             self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
         self.qk_norm = spec.qk_norm
-        self.rotary_emb = get_rope(rope_config_from_hf(cfg))
+        self.rotary_emb = rotary_emb  # shared by every layer
+        self.rms_norm_eps = cfg.rms_norm_eps
         self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, head_dim, scale=head_dim**-0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # positions [num_tokens]; x [num_tokens, hidden]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
+        v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
+        if fused is not None and qkv.is_cuda and isinstance(self.rotary_emb, CachedRotaryEmbedding) \
+                and self.rotary_emb.cfg.rotary_dim == self.head_dim:
+            rope = self.rotary_emb
+            q, k = fused.qk_norm_rope(
+                qkv, self.num_heads, self.num_kv_heads, self.head_dim,
+                self.q_norm.weight if self.qk_norm else None, self.k_norm.weight if self.qk_norm else None,
+                self.rms_norm_eps, rope.cos_cache, rope.sin_cache, positions)
+        else:
+            q, k = self._qk_reference(positions, qkv[:, :q_size], qkv[:, q_size:q_size + kv_size])
+        o = self.attn(q, k, v)  # [num_tokens, num_heads, head_dim]
+        return self.o_proj(o.flatten(1))
+
+
+    def _qk_reference(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         seq_lens = get_forward_context().rope_seq_lens if self.rotary_emb.needs_seq_lens else None
-        q, k = self.rotary_emb(positions, q, k, seq_lens)
-        o = self.attn(q, k, v)  # [num_tokens, num_heads, head_dim]
-        return self.o_proj(o.flatten(1))
+        return self.rotary_emb(positions, q, k, seq_lens)
 
 
 class DecoderMLP(nn.Module):
@@ -85,9 +103,9 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, spec: DecoderSpec, layer_idx: int, tp: TPGroup) -> None:
+    def __init__(self, cfg, spec: DecoderSpec, layer_idx: int, tp: TPGroup, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(cfg, spec, layer_idx, tp)
+        self.self_attn = DecoderAttention(cfg, spec, layer_idx, tp, rotary_emb)
         self.mlp = DecoderMLP(cfg, spec, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -106,7 +124,8 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg, spec: DecoderSpec, tp: TPGroup) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, spec, i, tp) for i in range(cfg.num_hidden_layers))
+        rotary_emb = get_rope(rope_config_from_hf(cfg))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, spec, i, tp, rotary_emb) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
