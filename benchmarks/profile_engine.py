@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--sync", action="store_true", help="synchronize around each phase (GPU time per phase)")
     ap.add_argument("--extra", nargs="*", default=[], help="engine kwargs as key=value")
+    ap.add_argument("--cprofile", action="store_true", help="host profile of the whole run (cProfile)")
     a = ap.parse_args()
     kwargs = dict(kv.split("=") for kv in a.extra)
     kwargs = {k: (v == "True" if v in ("True", "False") else int(v) if v.isdigit() else v) for k, v in kwargs.items()}
@@ -63,8 +64,17 @@ def main() -> None:
     w = standard_workload(num_seqs=a.num_seqs)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in w.max_tokens]
     start = time.perf_counter()
+    if a.cprofile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     llm.generate(w.prompts, params, use_tqdm=False)
     total = time.perf_counter() - start
+    if a.cprofile:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     steps = CALLS["schedule"]
     print(f"{torch.cuda.get_device_name()}: {sum(w.max_tokens) / total:.0f} tok/s, {total:.2f} s, {steps} steps")
     print("| phase | total s | ms/step |")

@@ -45,7 +45,7 @@ def test_greedy_matches_transformers_bf16(gpu_model_dir):
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(gpu_model_dir, dtype=torch.bfloat16).cuda().eval()
     ps = prompts()
-    llm = LLM(str(gpu_model_dir), dtype="bfloat16", kvcache_block_size=16, max_model_len=2048)
+    llm = LLM(str(gpu_model_dir), dtype="bfloat16", kvcache_block_size=16, max_model_len=2048, num_kvcache_blocks=1024)
     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=5),
                         use_tqdm=False)
     exact = 0
@@ -67,7 +67,7 @@ def test_cuda_graphs_match_eager(gpu_model_dir, block_size):
                 max_num_seqs=64)
     assert graph.engine.runner.graphs is not None
     eager = LLM(str(gpu_model_dir), dtype="bfloat16", kvcache_block_size=block_size, max_model_len=2048,
-                max_num_seqs=64, enforce_eager=True)
+                max_num_seqs=64, enforce_eager=True, num_kvcache_blocks=1024)
     assert eager.engine.runner.graphs is None
     a = [o.token_ids for o in graph.generate(ps, params, use_tqdm=False)]
     b = [o.token_ids for o in eager.generate(ps, params, use_tqdm=False)]
@@ -78,9 +78,9 @@ def test_torch_backend_on_gpu_matches_triton(gpu_model_dir):
     ps = prompts(n=6, seed=2)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     t = LLM(str(gpu_model_dir), dtype="float32", attention_backend="triton", kvcache_block_size=16,
-            max_model_len=2048, enforce_eager=True)
+            max_model_len=2048, enforce_eager=True, num_kvcache_blocks=1024)
     r = LLM(str(gpu_model_dir), dtype="float32", attention_backend="torch", kvcache_block_size=16,
-            max_model_len=2048, enforce_eager=True)
+            max_model_len=2048, enforce_eager=True, num_kvcache_blocks=1024)
     assert [o.token_ids for o in t.generate(ps, params, use_tqdm=False)] == \
         [o.token_ids for o in r.generate(ps, params, use_tqdm=False)]
 

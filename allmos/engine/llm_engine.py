@@ -50,6 +50,12 @@ class _Group:
     seqs: list[Request]
     detokenizers: list[IncrementalDetokenizer | None]
     arrival_time: float
+    stream: bool = False  # report every step (not only the final output)
+
+    @property
+    def penalized(self) -> bool:
+        p = self.params
+        return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
 
     @property
     def finished(self) -> bool:
@@ -80,6 +86,7 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._pending_outputs: list[RequestOutput] = []
         self._in_flight = None  # (batch, PendingStep, reserved token slots) of the last launched step
+        self._penalized: set[str] = set()  # requests whose sampling needs their real output tokens
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.num_generated_tokens = 0
@@ -156,7 +163,9 @@ class LLMEngine:
         needs_stream_text = stream or bool(params.stop)
         self._groups[request_id] = _Group(
             request_id, prompt if isinstance(prompt, str) else None, token_ids, params, seqs,
-            [self._detokenizer(token_ids, params) if needs_stream_text else None for _ in seqs], arrival)
+            [self._detokenizer(token_ids, params) if needs_stream_text else None for _ in seqs], arrival, stream)
+        if self._groups[request_id].penalized:
+            self._penalized.add(request_id)
         return request_id
 
     def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
@@ -191,7 +200,7 @@ class LLMEngine:
     def abort(self, request_id: str, *, emit_output: bool = True) -> RequestOutput | None:
         """Stop a request now and free its blocks; its final output (``finish_reason='abort'``) is returned
         and, with ``emit_output``, also delivered by the next ``step``."""
-        group = self._groups.pop(request_id, None)
+        group = self._remove(request_id)
         if group is None:
             return None
         for seq in group.seqs:
@@ -209,7 +218,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
         """Launch one forward pass, then read back the previous one; returns an output for every request
-        that advanced or finished in the step read back.
+        that finished, and for every streaming request that advanced, in the step read back.
 
         Overlap: tokens sampled in step N stay on the device and feed step N+1 directly; the host appends
         ``PENDING_TOKEN`` for them, schedules and launches N+1, and only then waits for N's tokens (stop
@@ -232,8 +241,7 @@ class LLMEngine:
         return outputs
 
     def _needs_sync(self) -> bool:
-        return any(g.params.presence_penalty or g.params.frequency_penalty or g.params.repetition_penalty != 1.0
-                   for g in self._groups.values())
+        return bool(self._penalized)
 
     def _append_pending(self, batch: ScheduledBatch) -> list[tuple[Request, int]]:
         """Reserve each sampled token's slot; requests that reached their length limit leave the scheduler
@@ -275,10 +283,15 @@ class LLMEngine:
             touched[group.request_id] = group
         outputs = []
         for group in touched.values():
-            outputs.append(self._make_output(group))
+            if group.finished or group.stream:
+                outputs.append(self._make_output(group))
             if group.finished:
-                del self._groups[group.request_id]
+                self._remove(group.request_id)
         return outputs
+
+    def _remove(self, request_id: str) -> _Group | None:
+        self._penalized.discard(request_id)
+        return self._groups.pop(request_id, None)
 
     def _check_stop(self, group: _Group, seq: Request, token: int) -> None:
         """Decide whether ``token`` (just read back) ends ``seq``; vLLM's order: EOS / stop ids, stop

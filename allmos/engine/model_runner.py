@@ -220,7 +220,8 @@ class LocalModelRunner(ModelRunner):
                 self._last_sampled = None
                 return PendingStep(None, [])
             logits = self.model.compute_logits(hidden[self._sample_rows(batch)])  # [num_sampled, vocab]
-            tensors = SamplingTensors.build([s.sampling for s in sampled], self.shape.vocab_size, self.device)
+            tensors = SamplingTensors.build([s.sampling for s in sampled], self.shape.vocab_size, self.device,
+                                            validate=False)  # rows come from validated SamplingParams
             out = self.sampler(logits, tensors)
         self._last_sampled = (out.token_ids, {s.request_id: row for row, s in enumerate(sampled)})
         return PendingStep(out, [s.sampling.num_logprobs for s in sampled])

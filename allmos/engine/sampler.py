@@ -241,26 +241,40 @@ class SamplingTensors:
         return self.any_top_k or self.any_top_p or self.any_min_p
 
     @classmethod
-    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> SamplingTensors:
-        """Validate `rows` and move them to `device` (a handful of host-to-device copies)."""
+    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device,
+              validate: bool = True) -> SamplingTensors:
+        """Move `rows` to `device` (a handful of host-to-device copies), validating them first unless
+        the caller built them from already validated parameters (the engine's hot path)."""
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
-        for row in rows:
-            row.validate(vocab_size)
-        floats = to_device(_float_columns(rows), device)  # [7, B]
-        ints = to_device(_int_columns(rows, vocab_size), device)  # [5, B]
+        if validate:
+            for row in rows:
+                row.validate(vocab_size)
+        table = _row_table(rows)  # one pass over the rows
+        floats = to_device(_float_columns(rows, table), device)  # [7, B]
+        ints = to_device(_int_columns(rows, vocab_size, table), device)  # [5, B]
         keys = ints[3:5].to(torch.int32)  # [2, B]
-        output_rows, output_ids = _flatten_ids(
-            rows, lambda r: r.output_token_ids if r.has_output_penalty or r.has_repetition_penalty else (),
-            vocab_size, "output_token_ids", device)
-        prompt_rows, prompt_ids = _flatten_ids(
-            rows, lambda r: r.prompt_token_ids if r.has_repetition_penalty else (),
-            vocab_size, "prompt_token_ids", device)
-        banned_rows, banned_ids = _flatten_ids(
-            rows, lambda r: r.banned_token_ids, vocab_size, "banned_token_ids", device)
-        random_rows = [r for r in rows if not r.is_greedy]
-        active_top_k = [r.effective_top_k(vocab_size) for r in random_rows]
-        requested = [r.num_logprobs for r in rows if r.num_logprobs is not None]
+        greedy = table[:, 0] < GREEDY_TEMPERATURE_EPS
+        random = ~greedy
+        top_k = table[:, 6]
+        active_top_k = random & (top_k > 0) & (top_k < vocab_size)
+        any_presence, any_frequency = bool((table[:, 3] != 0).any()), bool((table[:, 4] != 0).any())
+        any_repetition = bool((table[:, 5] != 1).any())
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        output_rows = output_ids = prompt_rows = prompt_ids = banned_rows = banned_ids = empty
+        if any_presence or any_frequency or any_repetition:
+            output_rows, output_ids = _flatten_ids(
+                rows, lambda r: r.output_token_ids if r.has_output_penalty or r.has_repetition_penalty else (),
+                vocab_size, "output_token_ids", device)
+        if any_repetition:
+            prompt_rows, prompt_ids = _flatten_ids(
+                rows, lambda r: r.prompt_token_ids if r.has_repetition_penalty else (),
+                vocab_size, "prompt_token_ids", device)
+        if any(r.banned_token_ids for r in rows):
+            banned_rows, banned_ids = _flatten_ids(
+                rows, lambda r: r.banned_token_ids, vocab_size, "banned_token_ids", device)
+        num_logprobs = [r.num_logprobs for r in rows]
+        requested = [k for k in num_logprobs if k is not None]
         return cls(
             vocab_size=vocab_size,
             inv_temperature=floats[0], noise_scale=floats[1], top_p=floats[2], min_p=floats[3],
@@ -269,46 +283,67 @@ class SamplingTensors:
             output_rows=output_rows, output_token_ids=output_ids,
             prompt_rows=prompt_rows, prompt_token_ids=prompt_ids,
             banned_rows=banned_rows, banned_token_ids=banned_ids,
-            num_logprobs_cpu=[r.num_logprobs for r in rows],
+            num_logprobs_cpu=num_logprobs,
             max_num_logprobs=max(requested) if requested else None,
-            max_top_k=max((k for k in active_top_k if k < vocab_size), default=vocab_size),
-            all_greedy=not random_rows,
-            all_random=len(random_rows) == len(rows),
-            any_top_k=any(k < vocab_size for k in active_top_k),
-            any_top_p=any(r.top_p < 1.0 for r in random_rows),
-            any_min_p=any(r.min_p > 0.0 for r in random_rows),
-            any_presence=any(r.presence_penalty != 0.0 for r in rows),
-            any_frequency=any(r.frequency_penalty != 0.0 for r in rows),
-            any_repetition=any(r.has_repetition_penalty for r in rows),
+            max_top_k=int(top_k[active_top_k].max()) if active_top_k.any() else vocab_size,
+            all_greedy=not random.any(),
+            all_random=bool(random.all()),
+            any_top_k=bool(active_top_k.any()),
+            any_top_p=bool((random & (table[:, 1] < 1.0)).any()),
+            any_min_p=bool((random & (table[:, 2] > 0.0)).any()),
+            any_presence=any_presence,
+            any_frequency=any_frequency,
+            any_repetition=any_repetition,
             any_banned=banned_ids.numel() > 0,
         )
 
 
-def _float_columns(rows: list[SamplingRow]) -> torch.Tensor:
+def _mix64_np(z: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer on uint64 arrays (multiplies wrap modulo 2**64)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_SPLITMIX_M1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(_SPLITMIX_M2)
+    return z ^ (z >> np.uint64(31))
+
+
+def noise_keys_np(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Vectorized ``noise_key`` over uint64 arrays (the same bits)."""
+    golden = np.uint64(_GOLDEN64)
+    seed_state = _mix64_np(seeds.astype(np.uint64) + golden)
+    return _mix64_np(seed_state + (positions.astype(np.uint64) + np.uint64(1)) * golden)
+
+
+def _row_table(rows: list[SamplingRow]) -> np.ndarray:
+    """float64 [B, 9]: temperature, top_p, min_p, presence, frequency, repetition, top_k, seed, position
+    (seeds and positions below 2**53 survive float64 exactly; larger seeds are re-read below)."""
+    return np.array([(r.temperature, r.top_p, r.min_p, r.presence_penalty, r.frequency_penalty,
+                      r.repetition_penalty, r.top_k, 0.0, r.position) for r in rows], dtype=np.float64).reshape(-1, 9)
+
+
+def _float_columns(rows: list[SamplingRow], table: np.ndarray | None = None) -> torch.Tensor:
     """float32 [7, B]: inv_temperature, noise_scale, top_p, min_p, presence, frequency, repetition."""
-    columns = [
-        [1.0 if r.is_greedy else 1.0 / r.temperature for r in rows],
-        [0.0 if r.is_greedy else 1.0 for r in rows],
-        [1.0 if r.is_greedy else r.top_p for r in rows],
-        [0.0 if r.is_greedy else r.min_p for r in rows],
-        [r.presence_penalty for r in rows],
-        [r.frequency_penalty for r in rows],
-        [r.repetition_penalty for r in rows],
-    ]
-    return torch.tensor(columns, dtype=torch.float32).reshape(7, len(rows))
+    table = _row_table(rows) if table is None else table
+    greedy = table[:, 0] < GREEDY_TEMPERATURE_EPS
+    inv_t = np.where(greedy, 1.0, 1.0 / np.where(greedy, 1.0, table[:, 0]))
+    columns = np.stack([
+        inv_t, np.where(greedy, 0.0, 1.0), np.where(greedy, 1.0, table[:, 1]), np.where(greedy, 0.0, table[:, 2]),
+        table[:, 3], table[:, 4], table[:, 5],
+    ]).astype(np.float32)
+    return torch.from_numpy(columns)
 
 
-def _int_columns(rows: list[SamplingRow], vocab_size: int) -> torch.Tensor:
+def _int_columns(rows: list[SamplingRow], vocab_size: int, table: np.ndarray | None = None) -> torch.Tensor:
     """int64 [5, B]: top_k, seed, position, noise key low half, noise key high half (int32 bits)."""
-    keys = [noise_key(r.seed, r.position) for r in rows]
-    columns = [
-        [r.effective_top_k(vocab_size) for r in rows],
-        [r.seed for r in rows],
-        [r.position for r in rows],
-        [_to_int32(k & _MASK32) for k in keys],
-        [_to_int32(k >> 32) for k in keys],
-    ]
-    return torch.tensor(columns, dtype=torch.int64).reshape(5, len(rows))
+    table = _row_table(rows) if table is None else table
+    greedy = table[:, 0] < GREEDY_TEMPERATURE_EPS
+    top_k = table[:, 6].astype(np.int64)
+    top_k = np.where(greedy | (top_k <= 0) | (top_k >= vocab_size), vocab_size, top_k)
+    seeds = np.fromiter((r.seed for r in rows), dtype=np.uint64, count=len(rows))
+    positions = table[:, 8].astype(np.uint64)
+    keys = noise_keys_np(seeds, positions)
+    lo = (keys & np.uint64(_MASK32)).astype(np.uint32).view(np.int32).astype(np.int64)
+    hi = (keys >> np.uint64(32)).astype(np.uint32).view(np.int32).astype(np.int64)
+    columns = np.stack([top_k, seeds.astype(np.int64), positions.astype(np.int64), lo, hi])
+    return torch.from_numpy(np.ascontiguousarray(columns))
 
 
 def _flatten_ids(

@@ -188,11 +188,13 @@ def _max_tokens(request: Request) -> int:
 def _sampling_row(request: Request) -> SamplingRow:
     params = request.params
     banned = request.banned_token_ids if request.num_output_tokens < params.min_tokens else ()
+    penalized = params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
     return SamplingRow(
         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
         seed=request.seed, position=request.num_tokens,
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
         repetition_penalty=params.repetition_penalty, num_logprobs=params.logprobs,
-        prompt_token_ids=request.prompt_token_ids, output_token_ids=request.output_token_ids,
+        prompt_token_ids=request.prompt_token_ids if penalized else (),
+        output_token_ids=request.output_token_ids if penalized else (),
         banned_token_ids=banned,
     )

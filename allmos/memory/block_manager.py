@@ -27,6 +27,7 @@ class Sequence(Protocol):
     num_computed_tokens: int
     block_table: list[int]
     block_hashes: list[int]
+    num_published_blocks: int  # leading blocks already offered to the prefix cache
 
 
 @dataclass
@@ -127,14 +128,18 @@ class BlockManager:
             if block.ref_count == 0:
                 self._free[block_id] = None
         seq.block_table.clear()
+        seq.num_published_blocks = 0
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Publish the hashes of blocks that are full and whose KV is computed."""
         if not self.enable_prefix_caching:
             return
+        num_full_computed = seq.num_computed_tokens // self.block_size
+        if num_full_computed <= seq.num_published_blocks:
+            return  # nothing new since the last call (the common decode step)
         self.update_block_hashes(seq)
-        num_full_computed = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
-        for i in range(num_full_computed):
+        num_full_computed = min(num_full_computed, len(seq.block_hashes))
+        for i in range(seq.num_published_blocks, num_full_computed):
             block = self.blocks[seq.block_table[i]]
             block_hash = seq.block_hashes[i]
             if block.block_hash == block_hash:
@@ -145,6 +150,7 @@ class BlockManager:
             block.block_hash = block_hash
             block.token_ids = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
             self._hash_to_block[block_hash] = block.block_id
+        seq.num_published_blocks = num_full_computed
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (only safe when no sequence holds a block)."""
