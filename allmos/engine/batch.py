@@ -10,7 +10,9 @@ from allmos.engine.sampler import SamplingRow
 @dataclass
 class ScheduledSeq:
     """One sequence's share of a step: compute KV for ``input_token_ids`` at positions
-    ``start_pos ...``; when ``sampling`` is set, the step also samples the sequence's next token."""
+    ``start_pos ...``; when ``sampling`` is set, the step also samples the sequence's next token, whose
+    index in the sequence is ``seq_len`` (the runner uses that as the sampling position; the row's own
+    ``position`` field is not read, so one row per request serves every step)."""
 
     request_id: str
     input_token_ids: list[int]

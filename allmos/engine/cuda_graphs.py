@@ -1,9 +1,11 @@
-"""CUDA graphs for decode: one captured forward per batch size, fed through persistent input buffers.
+"""Decode at fixed batch sizes: one CUDA graph per size (forward + LM head), fed through persistent
+input buffers.
 
 Invariants: a graph for size ``bs`` reads rows ``[:bs]`` of the buffers; the runner writes rows ``[:n]``
 and pads rows ``n..bs`` as no-ops (slot -1: nothing stored; seq_len 0: attention returns zeros). The
 attention backend's decode launch depends only on ``bs`` (never on sequence lengths), so a graph stays
-valid for every later step of that size.
+valid for every later step of that size. With ``capture=False`` (``enforce_eager``) the same padded
+forward runs eagerly, so eager and captured decode compute exactly the same thing.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend, kv_caches, max_num_seqs: int,
-                 max_blocks_per_seq: int, device: torch.device) -> None:
+                 max_blocks_per_seq: int, device: torch.device, capture: bool = True) -> None:
         self.model, self.backend, self.kv_caches = model, backend, kv_caches
         self.sizes = capture_sizes(max_num_seqs)
         max_bs = self.sizes[-1]
@@ -42,7 +44,9 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.max_seq_len = max_blocks_per_seq * kv_caches[0][0].shape[1]
-        self._capture_all()
+        self.capture = capture
+        if capture:
+            self._capture_all()
 
     @property
     def max_batch_size(self) -> int:
@@ -58,7 +62,8 @@ class DecodeGraphs:
     def _forward(self, bs: int) -> torch.Tensor:
         ctx = ForwardContext(self._metadata(bs), self.kv_caches, self.backend, rope_seq_lens=self.seq_lens[:bs])
         with forward_context(ctx):
-            return self.model(self.input_ids[:bs], self.positions[:bs])
+            hidden = self.model(self.input_ids[:bs], self.positions[:bs])  # [bs, hidden]
+        return self.model.compute_logits(hidden)  # [bs, vocab]
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -74,7 +79,7 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """Replay the smallest graph that fits ``n = len(input_ids)`` rows; returns hidden ``[n, hidden]``."""
+        """Run the smallest size that fits ``n = len(input_ids)`` rows; returns logits ``[n, vocab]``."""
         n = input_ids.shape[0]
         bs = next(s for s in self.sizes if s >= n)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
@@ -86,5 +91,7 @@ class DecodeGraphs:
         if bs > n:
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].zero_()
+        if not self.capture:
+            return self._forward(bs)[:n]
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

@@ -185,7 +185,7 @@ class LLMEngine:
                   arrival: float) -> Request:
         seq_id = request_id if params.n == 1 else f"{request_id}#{index}"
         seed = self._rng.getrandbits(63) if params.seed is None else (params.seed + 0x9E3779B97F4A7C15 * index) % 2**63
-        seq = Request(seq_id, token_ids, params, seed, arrival)
+        seq = Request(seq_id, token_ids, params, seed, arrival, group_id=request_id, index=index)
         if params.min_tokens > 0:
             seq.banned_token_ids = tuple(sorted(set(params.stop_token_ids) | (
                 set() if params.ignore_eos else set(self.info.eos_token_ids))))
@@ -267,7 +267,7 @@ class LLMEngine:
         touched: dict[str, _Group] = {}
         now = time.time()
         for row, (seq, index) in enumerate(slots):
-            group = self._groups.get(seq.request_id.split("#")[0])
+            group = self._groups.get(seq.group_id)
             if group is None or seq.finish_reason is not None:
                 continue  # aborted, or stopped in an earlier step: this token is dropped
             token = result.token_ids[row]
@@ -297,7 +297,7 @@ class LLMEngine:
         """Decide whether ``token`` (just read back) ends ``seq``; vLLM's order: EOS / stop ids, stop
         strings, then length."""
         params = group.params
-        detok = group.detokenizers[group.seqs.index(seq)]
+        detok = group.detokenizers[seq.index]
         stop_string = detok.update([token]).stop_string if detok is not None else None
         reason, stop_reason = None, None
         produced = self._num_known_outputs(seq)

@@ -7,6 +7,7 @@ sees a tensor; the runner never makes a scheduling decision.
 from __future__ import annotations
 
 import abc
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,11 +135,12 @@ class LocalModelRunner(ModelRunner):
         self.graphs = self._capture_graphs()
 
     def _capture_graphs(self) -> DecodeGraphs | None:
-        if not (self.device.type == "cuda" and self.config.use_cuda_graphs and self.backend.supports_cuda_graphs()):
+        """Decode runner for CUDA: captured graphs, or (enforce_eager) the same padded shapes run eagerly."""
+        if not (self.device.type == "cuda" and self.backend.supports_cuda_graphs()):
             return None
         max_blocks = -(-self.max_model_len // self.block_size)
         return DecodeGraphs(self.model, self.backend, self.kv_caches, self.config.max_num_seqs, max_blocks,
-                            self.device)
+                            self.device, capture=self.config.use_cuda_graphs)
 
     # ------------------------------------------------------------------ KV cache
     def block_bytes(self) -> int:
@@ -211,17 +213,18 @@ class LocalModelRunner(ModelRunner):
         sampled = batch.sampled_seqs
         with torch.inference_mode():
             if self.graphs is not None and metadata.is_decode and metadata.num_seqs <= self.graphs.max_batch_size:
-                hidden = self.graphs.run(input_ids, positions, metadata)  # [num_seqs, hidden]
+                logits = self.graphs.run(input_ids, positions, metadata)  # [num_seqs, vocab]; all of them sample
             else:
                 ctx = ForwardContext(self.backend.prepare(metadata), self.kv_caches, self.backend, rope_seq_lens)
                 with forward_context(ctx):
                     hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
-            if not sampled:
-                self._last_sampled = None
-                return PendingStep(None, [])
-            logits = self.model.compute_logits(hidden[self._sample_rows(batch)])  # [num_sampled, vocab]
+                if not sampled:
+                    self._last_sampled = None
+                    return PendingStep(None, [])
+                logits = self.model.compute_logits(hidden[self._sample_rows(batch)])  # [num_sampled, vocab]
+            # rows come from validated SamplingParams; the token being sampled sits at index seq_len
             tensors = SamplingTensors.build([s.sampling for s in sampled], self.shape.vocab_size, self.device,
-                                            validate=False)  # rows come from validated SamplingParams
+                                            validate=False, positions=[s.seq_len for s in sampled])
             out = self.sampler(logits, tensors)
         self._last_sampled = (out.token_ids, {s.request_id: row for row, s in enumerate(sampled)})
         return PendingStep(out, [s.sampling.num_logprobs for s in sampled])
@@ -232,52 +235,63 @@ class LocalModelRunner(ModelRunner):
         return to_device(rows, self.device)
 
     def _prepare(self, batch: ScheduledBatch):
-        """Host lists -> device tensors: token ids, positions and attention metadata."""
+        """Host lists -> device tensors (token ids, positions, attention metadata) in two packed copies."""
         seqs = batch.seqs
-        q_lens = np.array([s.num_new_tokens for s in seqs], dtype=np.int64)
-        seq_lens = np.array([s.seq_len for s in seqs], dtype=np.int64)
-        query_start_loc = np.zeros(len(seqs) + 1, dtype=np.int64)
+        n = len(seqs)
+        q_lens = np.fromiter((len(s.input_token_ids) for s in seqs), dtype=np.int64, count=n)
+        seq_lens = np.fromiter((s.start_pos + len(s.input_token_ids) for s in seqs), dtype=np.int64, count=n)
+        query_start_loc = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(q_lens, out=query_start_loc[1:])
-        input_ids = np.fromiter((t for s in seqs for t in s.input_token_ids), dtype=np.int64,
-                                count=int(query_start_loc[-1]))
+        num_tokens = int(query_start_loc[-1])
+        input_ids = np.fromiter(itertools.chain.from_iterable(s.input_token_ids for s in seqs), dtype=np.int64,
+                                count=num_tokens)
         # absolute position of every new token: start_pos of its sequence + index within the step
-        seq_of_token = np.repeat(np.arange(len(seqs)), q_lens)
-        positions = np.arange(len(input_ids)) - query_start_loc[seq_of_token] + (seq_lens - q_lens)[seq_of_token]
-        max_blocks = max(len(s.block_table) for s in seqs)
-        block_tables = np.zeros((len(seqs), max_blocks), dtype=np.int32)
-        for i, s in enumerate(seqs):
-            block_tables[i, : len(s.block_table)] = s.block_table
+        seq_of_token = np.repeat(np.arange(n), q_lens)
+        positions = np.arange(num_tokens) - query_start_loc[seq_of_token] + (seq_lens - q_lens)[seq_of_token]
+        block_tables = _pad_block_tables([s.block_table for s in seqs])  # [n, max_blocks] int32
         slot_mapping = (block_tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size
                         + positions % self.block_size)
-        dev = self.device
+        pending, pending_rows = self._pending_sources(input_ids, seq_of_token, seqs)
+        i64 = to_device(np.concatenate([input_ids, positions, slot_mapping, seq_lens[seq_of_token], pending,
+                                        pending_rows]), self.device)
+        i32 = to_device(np.concatenate([query_start_loc, seq_lens, block_tables.ravel()]).astype(np.int32),
+                        self.device)
+        input_ids_dev, positions_dev, slots_dev, rope_seq_lens, pending_dev, rows_dev = i64.split(
+            [num_tokens] * 4 + [len(pending)] * 2)
+        qsl_dev, seq_lens_dev, tables_dev = i32.split([n + 1, n, block_tables.size])
+        if len(pending):
+            input_ids_dev[pending_dev] = self._last_sampled[0][rows_dev]
         metadata = AttentionMetadata(
-            slot_mapping=to_device(slot_mapping, dev),
-            query_start_loc=to_device(query_start_loc.astype(np.int32), dev),
-            seq_lens=to_device(seq_lens.astype(np.int32), dev),
-            block_tables=to_device(block_tables, dev),
-            max_query_len=int(q_lens.max()),
-            max_seq_len=int(seq_lens.max()),
-            is_decode=bool((q_lens == 1).all()),
-            query_start_loc_cpu=query_start_loc.tolist(),
-            seq_lens_cpu=seq_lens.tolist(),
+            slot_mapping=slots_dev, query_start_loc=qsl_dev, seq_lens=seq_lens_dev,
+            block_tables=tables_dev.view(block_tables.shape),
+            max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()), is_decode=bool((q_lens == 1).all()),
+            query_start_loc_cpu=query_start_loc.tolist(), seq_lens_cpu=seq_lens.tolist(),
         )
-        rope_seq_lens = to_device(seq_lens[seq_of_token], dev)
-        input_ids_dev = to_device(input_ids, dev)
-        self._fill_pending(input_ids, input_ids_dev, seq_of_token, seqs)
-        return input_ids_dev, to_device(positions, dev), metadata, rope_seq_lens
+        return input_ids_dev, positions_dev, metadata, rope_seq_lens
 
-    def _fill_pending(self, input_ids: np.ndarray, input_ids_dev: torch.Tensor, seq_of_token: np.ndarray,
-                      seqs) -> None:
-        """Replace ``PENDING_TOKEN`` inputs by the tokens sampled on the device in the previous step."""
+    def _pending_sources(self, input_ids: np.ndarray, seq_of_token: np.ndarray, seqs) -> tuple[np.ndarray, np.ndarray]:
+        """Where ``PENDING_TOKEN`` inputs sit, and the row of the previous step's sampled tokens that holds
+        each one (they are filled on the device, without waiting for the host copy)."""
         pending = np.flatnonzero(input_ids == PENDING_TOKEN)
         if pending.size == 0:
-            return
+            return pending, pending
         if self._last_sampled is None:
             raise RuntimeError("a scheduled token is pending but the previous step sampled nothing")
-        last_tokens, row_of = self._last_sampled
+        row_of = self._last_sampled[1]
         try:
-            rows = [row_of[seqs[i].request_id] for i in seq_of_token[pending]]
+            rows = np.fromiter((row_of[seqs[i].request_id] for i in seq_of_token[pending]), dtype=np.int64,
+                               count=pending.size)
         except KeyError as exc:
             raise RuntimeError(f"pending token of request {exc} was not sampled in the previous step") from exc
-        index = to_device(pending, self.device)
-        input_ids_dev[index] = last_tokens[to_device(np.array(rows, dtype=np.int64), self.device)]
+        return pending, rows
+
+
+def _pad_block_tables(tables: list[list[int]]) -> np.ndarray:
+    """Rows of different lengths -> [len(tables), longest] int32, zero-padded (padding is never read)."""
+    lengths = np.fromiter((len(t) for t in tables), dtype=np.int64, count=len(tables))
+    out = np.zeros((len(tables), max(1, int(lengths.max()))), dtype=np.int32)
+    flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lengths.sum()))
+    rows = np.repeat(np.arange(len(tables)), lengths)
+    cols = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, cols] = flat
+    return out

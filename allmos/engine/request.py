@@ -26,8 +26,10 @@ class Request:
     """One sequence being generated (a request with ``n > 1`` becomes ``n`` of these)."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 seed: int, arrival_time: float | None = None) -> None:
+                 seed: int, arrival_time: float | None = None, group_id: str | None = None, index: int = 0) -> None:
         self.request_id = request_id
+        self.group_id = request_id if group_id is None else group_id  # the user request it belongs to
+        self.index = index  # completion index within that request
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -39,7 +41,8 @@ class Request:
         self.num_cached_tokens = -1  # prefix-cache hits at first admission; -1 until admitted
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of token_ids
-        self.num_published_blocks = 0  # leading blocks of block_table already offered to the prefix cache
+        self.num_published_blocks = 0
+        self.sampling_row = None  # cached SamplingRow when it does not change between steps  # leading blocks of block_table already offered to the prefix cache
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
         self.first_token_time: float | None = None
         self.finish_reason: str | None = None

@@ -242,15 +242,20 @@ class SamplingTensors:
 
     @classmethod
     def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device,
-              validate: bool = True) -> SamplingTensors:
+              validate: bool = True, positions: Sequence[int] | None = None) -> SamplingTensors:
         """Move `rows` to `device` (a handful of host-to-device copies), validating them first unless
-        the caller built them from already validated parameters (the engine's hot path)."""
+        the caller built them from already validated parameters (the engine's hot path).
+
+        `positions`, when given, replaces each row's `position` (the engine passes the sequences'
+        lengths, so one SamplingRow per request can be reused across steps)."""
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
         if validate:
             for row in rows:
                 row.validate(vocab_size)
         table = _row_table(rows)  # one pass over the rows
+        if positions is not None:
+            table[:, 8] = np.asarray(positions, dtype=np.float64)
         floats = to_device(_float_columns(rows, table), device)  # [7, B]
         ints = to_device(_int_columns(rows, vocab_size, table), device)  # [5, B]
         keys = ints[3:5].to(torch.int32)  # [2, B]

@@ -186,9 +186,20 @@ def _max_tokens(request: Request) -> int:
 
 
 def _sampling_row(request: Request) -> SamplingRow:
+    """The request's row: built once and reused, unless it carries per-step state (penalty token lists,
+    EOS banned until min_tokens)."""
     params = request.params
     banned = request.banned_token_ids if request.num_output_tokens < params.min_tokens else ()
     penalized = params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
+    if not (penalized or banned):
+        if request.sampling_row is None:
+            request.sampling_row = _new_row(request, (), False)
+        return request.sampling_row
+    return _new_row(request, banned, penalized)
+
+
+def _new_row(request: Request, banned, penalized: bool) -> SamplingRow:
+    params = request.params
     return SamplingRow(
         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
         seed=request.seed, position=request.num_tokens,

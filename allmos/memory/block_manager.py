@@ -108,6 +108,8 @@ class BlockManager:
         """Grow ``seq.block_table`` so it covers ``num_computed_tokens + len(cached) * block_size +
         num_new_tokens`` tokens, first taking ``cached_blocks`` (a prefix hit; only when the table is
         empty). Returns False and changes nothing when the free blocks do not suffice."""
+        if not cached_blocks and seq.num_computed_tokens + num_new_tokens <= len(seq.block_table) * self.block_size:
+            return True  # fits the blocks it has (most decode steps)
         if cached_blocks and seq.block_table:
             raise ValueError("cached prefix blocks can only start an empty block table")
         num_fresh = self._num_new_blocks(seq, num_new_tokens, cached_blocks)
