@@ -91,7 +91,7 @@ def test_dummy_load_and_token_prompts(tmp_path):
     from allmos.benchmark import DEFAULT_BENCH_MODEL
 
     shutil.copy(DEFAULT_BENCH_MODEL / "config.json", tmp_path / "config.json")
-    llm = LLM(str(tmp_path), load_format="dummy", max_model_len=1024, max_num_seqs=8, gpu_memory_utilization=0.5)
+    llm = LLM(str(tmp_path), load_format="dummy", max_model_len=1024, max_num_seqs=8, num_kvcache_blocks=64)
     out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert len(out[0].token_ids) == 4
     with pytest.raises(ValueError, match="tokenizer"):

@@ -392,13 +392,16 @@ def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Repetition, then frequency, then presence penalty (vLLM): new float32 [B, V]."""
     x = logits.float()  # [B, V]
     batch, vocab = x.shape
-    counts = torch.zeros(batch, vocab, dtype=torch.float32, device=x.device)  # [B, V]
+    counts = torch.zeros(batch * vocab, dtype=torch.float32, device=x.device)  # [B * V]
     ones = torch.ones_like(t.output_token_ids, dtype=torch.float32)
-    counts.index_put_((t.output_rows, t.output_token_ids), ones, accumulate=True)
+    # scatter on flat indices: index_put_(accumulate=True) would synchronize with the host on CUDA
+    counts.scatter_add_(0, t.output_rows * vocab + t.output_token_ids, ones)
+    counts = counts.view(batch, vocab)
     in_output = counts > 0  # [B, V]
     if t.any_repetition:
-        seen = in_output.clone()
-        seen[t.prompt_rows, t.prompt_token_ids] = True
+        seen = in_output.clone().view(-1)
+        seen.scatter_(0, t.prompt_rows * vocab + t.prompt_token_ids, True)
+        seen = seen.view(batch, vocab)
         r = t.repetition_penalty[:, None]  # [B, 1]
         x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
     if t.any_frequency:
@@ -410,7 +413,7 @@ def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
 def apply_banned(x: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Set banned (row, token) pairs to -inf in place on `x` (a tensor the sampler owns)."""
-    x[t.banned_rows, t.banned_token_ids] = -math.inf
+    x.view(-1).scatter_(0, t.banned_rows * x.shape[1] + t.banned_token_ids, -math.inf)
     return x
 
 
