@@ -9,8 +9,11 @@ from allmos.kernels import fused_layers as fused
 from allmos.layers.norm import RMSNorm
 from allmos.layers.rotary import RopeConfig, get_rope
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+# The CPU cases run the kernels through the Triton interpreter (CI); the cuda cases run them natively
+# (`pytest -m gpu` on a GPU machine).
+CASES = [("cpu", torch.float32),
+         pytest.param("cuda", torch.float32, marks=pytest.mark.gpu),
+         pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)]
 
 
 def close(a, b, dtype):
@@ -18,9 +21,9 @@ def close(a, b, dtype):
     torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", [64, 96])
-def test_rms_norm_with_and_without_residual(dtype, hidden):
+@pytest.mark.parametrize("DEVICE,dtype", CASES)
+@pytest.mark.parametrize("hidden", [64, 96, 1024])
+def test_rms_norm_with_and_without_residual(DEVICE, dtype, hidden):
     norm = RMSNorm(hidden, eps=1e-6).to(DEVICE)
     norm.weight.data = torch.randn(hidden, device=DEVICE)
     norm = norm.to(dtype)
@@ -32,17 +35,17 @@ def test_rms_norm_with_and_without_residual(dtype, hidden):
     close(out, norm._norm(x + r), dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul(dtype):
+@pytest.mark.parametrize("DEVICE,dtype", CASES)
+def test_silu_and_mul(DEVICE, dtype):
     x = torch.randn(5, 2 * 80, device=DEVICE, dtype=dtype)
     gate, up = x.chunk(2, dim=-1)
     close(fused.silu_and_mul(x), torch.nn.functional.silu(gate) * up, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("DEVICE,dtype", CASES)
 @pytest.mark.parametrize("qk_norm", [True, False])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 32), (2, 2, 64)])
-def test_qk_norm_rope(dtype, qk_norm, heads, kv_heads, head_dim):
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 32), (2, 2, 64), (16, 8, 128)])
+def test_qk_norm_rope(DEVICE, dtype, qk_norm, heads, kv_heads, head_dim):
     rope = get_rope(RopeConfig(head_dim=head_dim, rotary_dim=head_dim, max_position=512, theta=10000.0,
                                scaling=None), device=DEVICE)
     tokens = 9
