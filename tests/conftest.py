@@ -66,7 +66,7 @@ def tiny_model_factory(tmp_path_factory):
     cache: dict = {}
 
     def get(arch: str = "qwen3", **kwargs) -> Path:
-        key = (arch, tuple(sorted(kwargs.items())))
+        key = (arch, json.dumps(kwargs, sort_keys=True))
         if key not in cache:
             cache[key] = make_tiny_model(tmp_path_factory.mktemp(arch), arch, **kwargs)
         return cache[key]

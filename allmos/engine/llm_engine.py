@@ -20,6 +20,7 @@ from allmos.engine.model_runner import LocalModelRunner, ModelRunner
 from allmos.engine.request import PENDING_TOKEN, Request, RequestStatus
 from allmos.engine.scheduler import ContinuousBatchingScheduler, SchedulerConfig
 from allmos.memory.block_manager import BlockManager
+from allmos.models.decoder import context_limit
 from allmos.models.resolve import ModelSource, load_model_source
 from allmos.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from allmos.sampling_params import SamplingParams
@@ -369,5 +370,5 @@ def _as_list(value) -> list[int]:
 
 
 def _max_model_len(config: EngineConfig, hf_config) -> int:
-    limit = getattr(hf_config, "max_position_embeddings", None)
+    limit = context_limit(hf_config)
     return min(config.max_model_len, limit) if limit else config.max_model_len

@@ -38,6 +38,22 @@ class DecoderSpec:
     mlp_bias: bool = False
 
 
+def context_limit(cfg) -> int | None:
+    """Longest sequence the model supports: max_position_embeddings, extended by linear / dynamic / yarn
+    RoPE scaling (as vLLM derives it); None when the config does not say."""
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if not limit:
+        return None
+    rope = rope_config_from_hf(cfg)
+    scaling = rope.scaling or {}
+    if rope.rope_type in ("linear", "dynamic"):
+        return int(limit * scaling["factor"])
+    if rope.rope_type == "yarn":
+        original = scaling.get("original_max_position_embeddings", limit)
+        return max(limit, int(original * scaling["factor"]))
+    return limit
+
+
 def head_dim_of(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
