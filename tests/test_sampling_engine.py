@@ -53,11 +53,21 @@ def test_seeded_request_is_batch_invariant(llm):
 
 
 def test_n_returns_distinct_completions_sharing_prompt_blocks(llm):
-    p = prompts(1, seed=5)[0] * 3  # long enough for full blocks
-    out = llm.generate([p], SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=7), use_tqdm=False)[0]
+    p = [t for t in prompts(3, seed=5) for t in t][:50]  # 50 tokens: three full blocks of 16
+    engine = llm.engine
+    rid = engine.add_request(None, p, SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=7, ignore_eos=True))
+    seqs = engine._groups[rid].seqs
+    out = None
+    while out is None:
+        out = next((o for o in engine.step() if o.request_id == rid), None)
     assert len(out.outputs) == 3 and [c.index for c in out.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
-    assert all(c.finish_reason == "length" for c in out.outputs)
+    assert all(c.finish_reason == "length" and len(c.token_ids) == 8 for c in out.outputs)
+    assert [s.num_cached_tokens for s in seqs[1:]] == [48, 48]  # siblings reuse the first one's prompt blocks
+    assert_all_blocks_free(llm)
+    aborted = engine.add_request(None, p, SamplingParams(n=2, max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert engine.abort(aborted).outputs[1].finish_reason == "abort"  # a sibling that never started
     assert_all_blocks_free(llm)
 
 

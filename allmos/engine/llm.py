@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ class LLM:
     """Offline inference: ``LLM(model=None, **config)``; see API.md for the keys."""
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        _default_logging()
         self.config = EngineConfig.from_kwargs(model, **kwargs)
         self.engine = LLMEngine(self.config)
 
@@ -137,6 +139,16 @@ class LLM:
                         return
         finally:
             self.engine.abort(request_id, emit_output=False)
+
+
+def _default_logging() -> None:
+    """Show allmos's INFO lines (KV-cache size at start-up) unless the application configured logging."""
+    logger = logging.getLogger("allmos")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s allmos: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _normalize_prompts(prompts) -> list[PromptType]:

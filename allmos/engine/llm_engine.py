@@ -88,10 +88,11 @@ class LLMEngine:
         self._pending_outputs: list[RequestOutput] = []
         self._in_flight = None  # (batch, PendingStep, reserved token slots) of the last launched step
         self._penalized: set[str] = set()  # requests whose sampling needs their real output tokens
+        self._deferred: dict[str, list[Request]] = {}  # n > 1 siblings waiting for the shared prompt
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.num_generated_tokens = 0
-        logger.info("allmos: %d KV blocks of %d tokens (%d max-length sequences of %d tokens), %s %s",
+        logger.info("KV cache: %d blocks of %d tokens, room for %d sequences of max_model_len=%d; %s %s",
                     self.info.num_kv_blocks, config.kvcache_block_size,
                     self.info.num_kv_blocks * config.kvcache_block_size // self.info.max_model_len,
                     self.info.max_model_len, device, dtype)
@@ -152,15 +153,11 @@ class LLMEngine:
         self._validate_prompt(token_ids, params)
         arrival = arrival_time or time.time()
         seqs = [self._make_seq(request_id, i, token_ids, params, arrival) for i in range(params.n)]
-        added: list[Request] = []
-        try:
-            for seq in seqs:
-                self.scheduler.add(seq)
-                added.append(seq)
-        except ValueError:
-            for seq in added:
-                self.scheduler.finish(seq, "abort")
-            raise
+        self.scheduler.check_fits(seqs[0])
+        self.scheduler.add(seqs[0])
+        if len(seqs) > 1:
+            # siblings wait until the first one's prompt is in the KV cache, then share its full blocks
+            self._deferred[request_id] = seqs[1:]
         needs_stream_text = stream or bool(params.stop)
         self._groups[request_id] = _Group(
             request_id, prompt if isinstance(prompt, str) else None, token_ids, params, seqs,
@@ -227,6 +224,7 @@ class LLMEngine:
         Requests with penalties need their real output tokens, so their presence makes a step synchronous.
         """
         outputs, self._pending_outputs = self._pending_outputs, []
+        self._release_deferred()
         if self._in_flight is not None and self._needs_sync():
             outputs += self._read_back(self._in_flight)
             self._in_flight = None
@@ -240,6 +238,15 @@ class LLMEngine:
             outputs += self._read_back(self._in_flight)
         self._in_flight = launched
         return outputs
+
+    def _release_deferred(self) -> None:
+        """Queue the n > 1 siblings whose first sequence has computed its prompt (they then start from
+        its cached prompt blocks instead of computing the prompt again)."""
+        for request_id in list(self._deferred):
+            first = self._groups[request_id].seqs[0]
+            if first.finish_reason is not None or first.num_computed_tokens >= first.num_prompt_tokens - 1:
+                for seq in self._deferred.pop(request_id):
+                    self.scheduler.add(seq)
 
     def _needs_sync(self) -> bool:
         return bool(self._penalized)
@@ -292,6 +299,7 @@ class LLMEngine:
 
     def _remove(self, request_id: str) -> _Group | None:
         self._penalized.discard(request_id)
+        self._deferred.pop(request_id, None)
         return self._groups.pop(request_id, None)
 
     def _check_stop(self, group: _Group, seq: Request, token: int) -> None:

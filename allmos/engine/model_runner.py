@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from allmos.attention.backend import AttentionBackend
 from allmos.attention.context import ForwardContext, forward_context
@@ -64,6 +65,10 @@ class PendingStep:
             self._event.record()
         else:
             self._host = tensors
+
+    def is_ready(self) -> bool:
+        """True when ``result()`` will not wait for the device."""
+        return self._event is None or self._event.query()
 
     def result(self) -> StepResult:
         if self._host is None:
@@ -131,7 +136,7 @@ class LocalModelRunner(ModelRunner):
         self.max_model_len = min(config.max_model_len, context_limit(hf_config) or config.max_model_len)
         self.backend = make_backend(config.resolved_backend(device), self.model, config, device)
         self.sampler = Sampler()
-        self.num_kv_blocks = self._decide_num_blocks()
+        self.num_kv_blocks = self._min_over_ranks(self._decide_num_blocks())
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
         self.graphs = self._capture_graphs()
 
@@ -147,6 +152,14 @@ class LocalModelRunner(ModelRunner):
     def block_bytes(self) -> int:
         s = self.shape
         return 2 * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * self.dtype.itemsize
+
+    def _min_over_ranks(self, value: int) -> int:
+        """The smallest ``value`` of all tensor-parallel ranks (one block manager serves them all)."""
+        if self.tp.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp.group)
+        return int(t.item())
 
     def _decide_num_blocks(self) -> int:
         if self.config.num_kvcache_blocks is not None:

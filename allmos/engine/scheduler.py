@@ -65,6 +65,13 @@ class ContinuousBatchingScheduler(Scheduler):
 
     # ------------------------------------------------------------------ admission
     def add(self, request: Request) -> None:
+        self.check_fits(request)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def check_fits(self, request: Request) -> None:
+        """Raise ValueError if ``request`` could never be scheduled (its id is taken, or its longest
+        possible sequence needs more KV blocks than the whole cache has)."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         max_len = min(request.num_prompt_tokens + _max_tokens(request), self.config.max_model_len)
@@ -74,8 +81,6 @@ class ContinuousBatchingScheduler(Scheduler):
                 f"request {request.request_id!r} needs up to {max_len} tokens ({needed} KV blocks of "
                 f"{self.block_manager.block_size}) but the whole KV cache holds "
                 f"{self.block_manager.num_blocks} blocks; lower max_tokens or shorten the prompt")
-        self.requests[request.request_id] = request
-        self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -164,14 +169,15 @@ class ContinuousBatchingScheduler(Scheduler):
             self.block_manager.cache_full_blocks(request)
 
     def finish(self, request: Request, reason: str | None) -> None:
-        if request.status is RequestStatus.RUNNING:
-            self.running.remove(request)
-        elif request.status is RequestStatus.WAITING:
-            self.waiting.remove(request)
-        self.block_manager.free(request)
+        if self.requests.get(request.request_id) is request:  # else: never queued, or already removed
+            if request.status is RequestStatus.RUNNING:
+                self.running.remove(request)
+            elif request.status is RequestStatus.WAITING:
+                self.waiting.remove(request)
+            self.block_manager.free(request)
+            del self.requests[request.request_id]
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-        self.requests.pop(request.request_id, None)
 
     def check_integrity(self) -> None:
         """Block-manager invariants plus agreement with every live request's block table."""

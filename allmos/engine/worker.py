@@ -1,0 +1,258 @@
+"""One tensor-parallel rank: rendezvous, process groups, the step channel and the worker loop.
+
+Invariant: every rank executes the same sequence of ``ScheduledBatch`` es, in the same order, with a
+``LocalModelRunner`` holding its own shard. Rank 0 (the driver) broadcasts each batch as one typed
+message over a CPU (gloo) group before it runs the step itself; ranks 1..N-1 receive, run and repeat.
+The model's collectives leave every rank with the same all-gathered logits, and the sampler is a pure
+function of (logits, seed, position), so every rank samples the same tokens and fills its own
+``PENDING_TOKEN`` inputs from its own previous step: no token travels between ranks.
+
+Process groups are built directly on a ``TCPStore`` (``torch.distributed``'s env:// recipe without the
+process-global default group), so one driver process can hold several engines, each with its own store,
+port and workers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from allmos.config import EngineConfig
+from allmos.engine.serialization import Message, MessageKind, decode_message, encode_message
+from allmos.layers.tp import TPGroup
+
+DEFAULT_TIMEOUT_S = 1800.0  # rendezvous and collectives (the first one waits for the slowest rank to load)
+IDLE_WAIT = datetime.timedelta(days=365)  # a worker waits this long for the driver's next message
+PARENT_POLL_S = 0.5
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+JOINED_KEY = "allmos/joined/{rank}"
+
+
+@dataclass(frozen=True)
+class DebugOptions:
+    """Test hooks, read from the driver's environment and handed to every worker.
+
+    ``ALLMOS_TP_VERIFY=1``: after every step all ranks all-gather their sampled tokens and raise on any
+    difference (one host sync per step). ``ALLMOS_TP_FAIL_AT=RANK:STEP``: rank RANK raises in its
+    STEP-th step (1-based; 0 = while starting, before it loads the model), to test failure handling."""
+
+    verify_tokens: bool = False
+    fail_rank: int | None = None
+    fail_at_step: int | None = None
+
+    @classmethod
+    def from_env(cls) -> DebugOptions:
+        verify = os.environ.get("ALLMOS_TP_VERIFY", "") not in ("", "0")
+        fail = os.environ.get("ALLMOS_TP_FAIL_AT", "")
+        if not fail:
+            return cls(verify)
+        try:
+            rank, step = (int(x) for x in fail.split(":"))
+        except ValueError as exc:
+            raise ValueError(f"ALLMOS_TP_FAIL_AT must look like RANK:STEP, got {fail!r}") from exc
+        return cls(verify, rank, step)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs, handed over once when it starts."""
+
+    config: EngineConfig
+    model_folder: str
+    device: str  # "cpu" or "cuda:{index}"
+    dtype: torch.dtype
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    num_threads: int = 1  # intra-op threads on the CPU
+    debug: DebugOptions = field(default_factory=DebugOptions)
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def connect_store(addr: str, port: int, world_size: int, rank: int, timeout_s: float) -> dist.TCPStore:
+    """Rank 0 hosts the store (``port=0`` picks a free port: read it back from ``store.port``)."""
+    return dist.TCPStore(addr, port, world_size, rank == 0, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+@dataclass
+class RankGroups:
+    """This rank's process groups: ``control`` (gloo, CPU) carries step messages; ``model`` (gloo on
+    the CPU, NCCL on GPUs) carries the model's all-reduce / all-gather through ``tp``."""
+
+    store: Any
+    control: Any
+    model: Any
+    tp: TPGroup
+    uses_nccl: bool
+
+    def close(self) -> None:
+        """Release the groups. NCCL communicators are aborted, which is local to this rank (a graceful
+        ``ncclCommFinalize`` could wait for peers that already exited); gloo needs nothing."""
+        self.abort_model()
+        self.control = self.model = self.store = None
+        self.tp = TPGroup()
+
+    def abort_model(self) -> None:
+        """Make pending NCCL work on this rank fail instead of waiting for a dead peer (any thread)."""
+        if not self.uses_nccl or self.model is None:
+            return
+        for name in ("abort", "_abort"):
+            fn = getattr(self.model, name, None)
+            if fn is not None:
+                try:
+                    fn()
+                    return
+                except Exception:  # best effort: the process is giving the group up anyway
+                    continue
+
+
+def init_rank_groups(store: Any, rank: int, world_size: int, device: torch.device, timeout_s: float) -> RankGroups:
+    """Build the control and model groups; every rank calls this in the same order."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    control = dist.ProcessGroupGloo(dist.PrefixStore("allmos/control/", store), rank, world_size, timeout)
+    model_store = dist.PrefixStore("allmos/model/", store)
+    if device.type == "cuda":
+        options = dist.ProcessGroupNCCL.Options()
+        options.is_high_priority_stream = False
+        options._timeout = timeout
+        model = dist.ProcessGroupNCCL(model_store, rank, world_size, options)
+    else:
+        model = dist.ProcessGroupGloo(model_store, rank, world_size, timeout)
+    return RankGroups(store, control, model, TPGroup(rank, world_size, model), device.type == "cuda")
+
+
+# --------------------------------------------------------------------------- step channel
+
+
+class StepChannel:
+    """Typed messages from rank 0 to every rank over the control group: an int64 length, then the
+    message bytes as a uint8 tensor (two gloo broadcasts)."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def send(self, message: Message) -> None:
+        self.send_bytes(encode_message(message))
+
+    def send_bytes(self, data: bytes) -> None:
+        self._broadcast(torch.tensor([len(data)], dtype=torch.int64))
+        self._broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+    def receive(self) -> Message:
+        """Wait (indefinitely: the driver may idle between requests) for the next message."""
+        length = torch.zeros(1, dtype=torch.int64)
+        self._broadcast(length, IDLE_WAIT)
+        payload = torch.empty(int(length.item()), dtype=torch.uint8)
+        self._broadcast(payload)
+        return decode_message(payload.numpy().tobytes())
+
+    def _broadcast(self, tensor: torch.Tensor, timeout: datetime.timedelta | None = None) -> None:
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = 0, 0
+        if timeout is not None:
+            opts.timeout = timeout
+        self.group.broadcast([tensor], opts).wait()
+
+
+def check_same_tokens(group: Any, world_size: int, token_ids: list[int]) -> None:
+    """Debug check: every rank sampled exactly ``token_ids`` (all-gathered over ``group``)."""
+    mine = torch.tensor(token_ids, dtype=torch.int64)  # [num_sampled]
+    parts = [torch.empty_like(mine) for _ in range(world_size)]
+    group.allgather([parts], [mine]).wait()
+    for rank, part in enumerate(parts):
+        if not torch.equal(part, parts[0]):
+            raise RuntimeError(f"tensor-parallel ranks sampled different tokens: rank 0 {parts[0].tolist()}, "
+                               f"rank {rank} {part.tolist()}")
+
+
+def set_nccl_env() -> None:
+    """NVLink multicast (NVLS / symmetric-memory multicast) stays off for every rank."""
+    for key, value in NCCL_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+# --------------------------------------------------------------------------- worker process
+
+
+def worker_main(spec: WorkerSpec, error_conn: Any) -> None:
+    """Process entry of ranks 1..N-1. Never returns: exits 0 after SHUTDOWN, 1 after sending its
+    formatted traceback through ``error_conn``, and at once when the driver process is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it stops us
+    _exit_when_orphaned(os.getppid())
+    code = 0
+    try:
+        _run_worker(spec)
+    except BaseException:
+        code = 1
+        try:
+            error_conn.send_bytes(traceback.format_exc().encode())
+        except Exception:
+            pass
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # skip interpreter teardown: nothing left to clean, and NCCL teardown could block
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="allmos-parent-watch", daemon=True).start()
+
+
+def _run_worker(spec: WorkerSpec) -> None:
+    from allmos.engine.model_runner import LocalModelRunner
+    from allmos.models.resolve import load_model_source
+
+    os.environ.update(RANK=str(spec.rank), LOCAL_RANK=str(spec.rank), WORLD_SIZE=str(spec.world_size),
+                      MASTER_ADDR=spec.master_addr, MASTER_PORT=str(spec.master_port))
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        set_nccl_env()
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(spec.num_threads)
+    store = connect_store(spec.master_addr, spec.master_port, spec.world_size, spec.rank, spec.timeout_s)
+    store.set(JOINED_KEY.format(rank=spec.rank), "1")
+    groups = init_rank_groups(store, spec.rank, spec.world_size, device, spec.timeout_s)
+    if spec.debug.fail_rank == spec.rank and spec.debug.fail_at_step == 0:
+        raise RuntimeError(f"injected failure on rank {spec.rank} at start-up (ALLMOS_TP_FAIL_AT)")
+    source = load_model_source(spec.model_folder)
+    runner = LocalModelRunner(spec.config, source.hf_config, Path(spec.model_folder), device, spec.dtype, groups.tp)
+    serve(runner, StepChannel(groups.control), groups, spec)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # our collectives are done, so the driver's can finish too
+
+
+def serve(runner: Any, channel: StepChannel, groups: RankGroups, spec: WorkerSpec) -> None:
+    """Receive a message, run it, repeat; returns on SHUTDOWN."""
+    step = 0
+    while True:
+        message = channel.receive()
+        if message.kind is MessageKind.SHUTDOWN:
+            return
+        step += 1
+        if spec.debug.fail_rank == spec.rank and spec.debug.fail_at_step == step:
+            raise RuntimeError(f"injected failure on rank {spec.rank} at step {step} (ALLMOS_TP_FAIL_AT)")
+        pending = runner.execute(message.batch)
+        if spec.debug.verify_tokens and message.batch.sampled_seqs:
+            check_same_tokens(groups.control, spec.world_size, pending.result().token_ids)
