@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 
 from allmos import LLM, SamplingParams
 from allmos.engine.batch import ScheduledBatch, ScheduledSeq
+from allmos.engine.model_runner import PendingStep
 from allmos.engine.sampler import SamplingRow
 from allmos.engine.serialization import (
     Message,
@@ -33,7 +35,7 @@ from allmos.engine.serialization import (
     encode_message,
     serialize_batch,
 )
-from allmos.engine.tp_runner import WorkerError
+from allmos.engine.tp_runner import WorkerError, _WatchedStep
 
 MAX_NEW = 10
 ENGINE = dict(kvcache_block_size=16, max_num_batched_tokens=96)
@@ -230,6 +232,25 @@ def test_worker_failing_at_startup_fails_the_constructor(qwen3_dir, monkeypatch)
     gc.collect()
     assert not mp.active_children()
     assert wait_until(lambda: not (live_children() - before), 5.0)
+
+
+def test_gpu_wait_raises_when_a_worker_fails_meanwhile():
+    """The GPU-only polling wait, with a step that never completes and a failure reported meanwhile."""
+
+    class NeverReady(PendingStep):
+        def is_ready(self) -> bool:
+            return False
+
+    class Pool:
+        failure = None
+
+    pool = Pool()
+    step = _WatchedStep(NeverReady(None, []), pool)
+    threading.Timer(0.2, lambda: setattr(pool, "failure", "rank 1 raised: boom")).start()
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match="boom"):
+        step.result()
+    assert time.monotonic() - start < 5
 
 
 def test_tp_must_divide_heads(qwen3_dir):

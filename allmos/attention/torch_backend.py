@@ -32,7 +32,11 @@ def _decode(query, k_cache, v_cache, metadata: AttentionMetadata, scale: float) 
     v = v_cache.index_select(0, pages).view(num_seqs, num_pages * block_size, num_kv_heads, head_dim)
     k = k[:, :max_len].transpose(1, 2).to(query.dtype)  # [num_seqs, num_kv_heads, max_len, head_dim]
     v = v[:, :max_len].transpose(1, 2).to(query.dtype)
-    valid = torch.arange(max_len, device=query.device)[None, :] < metadata.seq_lens[:, None]
+    valid = torch.arange(max_len, device=query.device)[None, :] < metadata.seq_lens[:, None]  # [num_seqs, max_len]
+    # slots past a sequence's length may hold anything (never written: any bit pattern); a masked score still
+    # meets its V row in the weighted sum (0 * NaN = NaN), so zero both first
+    keep = valid[:, None, :, None]
+    k, v = torch.where(keep, k, 0), torch.where(keep, v, 0)
     q = query.unsqueeze(2)  # [num_seqs, num_heads, 1, head_dim]
     group = num_heads // num_kv_heads
     if group > 1:

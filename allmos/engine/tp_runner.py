@@ -372,17 +372,18 @@ class MultiprocessRunner(ModelRunner):
                                "create a new LLM")
 
     def _fail(self, exc: BaseException) -> None:
-        """Stop every rank and raise: ``WorkerError`` with the worker's traceback when a worker failed
-        (this or a collective's error was its symptom), else ``exc`` itself."""
-        grace = FAILURE_GRACE_S if isinstance(exc, RuntimeError) else 0.2
-        failure = self._dist.pool.wait_failure(0.0 if isinstance(exc, KeyboardInterrupt) else grace)
+        """Stop every rank and raise. A ``RuntimeError`` may be the symptom of a worker's failure (a
+        collective whose peer died): then ``WorkerError`` with the worker's traceback is raised from it.
+        Anything else (the driver's own ``ValueError``, ``KeyboardInterrupt``...) is raised as it is."""
+        is_symptom = isinstance(exc, RuntimeError) and not isinstance(exc, WorkerError)
+        failure = self._dist.pool.wait_failure(FAILURE_GRACE_S if is_symptom else 0.0)
         if self._closed_reason is None:
             self._closed_reason = "a worker failed" if failure else f"interrupted by {type(exc).__name__}"
         self._dist.broken = True
         if self._dist.groups is not None:
             self._dist.groups.abort_model()
         self._close()
-        if failure is not None and not (isinstance(exc, WorkerError) and str(exc) == failure):
+        if is_symptom and failure is not None:
             raise WorkerError(failure) from exc
         raise exc
 
