@@ -368,3 +368,40 @@ def test_gpu_tp2_matches_tp1_bf16(tiny_model_factory):
         assert _agree_under_tie_rule(g.outputs[0], w.outputs[0]), (g.outputs[0].token_ids, w.outputs[0].token_ids)
     tp.engine.shutdown()
     assert not mp.active_children()
+
+
+GPU_FAILURE_SCRIPT = """
+import os, sys, time
+from allmos import LLM, SamplingParams
+from allmos.engine.tp_runner import WorkerError
+
+if __name__ == "__main__":
+    llm = LLM(sys.argv[1], tensor_parallel_size=2, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3,
+              max_model_len=1024)
+    print("WORKERS", *[p.pid for p in llm.engine.runner.workers], flush=True)
+    start = time.monotonic()
+    try:
+        llm.generate([[5, 6, 7]] * 4, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), use_tqdm=False)
+    except WorkerError as exc:
+        print("RAISED", "injected failure" in str(exc), round(time.monotonic() - start, 2), flush=True)
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_worker_failure_inside_cuda_graph_decode_does_not_hang(tiny_model_factory, tmp_path):
+    """Rank 1 raises at its third step (a graph-captured decode): the driver's NCCL collective must be
+    aborted, the engine must raise WorkerError, and the whole driver must exit (run in a subprocess so a
+    hang fails the test instead of blocking it)."""
+    folder = tiny_model_factory("qwen3", num_kv_heads=4, vocab_size=2048, hidden_size=512,
+                                intermediate_size=1024, num_attention_heads=8, num_hidden_layers=4, head_dim=128)
+    script = tmp_path / "gpu_failure.py"
+    script.write_text(textwrap.dedent(GPU_FAILURE_SCRIPT))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "ALLMOS_TP_FAIL_AT": "1:3"}
+    env.pop("ALLMOS_TP_VERIFY", None)
+    proc = subprocess.run([sys.executable, str(script), str(folder)], capture_output=True, text=True, env=env,
+                          timeout=240)
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("RAISED True") for line in lines), (proc.stdout, proc.stderr[-3000:])
+    workers = [int(pid) for line in lines if line.startswith("WORKERS") for pid in line.split()[1:]]
+    assert wait_until(lambda: all(_state(pid) == "Z" for pid in workers), 10.0)
