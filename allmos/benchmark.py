@@ -38,11 +38,12 @@ def ceiling_tokens_per_s(config: dict, workload: Workload, bandwidth_tb_s: float
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or hidden // heads
     vocab = config["vocab_size"]
-    layer_params = layers * (hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + 3 * hidden * inter)
+    attn_params = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
+    layer_params = layers * (attn_params + 3 * hidden * inter)
     weights = weight_bytes_per_param * (layer_params + vocab * hidden)
     kv_per_token = layers * 2 * kv_heads * head_dim * kv_bytes
     lens, outs = [len(p) for p in workload.prompts], workload.max_tokens
-    kv_reads = sum(L * (O - 1) + O * (O - 1) // 2 for L, O in zip(lens, outs))  # sum_{j=1}^{O-1} (L + j)
+    kv_reads = sum(n * (m - 1) + m * (m - 1) // 2 for n, m in zip(lens, outs))  # sum_{j=1}^{m-1} (n + j)
     decode_s = ((max(outs) - 1) * weights + kv_reads * kv_per_token) / (bandwidth_tb_s * 1e12)
     attn_flops = sum(2 * layers * heads * head_dim * L * L for L in lens)
     prefill_s = (2 * layer_params * sum(lens) + attn_flops + 2 * vocab * hidden * len(lens)) / (tflops * 1e12)

@@ -106,7 +106,7 @@ class ModelRunner(abc.ABC):
         An input token equal to ``PENDING_TOKEN`` is the token this runner sampled for that request in the
         previous ``execute`` call; it is filled in on the device, without waiting for the host copy."""
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release devices and workers."""
 
 

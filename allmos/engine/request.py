@@ -41,8 +41,8 @@ class Request:
         self.num_cached_tokens = -1  # prefix-cache hits at first admission; -1 until admitted
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of token_ids
-        self.num_published_blocks = 0
-        self.sampling_row = None  # cached SamplingRow when it does not change between steps  # leading blocks of block_table already offered to the prefix cache
+        self.num_published_blocks = 0  # leading blocks of block_table already offered to the prefix cache
+        self.sampling_row = None  # cached SamplingRow, reused while it does not change between steps
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
         self.first_token_time: float | None = None
         self.finish_reason: str | None = None
