@@ -24,6 +24,21 @@ ops = st.lists(
 )
 
 
+def step(sched, rng, budget, max_num_seqs):
+    """One scheduler step with a fake model: every sampled sequence gets a random token."""
+    batch = sched.schedule()
+    sched.check_integrity()
+    if sched.has_unfinished():
+        assert not batch.is_empty, "a schedule with work pending must make progress"
+    assert batch.num_tokens <= budget and len(batch.seqs) <= max_num_seqs
+    sched.on_step_done(batch)
+    for seq in batch.sampled_seqs:
+        req = sched.requests[seq.request_id]
+        req.append_token(rng.randrange(100))
+        if req.num_output_tokens >= req.params.max_tokens:
+            sched.finish(req, "length")
+
+
 def simulate(operations, num_blocks, block_size, budget, max_num_seqs, prefix_caching):
     bm = BlockManager(num_blocks, block_size, prefix_caching)
     sched = ContinuousBatchingScheduler(SchedulerConfig(max_num_seqs, budget, 4096), bm)
@@ -41,17 +56,7 @@ def simulate(operations, num_blocks, block_size, budget, max_num_seqs, prefix_ca
             except ValueError:
                 assert bm.num_blocks_for(min(a + b, 4096)) > num_blocks  # rejected only if it can never fit
         elif op == "step":
-            batch = sched.schedule()
-            sched.check_integrity()
-            if sched.has_unfinished():
-                assert not batch.is_empty, "a schedule with work pending must make progress"
-            assert batch.num_tokens <= budget and len(batch.seqs) <= max_num_seqs
-            sched.on_step_done(batch)
-            for seq in batch.sampled_seqs:
-                req = sched.requests[seq.request_id]
-                req.append_token(rng.randrange(100))
-                if req.num_output_tokens >= req.params.max_tokens:
-                    sched.finish(req, "length")
+            step(sched, rng, budget, max_num_seqs)
         else:
             live = sorted(sched.requests)
             if live:
@@ -61,14 +66,7 @@ def simulate(operations, num_blocks, block_size, budget, max_num_seqs, prefix_ca
     for _ in range(10_000):
         if not sched.has_unfinished():
             break
-        batch = sched.schedule()
-        assert not batch.is_empty
-        sched.on_step_done(batch)
-        for seq in batch.sampled_seqs:
-            req = sched.requests[seq.request_id]
-            req.append_token(rng.randrange(100))
-            if req.num_output_tokens >= req.params.max_tokens:
-                sched.finish(req, "length")
+        step(sched, rng, budget, max_num_seqs)
         sched.check_integrity()
     assert not sched.has_unfinished()
     assert bm.num_free_blocks == num_blocks
