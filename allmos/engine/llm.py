@@ -25,6 +25,18 @@ class LLM:
         self.config = EngineConfig.from_kwargs(model, **kwargs)
         self.engine = LLMEngine(self.config)
 
+    def shutdown(self) -> None:
+        """Stop worker processes (tensor parallelism) and release the engine; idempotent."""
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:  # interpreter shutdown: the finalizer of the runner still cleans up
+            pass
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer
