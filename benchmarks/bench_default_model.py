@@ -13,8 +13,10 @@ CHILD = """
 import time, sys
 t = time.perf_counter()
 from allmos import LLM, SamplingParams
+t_import = time.perf_counter() - t
+t = time.perf_counter()
 llm = LLM(max_model_len=1024)
-print(f"load {time.perf_counter() - t:.2f}", flush=True)
+print(f"load {time.perf_counter() - t:.2f} {t_import:.2f}", flush=True)
 if sys.argv[1] == "decode":
     conv = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
     for batch in (1, 16):
@@ -37,7 +39,8 @@ def main() -> None:
             out = subprocess.run([sys.executable, "-c", CHILD, mode], env=env, capture_output=True, text=True)
             wall = time.perf_counter() - start
             lines = [line for line in out.stdout.splitlines() if line.strip()]
-            print(f"{label}: LLM() {lines[0].split()[1]} s (process wall {wall:.1f} s)")
+            _, load, imported = lines[0].split()
+            print(f"{label}: LLM() {load} s after `import allmos` {imported} s (process wall {wall:.1f} s)")
             for line in lines[1:]:
                 print("  " + line)
 

@@ -13,6 +13,8 @@ Layout invariants (all backends, all kernels):
   used for padded rows of captured CUDA graphs).
 - New K/V are written into the cache *before* attention runs, so attention reads every key,
   including this step's, from the cache.
+- Slots past a sequence's length hold finite values (the runner zero-fills the cache at allocation;
+  later they hold stale K/V): a backend may read them as long as it masks them out.
 """
 
 from __future__ import annotations

@@ -33,13 +33,10 @@ def _decode(query, k_cache, v_cache, metadata: AttentionMetadata, scale: float) 
     k = k[:, :max_len].transpose(1, 2).to(query.dtype)  # [num_seqs, num_kv_heads, max_len, head_dim]
     v = v[:, :max_len].transpose(1, 2).to(query.dtype)
     valid = torch.arange(max_len, device=query.device)[None, :] < metadata.seq_lens[:, None]  # [num_seqs, max_len]
-    # slots past a sequence's length may hold anything (never written: any bit pattern); a masked score still
-    # meets its V row in the weighted sum (0 * NaN = NaN), so zero both first
-    keep = valid[:, None, :, None]
-    k, v = torch.where(keep, k, 0), torch.where(keep, v, 0)
     q = query.unsqueeze(2)  # [num_seqs, num_heads, 1, head_dim]
-    group = num_heads // num_kv_heads
-    if group > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+    # GQA inside SDPA (no repeated K/V copies). Slots past a sequence's length are masked; the runner
+    # zero-fills the cache at allocation so they never hold NaN bit patterns (a masked score still meets
+    # its V row in the weighted sum, and 0 * NaN = NaN).
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scale,
+                                         enable_gqa=num_heads != num_kv_heads)
     return out.squeeze(2)  # [num_seqs, num_heads, head_dim]

@@ -32,7 +32,7 @@ from allmos.utils.transfer import to_device
 
 logger = logging.getLogger("allmos")
 
-CPU_KV_CACHE_BYTES = 2 << 30  # KV budget on the CPU when num_kvcache_blocks is not given
+CPU_KV_CACHE_BYTES = 1 << 30  # KV budget on the CPU when num_kvcache_blocks is not given
 
 
 @dataclass
@@ -215,8 +215,9 @@ class LocalModelRunner(ModelRunner):
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         s = self.shape
-        # never-written slots hold arbitrary bits: every attention path masks what lies past seq_len
-        cache = torch.empty(2, s.num_layers, num_blocks, self.block_size, s.num_kv_heads, s.head_dim,
+        # zeros: the torch decode path reads (masked) slots past each sequence's length, which must not
+        # hold NaN bit patterns; the Triton kernels never read them
+        cache = torch.zeros(2, s.num_layers, num_blocks, self.block_size, s.num_kv_heads, s.head_dim,
                             dtype=self.dtype, device=self.device)
         return [(cache[0, i], cache[1, i]) for i in range(s.num_layers)]
 
