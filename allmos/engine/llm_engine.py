@@ -122,9 +122,8 @@ class LLMEngine:
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with the model's generation_config.json defaults applied (as vLLM does)."""
         gen = self.source.generation_config
-        keys = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                "repetition_penalty": "repetition_penalty"}
-        kwargs = {ours: gen[theirs] for theirs, ours in keys.items() if gen.get(theirs) is not None}
+        keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # same names in both
+        kwargs = {key: gen[key] for key in keys if gen.get(key) is not None}
         if gen.get("do_sample") is False:
             kwargs["temperature"] = 0.0
         if gen.get("max_new_tokens"):
