@@ -195,6 +195,10 @@ def worker_main(spec: WorkerSpec, error_conn: Any) -> None:
     formatted traceback through ``error_conn``, and at once when the driver process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it stops us
     _exit_when_orphaned(os.getppid())
+    if os.environ.get("ALLMOS_TP_STACKS_AFTER_S"):  # debugging aid: dump every thread's stack if stuck
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["ALLMOS_TP_STACKS_AFTER_S"]), repeat=False)
     code = 0
     try:
         _run_worker(spec)
