@@ -7,6 +7,7 @@ sees a tensor; the runner never makes a scheduling decision.
 from __future__ import annotations
 
 import abc
+import gc
 import itertools
 import logging
 from dataclasses import dataclass
@@ -147,6 +148,13 @@ class LocalModelRunner(ModelRunner):
         max_blocks = -(-self.max_model_len // self.block_size)
         return DecodeGraphs(self.model, self.backend, self.kv_caches, self.config.max_num_seqs, max_blocks,
                             self.device, capture=self.config.use_cuda_graphs)
+
+    def release_graphs(self, synchronize: bool = True) -> None:
+        """Drop the captured decode graphs (before tearing down a communicator they captured)."""
+        if self.graphs is not None and synchronize and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.graphs = None
+        gc.collect()
 
     # ------------------------------------------------------------------ KV cache
     def block_bytes(self) -> int:

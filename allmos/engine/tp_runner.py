@@ -256,6 +256,7 @@ class _Distributed:
         self.groups: RankGroups | None = None
         self.channel: StepChannel | None = None
         self.broken = False  # a step was cut short: workers may sit in a collective, so no SHUTDOWN message
+        self.local: LocalModelRunner | None = None  # the driver's shard, released before the groups
 
     def attach(self, groups: RankGroups) -> None:
         self.groups, self.channel = groups, StepChannel(groups.control)
@@ -264,6 +265,11 @@ class _Distributed:
         graceful = not self.broken and self.pool.failure is None and self.channel is not None
         channel = self.channel
         self.pool.stop((lambda: channel.send(Message(MessageKind.SHUTDOWN))) if graceful else None)
+        if self.local is not None:
+            # CUDA graphs captured NCCL kernels of this communicator: aborting it while they exist hangs
+            # (seen on 2x H100), so the graphs go first
+            self.local.release_graphs(synchronize=graceful)
+            self.local = None
         if self.groups is not None:
             self.groups.close()
 
@@ -328,6 +334,7 @@ class MultiprocessRunner(ModelRunner):
             self._dist.attach(groups)
             pool.start_watchdog(groups.abort_model)
             self.local = LocalModelRunner(config, source.hf_config, source.folder, self.device, dtype, groups.tp)
+            self._dist.local = self.local
         except BaseException as exc:
             self._fail(exc)
         self.num_kv_blocks = self.local.num_kv_blocks  # already the minimum over ranks
