@@ -20,7 +20,7 @@ from allmos.engine.model_runner import LocalModelRunner, ModelRunner
 from allmos.engine.request import PENDING_TOKEN, Request, RequestStatus
 from allmos.engine.scheduler import ContinuousBatchingScheduler, SchedulerConfig
 from allmos.memory.block_manager import BlockManager
-from allmos.models.decoder import context_limit
+from allmos.models.decoder import effective_max_model_len
 from allmos.models.resolve import ModelSource, load_model_source
 from allmos.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from allmos.sampling_params import SamplingParams
@@ -73,7 +73,7 @@ class LLMEngine:
         dtype = config.resolved_dtype(self.source.checkpoint_dtype, device)
         self.runner = runner or self._make_runner(device, dtype)
         self.info = RuntimeInfo(
-            max_model_len=_max_model_len(config, hf_config),
+            max_model_len=effective_max_model_len(config.max_model_len, hf_config),
             vocab_size=hf_config.vocab_size,
             eos_token_ids=frozenset(self._eos_ids()),
             num_kv_blocks=self.runner.num_kv_blocks,
@@ -375,7 +375,3 @@ def _as_list(value) -> list[int]:
         return []
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
-
-def _max_model_len(config: EngineConfig, hf_config) -> int:
-    limit = context_limit(hf_config)
-    return min(config.max_model_len, limit) if limit else config.max_model_len

@@ -27,7 +27,7 @@ from allmos.engine.cuda_graphs import DecodeGraphs
 from allmos.engine.request import PENDING_TOKEN
 from allmos.engine.sampler import Sampler, SamplerOutput, SamplingTensors
 from allmos.layers.tp import SINGLE, TPGroup
-from allmos.models.decoder import context_limit
+from allmos.models.decoder import effective_max_model_len
 from allmos.models.loader import build_model, init_dummy_weights, load_weights, safetensors_files
 from allmos.utils.transfer import to_device
 
@@ -134,7 +134,7 @@ class LocalModelRunner(ModelRunner):
         attn = self.model.model.layers[0].self_attn
         self.shape = ModelShape(len(self.model.model.layers), attn.num_kv_heads, attn.head_dim, hf_config.vocab_size)
         self.block_size = config.kvcache_block_size
-        self.max_model_len = min(config.max_model_len, context_limit(hf_config) or config.max_model_len)
+        self.max_model_len = effective_max_model_len(config.max_model_len, hf_config)
         self.backend = make_backend(config.resolved_backend(device), self.model, config, device)
         self.sampler = Sampler()
         self.num_kv_blocks = self._min_over_ranks(self._decide_num_blocks())

@@ -67,9 +67,6 @@ class BlockManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks
-
     # ----------------------------------------------------------------- prefix cache
     def update_block_hashes(self, seq: Sequence) -> None:
         """Extend ``seq.block_hashes`` to cover every full block of its known tokens (a block holding a
@@ -101,9 +98,6 @@ class BlockManager:
         return hits
 
     # ----------------------------------------------------------------- allocation
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
-        return self._num_new_blocks(seq, num_new_tokens, cached_blocks) <= self._num_available(cached_blocks)
-
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
         """Grow ``seq.block_table`` so it covers ``num_computed_tokens + len(cached) * block_size +
         num_new_tokens`` tokens, first taking ``cached_blocks`` (a prefix hit; only when the table is
@@ -153,11 +147,6 @@ class BlockManager:
             block.token_ids = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
             self._hash_to_block[block_hash] = block.block_id
         seq.num_published_blocks = num_full_computed
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached hash (only safe when no sequence holds a block)."""
-        for block in self.blocks:
-            self._forget(block)
 
     # ----------------------------------------------------------------- internals
     def _num_new_blocks(self, seq: Sequence, num_new_tokens: int, cached_blocks) -> int:

@@ -54,6 +54,12 @@ def context_limit(cfg) -> int | None:
     return limit
 
 
+def effective_max_model_len(requested: int, cfg) -> int:
+    """The engine's max_model_len: the user's value capped by the model's own ``context_limit``."""
+    limit = context_limit(cfg)
+    return min(requested, limit) if limit else requested
+
+
 def head_dim_of(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
