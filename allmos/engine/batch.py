@@ -45,10 +45,5 @@ class ScheduledBatch:
         return not self.seqs
 
     @property
-    def is_decode(self) -> bool:
-        """Every sequence computes exactly one token (the case CUDA graphs capture)."""
-        return bool(self.seqs) and all(s.num_new_tokens == 1 for s in self.seqs)
-
-    @property
     def sampled_seqs(self) -> list[ScheduledSeq]:
         return [s for s in self.seqs if s.sampling is not None]

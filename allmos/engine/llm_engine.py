@@ -86,7 +86,7 @@ class LLMEngine:
             self.block_manager)
         self._groups: dict[str, _Group] = {}
         self._pending_outputs: list[RequestOutput] = []
-        self._in_flight = None  # (batch, PendingStep, reserved token slots) of the last launched step
+        self._in_flight = None  # (PendingStep, reserved token slots) of the last launched step
         self._penalized: set[str] = set()  # requests whose sampling needs their real output tokens
         self._deferred: dict[str, list[Request]] = {}  # n > 1 siblings waiting for the shared prompt
         self._rng = random.Random(config.seed)
@@ -232,7 +232,7 @@ class LLMEngine:
         if not batch.is_empty:
             pending = self.runner.execute(batch)
             self.scheduler.on_step_done(batch)
-            launched = (batch, pending, self._append_pending(batch))
+            launched = (pending, self._append_pending(batch))
         if self._in_flight is not None:
             outputs += self._read_back(self._in_flight)
         self._in_flight = launched
@@ -269,7 +269,7 @@ class LLMEngine:
             seq.num_tokens >= self.info.max_model_len
 
     def _read_back(self, in_flight) -> list[RequestOutput]:
-        batch, pending, slots = in_flight
+        pending, slots = in_flight
         result = pending.result()
         touched: dict[str, _Group] = {}
         now = time.time()
