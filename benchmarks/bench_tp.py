@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--max-input", type=int, default=None)
     ap.add_argument("--max-output", type=int, default=None)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--child-timeout", type=float, default=None, help="seconds allowed for each size's process")
     ap.add_argument("--single", type=int, default=None, help=argparse.SUPPRESS)  # child: run one size
     args = ap.parse_args()
     _fill_defaults(args)
@@ -46,13 +47,27 @@ def main() -> None:
         cmd = [sys.executable, __file__, *([args.model] if args.model else []), "--single", str(tp),
                "--num-seqs", str(args.num_seqs), "--max-input", str(args.max_input),
                "--max-output", str(args.max_output), *(["--device", args.device] if args.device else [])]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(f"tp={tp}: failed (exit code {proc.returncode})")
+        stdout, code = _run_child(cmd, args.child_timeout)
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        if not lines:
+            print(f"tp={tp}: failed (exit code {code})")
             continue
+        if code != 0:  # the measurement finished; only the teardown after it failed or hung
+            print(f"tp={tp}: measured, but the process then ended with {code}")
         rows.append(json.loads(lines[-1][len("RESULT "):]))
     _print_table(rows, args)
+
+
+def _run_child(cmd: list[str], timeout: float | None) -> tuple[str, int | str]:
+    """Run one size's process; returns its stdout (also what it printed before a timeout) and exit code."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+            return stdout, proc.returncode
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, _ = proc.communicate()
+            return stdout, "timeout"
 
 
 def _fill_defaults(args: argparse.Namespace) -> None:
