@@ -368,6 +368,15 @@ def test_gpu_tp2_matches_tp1_bf16(tiny_model_factory):
         assert _agree_under_tie_rule(g.outputs[0], w.outputs[0]), (g.outputs[0].token_ids, w.outputs[0].token_ids)
     tp.engine.shutdown()
     assert not mp.active_children()
+    del tp
+    _return_gpu_memory()
+
+
+def _return_gpu_memory() -> None:
+    """Hand this process's cached GPU memory back, so a later engine (maybe another process) can size
+    its KV cache from what is really free."""
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 GPU_FAILURE_SCRIPT = """
@@ -395,6 +404,7 @@ def test_gpu_worker_failure_inside_cuda_graph_decode_does_not_hang(tiny_model_fa
     hang fails the test instead of blocking it)."""
     folder = tiny_model_factory("qwen3", num_kv_heads=4, vocab_size=2048, hidden_size=512,
                                 intermediate_size=1024, num_attention_heads=8, num_hidden_layers=4, head_dim=128)
+    _return_gpu_memory()  # the subprocess sizes its KV cache from the card's free memory
     script = tmp_path / "gpu_failure.py"
     script.write_text(textwrap.dedent(GPU_FAILURE_SCRIPT))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "ALLMOS_TP_FAIL_AT": "1:3"}
