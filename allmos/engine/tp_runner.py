@@ -257,6 +257,8 @@ class _Distributed:
         self.channel: StepChannel | None = None
         self.broken = False  # a step was cut short: workers may sit in a collective, so no SHUTDOWN message
         self.local: LocalModelRunner | None = None  # the driver's shard, released before the groups
+        self._abort_lock = threading.Lock()
+        self._aborted = False
 
     def attach(self, groups: RankGroups) -> None:
         self.groups, self.channel = groups, StepChannel(groups.control)
@@ -265,13 +267,26 @@ class _Distributed:
         graceful = not self.broken and self.pool.failure is None and self.channel is not None
         channel = self.channel
         self.pool.stop((lambda: channel.send(Message(MessageKind.SHUTDOWN))) if graceful else None)
-        if self.local is not None:
-            # CUDA graphs captured NCCL kernels of this communicator: aborting it while they exist hangs
-            # (seen on 2x H100), so the graphs go first
-            self.local.release_graphs(synchronize=graceful)
-            self.local = None
+        if self.local is not None and graceful:
+            self.local.release_graphs(synchronize=True)
+        self.abort()
+        self.local = None
         if self.groups is not None:
             self.groups.close()
+
+    def abort(self) -> None:
+        """Make the driver's pending NCCL work fail instead of waiting for a dead peer; any thread, once.
+
+        NCCL's abort returns only after every CUDA graph that captured the communicator is destroyed (on
+        2x H100 it hung with the decode graphs alive), so the graphs go first, without a synchronize: their
+        kernels may be the ones waiting for the dead peer, and the abort is what stops them."""
+        with self._abort_lock:
+            if self._aborted or self.groups is None:
+                return
+            self._aborted = True
+            if self.local is not None:
+                self.local.release_graphs(synchronize=False)
+            self.groups.abort_model()
 
 
 class _WatchedStep(PendingStep):
@@ -332,7 +347,7 @@ class MultiprocessRunner(ModelRunner):
             pool.wait_joined(store, self.timeout_s)
             groups = init_rank_groups(store, 0, world, self.device, self.timeout_s)
             self._dist.attach(groups)
-            pool.start_watchdog(groups.abort_model)
+            pool.start_watchdog(self._dist.abort)
             self.local = LocalModelRunner(config, source.hf_config, source.folder, self.device, dtype, groups.tp)
             self._dist.local = self.local
         except BaseException as exc:
@@ -387,8 +402,7 @@ class MultiprocessRunner(ModelRunner):
         if self._closed_reason is None:
             self._closed_reason = "a worker failed" if failure else f"interrupted by {type(exc).__name__}"
         self._dist.broken = True
-        if self._dist.groups is not None:
-            self._dist.groups.abort_model()
+        self._dist.abort()
         self._close()
         if is_symptom and failure is not None:
             raise WorkerError(failure) from exc

@@ -100,6 +100,7 @@ class RankGroups:
     model: Any
     tp: TPGroup
     uses_nccl: bool
+    aborted: bool = False
 
     def close(self) -> None:
         """Release the groups. NCCL communicators are aborted, which is local to this rank (a graceful
@@ -110,8 +111,9 @@ class RankGroups:
 
     def abort_model(self) -> None:
         """Make pending NCCL work on this rank fail instead of waiting for a dead peer (any thread)."""
-        if not self.uses_nccl or self.model is None:
+        if not self.uses_nccl or self.model is None or self.aborted:
             return
+        self.aborted = True
         for name in ("abort", "_abort"):
             fn = getattr(self.model, name, None)
             if fn is not None:
