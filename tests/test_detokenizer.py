@@ -322,3 +322,24 @@ def test_update_after_stop_raises(byte_tok):
     assert detok.finish() == ""
     with pytest.raises(RuntimeError):
         detok.update([1])
+
+
+@settings(max_examples=100, deadline=None)
+@given(pieces=st.lists(st.sampled_from(list("abcdehlorw .,!")), min_size=2, max_size=30), data=st.data())
+def test_stops_before_min_tokens_never_match(byte_tok, pieces, data):
+    """vLLM's rule: a stop string counts only if it ends in text of a token after the min_tokens-th."""
+    ids = _encode(byte_tok, "".join(pieces))
+    text = byte_tok.decode(ids)
+    min_tokens = data.draw(st.integers(0, len(ids)))
+    start = data.draw(st.integers(0, len(text) - 1))
+    stop = text[start:start + data.draw(st.integers(1, 4))]
+    boundary = len(byte_tok.decode(ids[:min_tokens]))  # ASCII only: every token's text is complete
+    found = text.find(stop, max(boundary - len(stop) + 1, 0))
+    expected = text if found < 0 else text[:found]
+    detok = IncrementalDetokenizer(byte_tok, [], stop=[stop])
+    for n, i in enumerate(ids, 1):
+        if detok.update([i], check_stops=n > min_tokens).stop_string is not None:
+            break
+    detok.finish()
+    assert detok.output_text == expected
+    assert (detok.stop_string == stop) == (found >= 0)

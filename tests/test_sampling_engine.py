@@ -194,6 +194,26 @@ def test_stop_string_spanning_two_tokens(default_llm):
         assert out.finish_reason == "stop" and out.stop_reason == stop
 
 
+def test_min_tokens_defers_stop_strings(default_llm):
+    """A stop string that ends inside the first min_tokens tokens' text does not stop the request."""
+    base = dict(temperature=0, max_tokens=30, ignore_eos=True)
+    free = default_llm.generate("The quick brown fox", SamplingParams(**base), use_tqdm=False)[0].outputs[0]
+    tok = default_llm.tokenizer
+    assert tok.decode(free.token_ids) == free.text  # so token counts map to character offsets
+    stop = free.text.lstrip()[:2]
+    early = default_llm.generate("The quick brown fox", SamplingParams(**base, stop=[stop]),
+                                 use_tqdm=False)[0].outputs[0]
+    assert early.finish_reason == "stop" and early.text == free.text[:free.text.find(stop)]
+    min_tokens = 4
+    boundary = len(tok.decode(free.token_ids[:min_tokens]))
+    found = free.text.find(stop, max(boundary - len(stop) + 1, 0))
+    late = default_llm.generate("The quick brown fox", SamplingParams(**base, stop=[stop], min_tokens=min_tokens),
+                                use_tqdm=False)[0].outputs[0]
+    assert late.text == (free.text if found < 0 else free.text[:found])
+    assert late.finish_reason == ("length" if found < 0 else "stop")
+    assert len(late.token_ids) > min_tokens
+
+
 def test_chat_template_and_errors(tok_llm, llm):
     out = tok_llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3), use_tqdm=False)
     assert len(out) == 1 and out[0].prompt.startswith("<|im_start|>")

@@ -92,25 +92,32 @@ class _StopStringMatcher:
         self._include_stop = include_stop_str_in_output
         self._num_held = max((len(s) for s in self._stops), default=1) - 1
         self._pending = ""
+        self._unsearched = 0  # pending[:_unsearched] came in while stops were off: no match may end there
 
-    def feed(self, text: str, *, final: bool) -> tuple[str, str | None]:
-        """Add `text`; return (text released now, matched stop or None). After a match, stop feeding."""
+    def feed(self, text: str, *, final: bool, search: bool = True) -> tuple[str, str | None]:
+        """Add `text`; return (text released now, matched stop or None). After a match, stop feeding.
+
+        With ``search=False`` (``min_tokens`` not reached yet) no stop can match; text fed then can still
+        start a stop string that ends in text fed later, as in vLLM."""
         self._pending += text
-        match = self._earliest_match()
+        match = self._earliest_match() if search else None
         if match is not None:
             start, stop = match
             end = start + len(stop) if self._include_stop else start
             released, self._pending = self._pending[:end], ""
             return released, stop
+        self._unsearched = 0 if search else len(self._pending)
         cut = len(self._pending) if final else max(len(self._pending) - self._num_held, 0)
         released, self._pending = self._pending[:cut], self._pending[cut:]
+        self._unsearched = max(self._unsearched - cut, 0)
         return released, None
 
     def _earliest_match(self) -> tuple[int, str] | None:
-        """The match that starts first in the pending text; on a tie, the shorter stop (it ends first)."""
+        """The match that starts first in the pending text and ends in searchable text; on a tie, the
+        shorter stop (it ends first)."""
         best: tuple[int, int, str] | None = None
         for stop in self._stops:
-            start = self._pending.find(stop)
+            start = self._pending.find(stop, max(self._unsearched - len(stop) + 1, 0))
             if start >= 0 and (best is None or (start, len(stop)) < best[:2]):
                 best = (start, len(stop), stop)
         return None if best is None else (best[0], best[2])
@@ -143,13 +150,16 @@ class IncrementalDetokenizer:
         self._finished = False
         self._stop_string: str | None = None
 
-    def update(self, new_token_ids: list[int]) -> DetokenizerUpdate:
-        """Add this step's output ids; return the text now final and the stop string matched, if any."""
+    def update(self, new_token_ids: list[int], *, check_stops: bool = True) -> DetokenizerUpdate:
+        """Add this step's output ids; return the text now final and the stop string matched, if any.
+
+        ``check_stops=False`` while the request is below ``min_tokens``: a stop string must end in text
+        of a later update to count."""
         if self._finished:
             raise RuntimeError("IncrementalDetokenizer.update() called after the output finished")
         if not new_token_ids:
             return DetokenizerUpdate("")
-        return self._release(self._decoder.step(new_token_ids, final=False), final=False)
+        return self._release(self._decoder.step(new_token_ids, final=False), final=False, search=check_stops)
 
     def finish(self) -> str:
         """Flush the held-back text (stop lookahead, incomplete character); return the last delta.
@@ -160,8 +170,8 @@ class IncrementalDetokenizer:
             return ""
         return self._release(self._decoder.step([], final=True), final=True).delta
 
-    def _release(self, text: str, *, final: bool) -> DetokenizerUpdate:
-        delta, stop = self._matcher.feed(text, final=final)
+    def _release(self, text: str, *, final: bool, search: bool = True) -> DetokenizerUpdate:
+        delta, stop = self._matcher.feed(text, final=final, search=search)
         self._parts.append(delta)
         if stop is not None or final:
             self._finished = True

@@ -303,12 +303,14 @@ class LLMEngine:
 
     def _check_stop(self, group: _Group, seq: Request, token: int) -> None:
         """Decide whether ``token`` (just read back) ends ``seq``; vLLM's order: EOS / stop ids, stop
-        strings, then length."""
+        strings, then length. Below ``min_tokens`` only the length can end it (stop ids and EOS are also
+        banned in the sampler; a stop string must end after the ``min_tokens``-th token)."""
         params = group.params
         detok = group.detokenizers[seq.index]
-        stop_string = detok.update([token]).stop_string if detok is not None else None
-        reason, stop_reason = None, None
         produced = self._num_known_outputs(seq)
+        update = detok.update([token], check_stops=produced > params.min_tokens) if detok is not None else None
+        stop_string = update.stop_string if update is not None else None
+        reason, stop_reason = None, None
         if produced >= params.min_tokens:
             if token in params.stop_token_ids:
                 reason, stop_reason = "stop", token
