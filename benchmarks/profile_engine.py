@@ -40,11 +40,44 @@ def timed(obj, name: str, label: str, sync: bool = False) -> None:
     setattr(obj, name, wrapper)
 
 
+class GpuIdle:
+    """CUDA events around each ``runner.execute``: the GPU time between one step's last enqueued work and
+    the next step's first is time the device sat idle waiting for the host."""
+
+    def __init__(self, runner) -> None:
+        self.marks: list[tuple[torch.cuda.Event, torch.cuda.Event, bool]] = []
+        fn = runner.execute
+
+        @functools.wraps(fn)
+        def wrapper(batch):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            out = fn(batch)
+            end.record()
+            is_decode = all(s.num_new_tokens == 1 for s in batch.seqs)
+            self.marks.append((begin, end, is_decode))
+            return out
+
+        runner.execute = wrapper
+
+    def report(self) -> None:
+        torch.cuda.synchronize()
+        busy = [b.elapsed_time(e) for b, e, _ in self.marks]
+        gaps = [e.elapsed_time(b2) for (_, e, _), (b2, _, _) in zip(self.marks, self.marks[1:], strict=False)]
+        decode = [t for t, (_, _, d) in zip(busy, self.marks, strict=True) if d]
+        span = self.marks[0][0].elapsed_time(self.marks[-1][1])
+        print(f"GPU span {span / 1000:.3f} s over {len(busy)} steps: within steps {sum(busy) / 1000:.3f} s, "
+              f"idle between steps {sum(gaps) / 1000:.3f} s ({100 * sum(gaps) / span:.1f}%); "
+              f"decode steps {len(decode)}, mean {sum(decode) / max(len(decode), 1):.3f} ms within a step")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--sync", action="store_true", help="synchronize around each phase (GPU time per phase)")
     ap.add_argument("--extra", nargs="*", default=[], help="engine kwargs as key=value")
+    ap.add_argument("--skip-kernels", action="store_true", help="no torch.profiler pass at the end")
+    ap.add_argument("--gpu-idle", action="store_true", help="CUDA events: how long the GPU waits for the host")
     ap.add_argument("--cprofile", action="store_true", help="host profile of the whole run (cProfile)")
     a = ap.parse_args()
     kwargs = dict(kv.split("=") for kv in a.extra)
@@ -61,6 +94,7 @@ def main() -> None:
     if runner.graphs is not None:
         timed(runner.graphs, "run", "graph_replay", a.sync)
     timed(runner, "execute", "execute(total)")
+    idle = GpuIdle(runner) if a.gpu_idle else None
     w = standard_workload(num_seqs=a.num_seqs)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in w.max_tokens]
     start = time.perf_counter()
@@ -77,11 +111,16 @@ def main() -> None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     steps = CALLS["schedule"]
     print(f"{torch.cuda.get_device_name()}: {sum(w.max_tokens) / total:.0f} tok/s, {total:.2f} s, {steps} steps")
+    if idle is not None:
+        idle.report()
+        runner.execute = runner.execute.__wrapped__
     print("| phase | total s | ms/step |")
     print("| --- | --- | --- |")
     for label, secs in TIMES.most_common():
         print(f"| {label} | {secs:.3f} | {1000 * secs / max(steps, 1):.3f} |")
 
+    if a.skip_kernels:
+        return
     # kernel-level profile of a few full-batch decode steps
     from torch.profiler import ProfilerActivity, profile
 
