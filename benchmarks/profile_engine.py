@@ -42,10 +42,18 @@ def timed(obj, name: str, label: str, sync: bool = False) -> None:
 
 class GpuIdle:
     """CUDA events around each ``runner.execute``: the GPU time between one step's last enqueued work and
-    the next step's first is time the device sat idle waiting for the host."""
+    the next step's first is time the device sat idle waiting for the host. Each step's GPU time is also
+    set against the bytes a decode step must move (weights once, each sequence's KV once) at the card's
+    copy bandwidth, bucketed by batch size: where the device time goes beyond the physical minimum."""
 
     def __init__(self, runner) -> None:
-        self.marks: list[tuple[torch.cuda.Event, torch.cuda.Event, bool]] = []
+        from allmos.benchmark import measure_copy_bandwidth
+
+        self.marks: list[tuple[torch.cuda.Event, torch.cuda.Event, bool, int, int]] = []
+        self.bandwidth = measure_copy_bandwidth() * 1e12  # bytes/s
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+        s = runner.shape
+        self.kv_per_token = 2 * s.num_layers * s.num_kv_heads * s.head_dim * runner.dtype.itemsize
         fn = runner.execute
 
         @functools.wraps(fn)
@@ -55,20 +63,30 @@ class GpuIdle:
             out = fn(batch)
             end.record()
             is_decode = all(s.num_new_tokens == 1 for s in batch.seqs)
-            self.marks.append((begin, end, is_decode))
+            self.marks.append((begin, end, is_decode, len(batch.seqs), sum(s.seq_len for s in batch.seqs)))
             return out
 
         runner.execute = wrapper
 
     def report(self) -> None:
         torch.cuda.synchronize()
-        busy = [b.elapsed_time(e) for b, e, _ in self.marks]
-        gaps = [e.elapsed_time(b2) for (_, e, _), (b2, _, _) in zip(self.marks, self.marks[1:], strict=False)]
-        decode = [t for t, (_, _, d) in zip(busy, self.marks, strict=True) if d]
+        busy = [m[0].elapsed_time(m[1]) for m in self.marks]
+        gaps = [a[1].elapsed_time(b[0]) for a, b in zip(self.marks, self.marks[1:], strict=False)]
         span = self.marks[0][0].elapsed_time(self.marks[-1][1])
         print(f"GPU span {span / 1000:.3f} s over {len(busy)} steps: within steps {sum(busy) / 1000:.3f} s, "
-              f"idle between steps {sum(gaps) / 1000:.3f} s ({100 * sum(gaps) / span:.1f}%); "
-              f"decode steps {len(decode)}, mean {sum(decode) / max(len(decode), 1):.3f} ms within a step")
+              f"idle between steps {sum(gaps) / 1000:.3f} s ({100 * sum(gaps) / span:.1f}%)")
+        print("| steps | batch | count | GPU s | minimum s (bytes at copy BW) | efficiency |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        buckets = [(1, 16), (17, 64), (65, 128), (129, 192), (193, 100000)]
+        for kind in (True, False):
+            for lo, hi in buckets:
+                rows = [(t, m) for t, m in zip(busy, self.marks, strict=True) if m[2] is kind and lo <= m[3] <= hi]
+                if not rows:
+                    continue
+                gpu = sum(t for t, _ in rows) / 1000
+                ideal = sum(self.weight_bytes + m[4] * self.kv_per_token for _, m in rows) / self.bandwidth
+                label = "decode" if kind else "with prefill"
+                print(f"| {label} | {lo}-{hi} | {len(rows)} | {gpu:.3f} | {ideal:.3f} | {100 * ideal / gpu:.0f}% |")
 
 
 def main() -> None:
