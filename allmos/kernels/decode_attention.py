@@ -28,6 +28,7 @@ import triton.language as tl
 MAX_NUM_SPLITS = 16
 MIN_TOKENS_PER_SPLIT = 64  # one default tile at head_dim 128
 PROGRAMS_PER_SM = 2
+SPLIT_TARGET_WAVES = 1.0  # see choose_num_splits
 SHARED_MEMORY_MARGIN = 16 * 1024  # query tile and compiler scratch
 
 
@@ -232,18 +233,22 @@ def default_decode_config(head_dim: int, dtype: torch.dtype, shared_memory: int)
     return DecodeConfig(block_n=block_n, num_warps=4, num_stages=num_stages)
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
-    """How many key splits to use: split only when the (seq, KV head) grid is below about one wave.
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132,
+                      waves: float | None = None) -> int:
+    """How many key splits to use: split only when the (seq, KV head) grid is below ``waves`` waves.
 
-    A split grid aims at ``PROGRAMS_PER_SM`` programs per SM (two fit at once), each split keeps at least
-    ``MIN_TOKENS_PER_SPLIT`` keys, and there are at most ``MAX_NUM_SPLITS``. On H100 (132 SMs, 8 KV
-    heads, CUDA-graph replays) this was within about 5% of the best split count from 1 to 16 for batches
-    1 to 64 and contexts 1k to 16k; unsplit grids of one to two waves (batch 32) were fastest unsplit.
+    A wave is ``PROGRAMS_PER_SM`` programs per SM (two fit at once); a split grid aims at ``waves`` of
+    them, each split keeps at least ``MIN_TOKENS_PER_SPLIT`` keys, and there are at most
+    ``MAX_NUM_SPLITS``. With one wave (``SPLIT_TARGET_WAVES``'s first value), on H100 (132 SMs, 8 KV
+    heads, CUDA-graph replays, all sequences of one length) this was within about 5% of the best split
+    count from 1 to 16 for batches 1 to 64 and contexts 1k to 16k.
     """
+    waves = SPLIT_TARGET_WAVES if waves is None else waves
     programs = num_seqs * num_kv_heads
-    if programs <= 0 or programs >= num_sms:
+    target = max(1, int(waves * PROGRAMS_PER_SM * num_sms))
+    if programs <= 0 or 2 * programs > target:
         return 1
-    by_wave = triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)
+    by_wave = triton.cdiv(target, programs)
     by_length = max(1, max_seq_len // MIN_TOKENS_PER_SPLIT)
     return max(1, min(by_wave, by_length, MAX_NUM_SPLITS))
 
