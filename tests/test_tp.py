@@ -28,6 +28,8 @@ from allmos.engine.batch import ScheduledBatch, ScheduledSeq
 from allmos.engine.model_runner import PendingStep
 from allmos.engine.sampler import SamplingRow
 from allmos.engine.serialization import (
+    BatchDecoder,
+    BatchEncoder,
     Message,
     MessageKind,
     decode_message,
@@ -125,6 +127,51 @@ def test_batch_roundtrip_is_exact():
     assert message.kind is MessageKind.STEP and message.batch == batch
     assert decode_message(encode_message(Message(MessageKind.SHUTDOWN))) == Message(MessageKind.SHUTDOWN)
     assert deserialize_batch(serialize_batch(ScheduledBatch([]))) == ScheduledBatch([])
+
+
+def test_stateful_channel_reproduces_every_batch():
+    """Random step sequences (requests leaving and returning, tables growing or replaced as after a
+    preemption, rows kept, rebuilt or dropped): the decoder returns each batch exactly, and a steady decode
+    step sends neither block tables nor rows again."""
+    rng = random.Random(0)
+    for _trial in range(30):
+        encoder, decoder = BatchEncoder(), BatchDecoder()
+        tables = {f"r{i}": [rng.randrange(1000)] for i in range(12)}
+        rows = {rid: _row(temperature=rng.random(), seed=rng.randrange(2**63)) for rid in tables}
+        for _step in range(25):
+            seqs = []
+            for rid in rng.sample(sorted(tables), rng.randrange(0, len(tables) + 1)):
+                event = rng.random()
+                if event < 0.3:
+                    tables[rid] = tables[rid] + [rng.randrange(1000)]
+                elif event < 0.35:
+                    tables[rid] = [rng.randrange(1000) for _ in range(rng.randrange(0, 4))]
+                elif event < 0.45:
+                    rows[rid] = _row(temperature=rng.random(), output_token_ids=[rng.randrange(9)])
+                sampling = None if rng.random() < 0.1 else rows[rid]
+                seqs.append(ScheduledSeq(rid, [rng.randrange(-1, 50) for _ in range(rng.randrange(1, 4))],
+                                         rng.randrange(100), list(tables[rid]), sampling))
+            batch = ScheduledBatch(seqs)
+            assert decode_message(encode_message(Message(MessageKind.STEP, batch), encoder), decoder).batch == batch
+    steady = ScheduledBatch([ScheduledSeq(f"r{i}", [-1], 700, list(range(8 * i, 8 * i + 6)),
+                                          _row(seed=i)) for i in range(64)])
+    encoder = BatchEncoder()
+    first, again = encoder.encode(steady), encoder.encode(steady)
+    assert len(again) < len(first) / 3
+    assert BatchDecoder().decode(first) == steady
+
+
+def _row(**fields) -> SamplingRow:
+    """A row as it comes back from JSON (sequence fields as lists)."""
+    return SamplingRow(**{"prompt_token_ids": [], "output_token_ids": [], "banned_token_ids": [], **fields})
+
+
+def test_decoder_rejects_state_it_does_not_hold():
+    batch = ScheduledBatch([ScheduledSeq("a", [-1], 5, [1, 2], SamplingRow())])
+    encoder = BatchEncoder()
+    encoder.encode(batch)
+    with pytest.raises(ValueError, match="block ids"):
+        BatchDecoder().decode(encoder.encode(batch))  # a decoder that missed the first message
 
 
 def test_bad_messages_raise_value_error():

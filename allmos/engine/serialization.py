@@ -1,16 +1,22 @@
 """The step message of tensor parallelism: ``ScheduledBatch`` <-> bytes, JSON, no pickle.
 
-Invariant: ``deserialize_batch(serialize_batch(b)) == b`` for every batch the scheduler builds (token
-ids, positions and block ids are ints, sampling fields are ints / floats / int sequences; floats survive
-JSON exactly because ``json`` writes the shortest repr that reads back to the same double). Sequences
-come back as lists. A message is one kind byte followed by its payload, so a worker can tell a step from
-a shutdown before it parses anything.
+Invariant: a ``BatchDecoder`` fed the messages of a ``BatchEncoder`` in order returns batches equal to
+the ones encoded (token ids, positions and block ids are ints, sampling fields are ints / floats / int
+sequences; floats survive JSON exactly because ``json`` writes the shortest repr that reads back to the
+same double). Sequences come back as lists. A message is one kind byte followed by its payload, so a
+worker can tell a step from a shutdown before it parses anything.
 
-Layout of a batch (positional lists, no per-field keys, so a 256-sequence decode step stays small)::
+Most of a decode step repeats the previous one, so the pair is stateful: both sides remember, for the
+requests of the previous message only, the block table and the sampling row last sent. A request missing
+from a message is forgotten by both and sent in full if it comes back. Layout of a batch (positional
+lists, no per-field keys)::
 
-    [FORMAT_VERSION, [[request_id, input_token_ids, start_pos, block_table, row_or_null], ...]]
+    [FORMAT_VERSION, [[request_id, input_token_ids, start_pos, [kept, *new_block_ids], row], ...]]
 
-where ``row`` lists the ``SamplingRow`` fields in declaration order (``ROW_FIELDS``).
+The block table is the first ``kept`` ids of the remembered table followed by the new ids; ``row`` is
+``null`` (nothing sampled), ``0`` (the same row object as last time) or the ``SamplingRow`` fields in
+declaration order (``ROW_FIELDS``). ``serialize_batch`` / ``deserialize_batch`` are the stateless case
+(everything sent in full).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 from allmos.engine.batch import ScheduledBatch, ScheduledSeq
 from allmos.engine.sampler import SamplingRow
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ROW_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SamplingRow))
 _LIST_FIELDS = ("prompt_token_ids", "output_token_ids", "banned_token_ids")
 _LIST_INDEX = tuple(ROW_FIELDS.index(name) for name in _LIST_FIELDS)
@@ -48,27 +54,89 @@ class Message:
 # --------------------------------------------------------------------------- batch
 
 
+class BatchEncoder:
+    """Driver side of the step channel: encodes each batch against what the workers hold (see module)."""
+
+    def __init__(self) -> None:
+        self._sent: dict[str, tuple[list[int], SamplingRow | None]] = {}
+
+    def encode(self, batch: ScheduledBatch) -> bytes:
+        sent: dict[str, tuple[list[int], SamplingRow | None]] = {}
+        seqs = []
+        for s in batch.seqs:
+            table, row = _as_list(s.block_table), s.sampling
+            old = self._sent.get(s.request_id)
+            kept = len(old[0]) if old is not None and table[:len(old[0])] == old[0] else 0
+            same_row = row is not None and old is not None and old[1] is row
+            seqs.append((s.request_id, _as_array(s.input_token_ids), s.start_pos, [kept, *table[kept:]],
+                         0 if same_row else _row_to_list(row)))
+            sent[s.request_id] = (list(table), row)
+        data = json.dumps([FORMAT_VERSION, seqs], separators=(",", ":"), allow_nan=True).encode()
+        self._sent = sent  # only once the message exists: a failed encode changes nothing
+        return data
+
+
+class BatchDecoder:
+    """Worker side of the step channel: the inverse of ``BatchEncoder`` over the same message sequence."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[list[int], SamplingRow | None]] = {}
+
+    def decode(self, data: bytes) -> ScheduledBatch:
+        """Raises ValueError on a malformed or foreign-version payload, or one that refers to state this
+        decoder does not hold."""
+        try:
+            version, seqs = json.loads(data)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"step message is not a serialized ScheduledBatch: {exc}") from exc
+        if version != FORMAT_VERSION:
+            raise ValueError(f"step message format version {version!r}, this process reads {FORMAT_VERSION} "
+                             "(driver and workers must run the same allmos)")
+        held: dict[str, tuple[list[int], SamplingRow | None]] = {}
+        out = []
+        try:
+            for rid, ids, start, table_op, row_op in seqs:
+                old = self._held.get(rid)
+                table, row = self._table(rid, old, table_op), self._row(rid, old, row_op)
+                held[rid] = (table, row)
+                out.append(ScheduledSeq(str(rid), ids, int(start), table, row))
+        except (ValueError, TypeError, IndexError) as exc:
+            raise ValueError(f"malformed ScheduledBatch in step message: {exc}") from exc
+        self._held = held
+        return ScheduledBatch(out)
+
+    @staticmethod
+    def _table(rid: str, old: tuple | None, table_op: list[int]) -> list[int]:
+        kept = table_op[0]
+        if not kept:
+            return table_op[1:]
+        if old is None or kept > len(old[0]):
+            raise ValueError(f"request {rid!r} keeps {kept} block ids this process does not hold")
+        if kept == len(old[0]) and len(table_op) == 1:
+            return old[0]  # unchanged: the very list decoded before (nobody mutates it)
+        return old[0][:kept] + table_op[1:]
+
+    @staticmethod
+    def _row(rid: str, old: tuple | None, row_op: Any) -> SamplingRow | None:
+        if type(row_op) is not int:
+            return _row_from_list(row_op)
+        if row_op != 0 or old is None or old[1] is None:
+            raise ValueError(f"request {rid!r} reuses a sampling row this process does not hold")
+        return old[1]
+
+
 def serialize_batch(batch: ScheduledBatch) -> bytes:
-    """UTF-8 JSON of ``batch`` (see the module docstring for the layout)."""
-    seqs = [(s.request_id, _as_array(s.input_token_ids), s.start_pos, _as_array(s.block_table),
-             _row_to_list(s.sampling)) for s in batch.seqs]
-    return json.dumps([FORMAT_VERSION, seqs], separators=(",", ":"), allow_nan=True).encode()
+    """Stateless encoding of ``batch``: everything in full."""
+    return BatchEncoder().encode(batch)
 
 
 def deserialize_batch(data: bytes) -> ScheduledBatch:
     """Inverse of ``serialize_batch``; raises ValueError on a malformed or foreign-version payload."""
-    try:
-        version, seqs = json.loads(data)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"step message is not a serialized ScheduledBatch: {exc}") from exc
-    if version != FORMAT_VERSION:
-        raise ValueError(f"step message format version {version!r}, this process reads {FORMAT_VERSION} "
-                         "(driver and workers must run the same allmos)")
-    try:
-        return ScheduledBatch([ScheduledSeq(str(rid), ids, int(start), table, _row_from_list(row))
-                               for rid, ids, start, table, row in seqs])
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"malformed ScheduledBatch in step message: {exc}") from exc
+    return BatchDecoder().decode(data)
+
+
+def _as_list(values: Any) -> list:
+    return values if type(values) is list else list(values)
 
 
 def _as_array(values: Any) -> list | tuple:
@@ -100,16 +168,16 @@ def _row_from_list(values: list[Any] | None) -> SamplingRow | None:
 # --------------------------------------------------------------------------- messages
 
 
-def encode_message(message: Message) -> bytes:
-    """Kind byte, then the batch payload for STEP."""
+def encode_message(message: Message, encoder: BatchEncoder | None = None) -> bytes:
+    """Kind byte, then the batch payload for STEP (against ``encoder``'s state, else in full)."""
     if message.kind is MessageKind.STEP:
         if message.batch is None:
             raise ValueError("a STEP message needs a batch")
-        return bytes([MessageKind.STEP]) + serialize_batch(message.batch)
+        return bytes([MessageKind.STEP]) + (encoder or BatchEncoder()).encode(message.batch)
     return bytes([message.kind])
 
 
-def decode_message(data: bytes) -> Message:
+def decode_message(data: bytes, decoder: BatchDecoder | None = None) -> Message:
     if not data:
         raise ValueError("empty message")
     try:
@@ -117,5 +185,5 @@ def decode_message(data: bytes) -> Message:
     except ValueError as exc:
         raise ValueError(f"unknown message kind {data[0]}") from exc
     if kind is MessageKind.STEP:
-        return Message(kind, deserialize_batch(data[1:]))
+        return Message(kind, (decoder or BatchDecoder()).decode(data[1:]))
     return Message(kind)

@@ -29,7 +29,7 @@ import torch
 from allmos.config import EngineConfig
 from allmos.engine.batch import ScheduledBatch
 from allmos.engine.model_runner import LocalModelRunner, ModelRunner, PendingStep, StepResult
-from allmos.engine.serialization import Message, MessageKind, encode_message
+from allmos.engine.serialization import Message, MessageKind
 from allmos.engine.worker import (
     DEFAULT_TIMEOUT_S,
     JOINED_KEY,
@@ -371,7 +371,7 @@ class MultiprocessRunner(ModelRunner):
         self._check_usable()
         if batch.is_empty:
             return PendingStep(None, [])
-        data = encode_message(Message(MessageKind.STEP, batch))  # fails before anything is sent
+        data = self._dist.channel.encode(Message(MessageKind.STEP, batch))  # fails before anything is sent
         try:
             self._dist.channel.send_bytes(data)
             pending = self.local.execute(batch)

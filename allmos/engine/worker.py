@@ -29,7 +29,14 @@ import torch
 import torch.distributed as dist
 
 from allmos.config import EngineConfig
-from allmos.engine.serialization import Message, MessageKind, decode_message, encode_message
+from allmos.engine.serialization import (
+    BatchDecoder,
+    BatchEncoder,
+    Message,
+    MessageKind,
+    decode_message,
+    encode_message,
+)
 from allmos.layers.tp import TPGroup
 
 DEFAULT_TIMEOUT_S = 1800.0  # rendezvous and collectives (the first one waits for the slowest rank to load)
@@ -144,13 +151,20 @@ def init_rank_groups(store: Any, rank: int, world_size: int, device: torch.devic
 
 class StepChannel:
     """Typed messages from rank 0 to every rank over the control group: an int64 length, then the
-    message bytes as a uint8 tensor (two gloo broadcasts)."""
+    message bytes as a uint8 tensor (two gloo broadcasts). Steps are encoded against what the receivers
+    hold (``BatchEncoder`` / ``BatchDecoder``), so every encoded step must be sent, in order."""
 
     def __init__(self, group: Any) -> None:
         self.group = group
+        self._encoder = BatchEncoder()
+        self._decoder = BatchDecoder()
+
+    def encode(self, message: Message) -> bytes:
+        """The bytes of ``message``; a STEP advances the encoder, so send them next."""
+        return encode_message(message, self._encoder)
 
     def send(self, message: Message) -> None:
-        self.send_bytes(encode_message(message))
+        self.send_bytes(self.encode(message))
 
     def send_bytes(self, data: bytes) -> None:
         self._broadcast(torch.tensor([len(data)], dtype=torch.int64))
@@ -162,7 +176,7 @@ class StepChannel:
         self._broadcast(length, IDLE_WAIT)
         payload = torch.empty(int(length.item()), dtype=torch.uint8)
         self._broadcast(payload)
-        return decode_message(payload.numpy().tobytes())
+        return decode_message(payload.numpy().tobytes(), self._decoder)
 
     def _broadcast(self, tensor: torch.Tensor, timeout: datetime.timedelta | None = None) -> None:
         opts = dist.BroadcastOptions()
