@@ -29,7 +29,7 @@ from allmos.engine.sampler import Sampler, SamplerOutput, SamplingTensors
 from allmos.layers.tp import SINGLE, TPGroup
 from allmos.models.decoder import effective_max_model_len
 from allmos.models.loader import build_model, init_dummy_weights, load_weights, safetensors_files
-from allmos.utils.transfer import to_device
+from allmos.utils.transfer import pack_aligned, split_packed, to_device
 
 logger = logging.getLogger("allmos")
 
@@ -276,13 +276,14 @@ class LocalModelRunner(ModelRunner):
         slot_mapping = (block_tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size
                         + positions % self.block_size)
         pending, pending_rows = self._pending_sources(input_ids, seq_of_token, seqs)
-        i64 = to_device(np.concatenate([input_ids, positions, slot_mapping, seq_lens[seq_of_token], pending,
-                                        pending_rows]), self.device)
-        i32 = to_device(np.concatenate([query_start_loc, seq_lens, block_tables.ravel()]).astype(np.int32),
-                        self.device)
-        input_ids_dev, positions_dev, slots_dev, rope_seq_lens, pending_dev, rows_dev = i64.split(
-            [num_tokens] * 4 + [len(pending)] * 2)
-        qsl_dev, seq_lens_dev, tables_dev = i32.split([n + 1, n, block_tables.size])
+        i64_parts = [input_ids, positions, slot_mapping, seq_lens[seq_of_token], pending, pending_rows]
+        i32_parts = [query_start_loc, seq_lens, block_tables.ravel()]
+        i64, i64_starts = pack_aligned(i64_parts, np.int64)
+        i32, i32_starts = pack_aligned(i32_parts, np.int32)
+        input_ids_dev, positions_dev, slots_dev, rope_seq_lens, pending_dev, rows_dev = split_packed(
+            to_device(i64, self.device), i64_starts, [p.size for p in i64_parts])
+        qsl_dev, seq_lens_dev, tables_dev = split_packed(to_device(i32, self.device), i32_starts,
+                                                         [p.size for p in i32_parts])
         if len(pending):
             input_ids_dev[pending_dev] = self._last_sampled[0][rows_dev]
         metadata = AttentionMetadata(

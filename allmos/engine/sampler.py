@@ -256,9 +256,12 @@ class SamplingTensors:
         table = _row_table(rows)  # one pass over the rows
         if positions is not None:
             table[:, 8] = np.asarray(positions, dtype=np.float64)
-        floats = to_device(_float_columns(rows, table), device)  # [7, B]
-        ints = to_device(_int_columns(rows, vocab_size, table), device)  # [5, B]
-        keys = ints[3:5].to(torch.int32)  # [2, B]
+        batch = len(rows)
+        # columns padded to a multiple of 4: every row view starts 16-byte aligned, whatever the batch size
+        floats = to_device(_pad_columns(_float_columns(rows, table)), device)[:, :batch]  # [7, B]
+        ints = to_device(_pad_columns(_int_columns(rows, vocab_size, table)), device)  # [5, B padded]
+        keys = ints[3:5].to(torch.int32)[:, :batch]  # [2, B]
+        ints = ints[:, :batch]  # [5, B]
         greedy = table[:, 0] < GREEDY_TEMPERATURE_EPS
         random = ~greedy
         top_k = table[:, 6]
@@ -349,6 +352,12 @@ def _int_columns(rows: list[SamplingRow], vocab_size: int, table: np.ndarray | N
     hi = (keys >> np.uint64(32)).astype(np.uint32).view(np.int32).astype(np.int64)
     columns = np.stack([top_k, seeds.astype(np.int64), positions.astype(np.int64), lo, hi])
     return torch.from_numpy(np.ascontiguousarray(columns))
+
+
+def _pad_columns(columns: torch.Tensor, multiple: int = 4) -> torch.Tensor:
+    """[R, B] -> [R, B rounded up to ``multiple``], zero-padded (host tensor)."""
+    pad = -columns.shape[1] % multiple
+    return torch.nn.functional.pad(columns, (0, pad)) if pad else columns
 
 
 def _flatten_ids(

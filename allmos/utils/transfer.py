@@ -17,3 +17,29 @@ def to_device(x: torch.Tensor | np.ndarray, device: torch.device | str) -> torch
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+ALIGN_BYTES = 16  # Triton specializes kernels on 16-byte pointer alignment; keep every packed part aligned
+
+
+def pack_aligned(parts: list[np.ndarray], dtype: np.dtype | type) -> tuple[np.ndarray, list[int]]:
+    """Concatenate 1-D arrays into one buffer of ``dtype`` in which every part starts at a multiple of
+    ``ALIGN_BYTES`` (zero padding between parts); returns (buffer, start index of each part).
+
+    One host-to-device copy then serves several tensors, and each view of it has the same alignment
+    whatever the part sizes are this step, so Triton compiles one variant instead of one per alignment.
+    """
+    step = max(1, ALIGN_BYTES // np.dtype(dtype).itemsize)
+    starts, total = [], 0
+    for part in parts:
+        starts.append(total)
+        total += -(-part.size // step) * step
+    buffer = np.zeros(total, dtype=dtype)
+    for start, part in zip(starts, parts, strict=True):
+        buffer[start:start + part.size] = part
+    return buffer, starts
+
+
+def split_packed(buffer: torch.Tensor, starts: list[int], sizes: list[int]) -> list[torch.Tensor]:
+    """The views of ``pack_aligned``'s parts in a (device) copy of its buffer."""
+    return [buffer[start:start + size] for start, size in zip(starts, sizes, strict=True)]
