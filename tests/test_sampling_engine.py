@@ -214,6 +214,23 @@ def test_min_tokens_defers_stop_strings(default_llm):
     assert len(late.token_ids) > min_tokens
 
 
+def test_warm_up_leaves_no_trace(qwen3_dir):
+    """The GPU start-up warm-up (run here on the CPU) leaves no request, no count and an untouched RNG:
+    unseeded sampling afterwards gives what a fresh engine gives."""
+    from allmos.engine.warmup import warm_up
+
+    params = [SamplingParams(temperature=0.8, max_tokens=8), SamplingParams(temperature=0, max_tokens=8)]
+    fresh = LLM(str(qwen3_dir), kvcache_block_size=16, max_model_len=128)
+    want = [o.token_ids for o in fresh.generate(prompts(2, seed=21), params, use_tqdm=False)]
+    warmed = LLM(str(qwen3_dir), kvcache_block_size=16, max_model_len=128)
+    warm_up(warmed.engine)
+    assert not warmed.engine.has_unfinished() and warmed.engine.num_generated_tokens == 0
+    assert_all_blocks_free(warmed)
+    assert warmed.engine.block_manager._hash_to_block  # the warm-up did run its requests (blocks cached)
+    got = [o.token_ids for o in warmed.generate(prompts(2, seed=21), params, use_tqdm=False)]
+    assert got == want
+
+
 def test_chat_template_and_errors(tok_llm, llm):
     out = tok_llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3), use_tqdm=False)
     assert len(out) == 1 and out[0].prompt.startswith("<|im_start|>")

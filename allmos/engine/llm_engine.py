@@ -19,6 +19,7 @@ from allmos.engine.detokenizer import IncrementalDetokenizer
 from allmos.engine.model_runner import LocalModelRunner, ModelRunner
 from allmos.engine.request import PENDING_TOKEN, Request, RequestStatus
 from allmos.engine.scheduler import ContinuousBatchingScheduler, SchedulerConfig
+from allmos.engine.warmup import warm_up
 from allmos.memory.block_manager import BlockManager
 from allmos.models.decoder import effective_max_model_len
 from allmos.models.resolve import ModelSource, load_model_source
@@ -96,6 +97,8 @@ class LLMEngine:
                     self.info.num_kv_blocks, config.kvcache_block_size,
                     self.info.num_kv_blocks * config.kvcache_block_size // self.info.max_model_len,
                     self.info.max_model_len, device, dtype)
+        if device.type == "cuda":  # Triton compiles kernel variants on first use: do it now, not mid-request
+            warm_up(self)
 
     # ------------------------------------------------------------------ set-up
     def _make_runner(self, device: torch.device, dtype: torch.dtype) -> ModelRunner:
