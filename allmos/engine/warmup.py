@@ -4,7 +4,7 @@ fresh machine that compilation took about 3 s of the standard benchmark's timed 
 
 What the requests cover: a prefill batch of several prompt lengths (1, odd, multiples of 16, longer than
 a KV block), greedy and random rows in one batch and an all-random batch, decode steps, and a prefix-cache
-hit (a prefill that starts after cached context). Every request carries its own seed, so the engine's
+hit (a prefill that starts after cached context), and a batch of one. Every request carries its own seed, so the engine's
 RNG (which seeds unseeded user requests) is not advanced; nothing of the warm-up stays behind except
 KV blocks in the prefix cache, which hold correct values for their tokens.
 """
@@ -22,16 +22,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("allmos")
 
-# (prompt length, temperature) per request; the second wave repeats the first wave's long prompt
+# (prompt length, temperature) per request; the second wave repeats the first wave's long prompt; the
+# third is one request alone (a batch of one, as in an interactive first call)
 FIRST_WAVE = ((1, 0.0), (16, 0.6), (37, 1.0), (64, 0.6), (300, 0.0))
 SECOND_WAVE = ((300, 0.6), (33, 0.6), (48, 0.6))
+THIRD_WAVE = ((4, 1.0),)
 MAX_TOKENS = 4
 
 
 def warm_up(engine: LLMEngine) -> None:
     """Run the warm-up requests to completion; requests that do not fit this engine are skipped."""
     start = time.perf_counter()
-    for wave, plan in enumerate((FIRST_WAVE, SECOND_WAVE)):
+    for wave, plan in enumerate((FIRST_WAVE, SECOND_WAVE, THIRD_WAVE)):
         for index, (length, temperature) in enumerate(plan):
             _add(engine, f"allmos-warmup-{wave}-{index}", length, temperature)
         while engine.has_unfinished():
