@@ -1,7 +1,7 @@
 """CPU decode throughput of allmos vs transformers' generate (same machine, dtype, threads).
 
 A random Qwen3 of about 100M parameters; decode time = time(prompt + N tokens) - time(prompt + 1 token),
-so prefill cancels out. Usage: python benchmarks/bench_cpu.py [--batches 1 32] [--new 64]
+so prefill cancels out. Usage: python benchmarks/bench_cpu.py [--batches 1 32] [--new 64] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -47,14 +47,15 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="for both engines")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         num_params = make_model(folder)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        llm = LLM(str(folder), dtype="float32", kvcache_block_size=16)
-        print(f"random Qwen3, {num_params / 1e6:.0f}M parameters, float32, {a.threads} threads, "
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, a.dtype)).eval()
+        llm = LLM(str(folder), dtype=a.dtype, kvcache_block_size=16)
+        print(f"random Qwen3, {num_params / 1e6:.0f}M parameters, {a.dtype}, {a.threads} threads, "
               f"prompt {a.prompt_len} tokens, {a.new} new tokens")
         print("| batch | allmos decode tok/s | transformers decode tok/s | ratio |")
         print("| --- | --- | --- | --- |")
