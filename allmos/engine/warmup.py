@@ -3,10 +3,10 @@ ordinary traffic meets are compiled inside ``LLM(...)`` instead of inside the fi
 fresh machine that compilation took about 3 s of the standard benchmark's timed run on an H100).
 
 What the requests cover: a prefill batch of several prompt lengths (1, odd, multiples of 16, longer than
-a KV block), greedy and random rows in one batch and an all-random batch, decode steps, and a prefix-cache
-hit (a prefill that starts after cached context), and a batch of one. Every request carries its own seed, so the engine's
-RNG (which seeds unseeded user requests) is not advanced; nothing of the warm-up stays behind except
-KV blocks in the prefix cache, which hold correct values for their tokens.
+a KV block), greedy and random rows in one batch and an all-random batch, decode steps, a prefix-cache
+hit (a prefill that starts after cached context), and a batch of one. Every request carries its own
+seed, so the engine's RNG (which seeds unseeded user requests) is not advanced; nothing of the warm-up
+stays behind except KV blocks in the prefix cache, which hold correct values for their tokens.
 """
 
 from __future__ import annotations
