@@ -8,6 +8,7 @@ splitmix64 / murmur3 for the counter hash.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -309,9 +310,7 @@ def test_penalties_match_vllm_definitions():
 def test_penalized_greedy_uses_penalized_argmax():
     torch.manual_seed(5)
     logits = torch.randn(6, 40) * 3
-    rows = _penalty_rows()
-    for row in rows:
-        row.temperature = 0.0
+    rows = [dataclasses.replace(row, temperature=0.0) for row in _penalty_rows()]
     expected = _reference_penalties(logits, rows).argmax(-1)
     assert torch.equal(_sample(logits, rows).token_ids, expected)
 

@@ -71,9 +71,11 @@ _DRAW_BLOCK = 1024
 # --------------------------------------------------------------------------- rows
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingRow:
-    """One request's sampling state at this step (plain Python, built by the engine).
+    """One request's sampling state at this step (plain Python, built by the engine). Immutable: the
+    engine reuses one row per request across steps, and the tensor-parallel channel sends a row again only
+    when it is a different object.
 
     Penalties follow vLLM: presence/frequency count OUTPUT tokens only; repetition
     covers prompt + output tokens (logit > 0 -> logit / r, else logit * r).
