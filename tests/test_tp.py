@@ -217,6 +217,22 @@ def test_tp2_matches_tp1(tiny_model_factory, arch, kwargs):
     assert all(not p.is_alive() for p in workers)
 
 
+def test_tp2_matches_tp1_under_preemption(qwen3_dir):
+    """A KV cache too small for the batch: requests are preempted and recomputed, so block tables are
+    replaced and requests leave and rejoin the step messages (the stateful channel's full-resend paths)."""
+    prompts = make_prompts(3)
+    kwargs = dict(ENGINE, num_kvcache_blocks=12)
+    single = LLM(str(qwen3_dir), **kwargs)
+    want = tokens(generate(single, prompts, GREEDY))
+    preemptions = single.engine.scheduler.num_preemptions
+    del single
+    gc.collect()
+    assert preemptions > 0  # the test exercises what it claims to
+    tp = LLM(str(qwen3_dir), tensor_parallel_size=2, **kwargs)
+    assert tokens(generate(tp, prompts, GREEDY)) == want
+    tp.engine.shutdown()
+
+
 def test_two_engines_at_once(qwen3_dir, monkeypatch):
     before = live_children()
     prompts = make_prompts(4, lengths=(3, 33, 70))
