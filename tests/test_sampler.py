@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import random
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -505,3 +507,24 @@ def test_forward_does_not_synchronize_on_gpu():
             Sampler(use_triton=use_triton)(logits, t)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
+def test_at_positions_equals_a_fresh_build():
+    """The runner reuses one step's tensors for the next when the rows repeat: only the positions (and the
+    noise keys derived from them) may differ from a fresh build."""
+    rng = random.Random(3)
+    rows = [SamplingRow(temperature=rng.choice([0.0, 0.7, 1.3]), top_k=rng.choice([-1, 5]),
+                        top_p=rng.choice([1.0, 0.9]), seed=rng.randrange(2**63), num_logprobs=rng.choice([None, 2]))
+            for _ in range(7)]
+    first = SamplingTensors.build(rows, 64, torch.device("cpu"), positions=[rng.randrange(1000) for _ in rows])
+    later = [rng.randrange(1000) for _ in rows]
+    moved, fresh = first.at_positions(later), SamplingTensors.build(rows, 64, torch.device("cpu"), positions=later)
+    for field in dataclasses.fields(SamplingTensors):
+        a, b = getattr(moved, field.name), getattr(fresh, field.name)
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b) and a.dtype == b.dtype, field.name
+        elif isinstance(a, np.ndarray):
+            assert np.array_equal(a, b), field.name
+        else:
+            assert a == b, field.name
+    assert not torch.equal(moved.noise_key_lo, first.noise_key_lo)

@@ -25,7 +25,7 @@ from allmos.config import EngineConfig
 from allmos.engine.batch import ScheduledBatch
 from allmos.engine.cuda_graphs import DecodeGraphs
 from allmos.engine.request import PENDING_TOKEN
-from allmos.engine.sampler import Sampler, SamplerOutput, SamplingTensors
+from allmos.engine.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors
 from allmos.layers.tp import SINGLE, TPGroup
 from allmos.models.decoder import effective_max_model_len
 from allmos.models.loader import build_model, init_dummy_weights, load_weights, safetensors_files
@@ -126,6 +126,7 @@ class LocalModelRunner(ModelRunner):
         self.config = config
         self.device, self.dtype, self.tp = device, dtype, tp
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None  # previous step's device tokens
+        self._last_sampling: tuple[list[SamplingRow], SamplingTensors] | None = None  # rows -> their tensors
         self.model = build_model(hf_config, dtype, device, tp)
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
@@ -246,12 +247,24 @@ class LocalModelRunner(ModelRunner):
                     self._last_sampled = None
                     return PendingStep(None, [])
                 logits = self.model.compute_logits(hidden[self._sample_rows(batch)])  # [num_sampled, vocab]
-            # rows come from validated SamplingParams; the token being sampled sits at index seq_len
-            tensors = SamplingTensors.build([s.sampling for s in sampled], self.shape.vocab_size, self.device,
-                                            validate=False, positions=[s.seq_len for s in sampled])
+            tensors = self._sampling_tensors([s.sampling for s in sampled], [s.seq_len for s in sampled])
             out = self.sampler(logits, tensors)
         self._last_sampled = (out.token_ids, {s.request_id: row for row, s in enumerate(sampled)})
         return PendingStep(out, [s.sampling.num_logprobs for s in sampled])
+
+    def _sampling_tensors(self, rows: list[SamplingRow], positions: list[int]) -> SamplingTensors:
+        """The step's sampling tensors. Rows come from validated SamplingParams; the token being sampled
+        sits at index seq_len. When the rows are the previous step's row objects in the same order (most
+        decode steps: rows are immutable and reused per request), only the positions are new."""
+        previous = self._last_sampling
+        if previous is not None and len(previous[0]) == len(rows) and all(
+                a is b for a, b in zip(previous[0], rows, strict=True)):
+            tensors = previous[1].at_positions(positions)
+        else:
+            tensors = SamplingTensors.build(rows, self.shape.vocab_size, self.device, validate=False,
+                                            positions=positions)
+        self._last_sampling = (rows, tensors)
+        return tensors
 
     def _sample_rows(self, batch: ScheduledBatch) -> torch.Tensor:
         ends = np.cumsum([s.num_new_tokens for s in batch.seqs]) - 1

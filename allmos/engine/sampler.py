@@ -31,6 +31,7 @@ rows switch on, a row's draw is the same.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -217,6 +218,7 @@ class SamplingTensors:
     prompt_token_ids: torch.Tensor  # [num_prompt_ids] int64
     banned_rows: torch.Tensor  # [num_banned_ids] int64
     banned_token_ids: torch.Tensor  # [num_banned_ids] int64
+    seeds_host: np.ndarray  # [B] uint64, for at_positions()
     num_logprobs_cpu: list[int | None]
     max_num_logprobs: int | None  # None when no row asks for logprobs
     max_top_k: int  # largest active top_k (vocab_size when none)
@@ -260,8 +262,9 @@ class SamplingTensors:
             table[:, 8] = np.asarray(positions, dtype=np.float64)
         batch = len(rows)
         # columns padded to a multiple of 4: every row view starts 16-byte aligned, whatever the batch size
+        seeds = np.fromiter((r.seed for r in rows), dtype=np.uint64, count=batch)  # [B]
         floats = to_device(_pad_columns(_float_columns(rows, table)), device)[:, :batch]  # [7, B]
-        ints = to_device(_pad_columns(_int_columns(rows, vocab_size, table)), device)  # [5, B padded]
+        ints = to_device(_pad_columns(_int_columns(rows, vocab_size, table, seeds)), device)  # [5, B padded]
         keys = ints[3:5].to(torch.int32)[:, :batch]  # [2, B]
         ints = ints[:, :batch]  # [5, B]
         greedy = table[:, 0] < GREEDY_TEMPERATURE_EPS
@@ -293,6 +296,7 @@ class SamplingTensors:
             output_rows=output_rows, output_token_ids=output_ids,
             prompt_rows=prompt_rows, prompt_token_ids=prompt_ids,
             banned_rows=banned_rows, banned_token_ids=banned_ids,
+            seeds_host=seeds,
             num_logprobs_cpu=num_logprobs,
             max_num_logprobs=max(requested) if requested else None,
             max_top_k=int(top_k[active_top_k].max()) if active_top_k.any() else vocab_size,
@@ -306,6 +310,25 @@ class SamplingTensors:
             any_repetition=any_repetition,
             any_banned=banned_ids.numel() > 0,
         )
+
+
+    def at_positions(self, positions: Sequence[int]) -> SamplingTensors:
+        """The same rows sampling the tokens at ``positions``: only the position-dependent tensors (positions
+        and noise keys) are rebuilt, in one small host-to-device copy; the others are shared with ``self``
+        (read-only on the device). The engine's decode steps mostly repeat the previous step's rows."""
+        batch = self.batch_size
+        pos = np.asarray(positions, dtype=np.int64).reshape(batch)
+        lo, hi = _key_halves(noise_keys_np(self.seeds_host, pos.astype(np.uint64)))
+        ints = to_device(_pad_columns(torch.from_numpy(np.stack([pos, lo, hi]))), self.seeds.device)  # [3, B pad]
+        keys = ints[1:3].to(torch.int32)[:, :batch]  # [2, B]
+        return dataclasses.replace(self, positions=ints[0, :batch], noise_key_lo=keys[0], noise_key_hi=keys[1])
+
+
+def _key_halves(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint64 noise keys -> (low, high) uint32 bit patterns as int64 (int32 on the device)."""
+    lo = (keys & np.uint64(_MASK32)).astype(np.uint32).view(np.int32).astype(np.int64)
+    hi = (keys >> np.uint64(32)).astype(np.uint32).view(np.int32).astype(np.int64)
+    return lo, hi
 
 
 def _mix64_np(z: np.ndarray) -> np.ndarray:
@@ -341,17 +364,17 @@ def _float_columns(rows: list[SamplingRow], table: np.ndarray | None = None) -> 
     return torch.from_numpy(columns)
 
 
-def _int_columns(rows: list[SamplingRow], vocab_size: int, table: np.ndarray | None = None) -> torch.Tensor:
+def _int_columns(rows: list[SamplingRow], vocab_size: int, table: np.ndarray | None = None,
+                 seeds: np.ndarray | None = None) -> torch.Tensor:
     """int64 [5, B]: top_k, seed, position, noise key low half, noise key high half (int32 bits)."""
     table = _row_table(rows) if table is None else table
     greedy = table[:, 0] < GREEDY_TEMPERATURE_EPS
     top_k = table[:, 6].astype(np.int64)
     top_k = np.where(greedy | (top_k <= 0) | (top_k >= vocab_size), vocab_size, top_k)
-    seeds = np.fromiter((r.seed for r in rows), dtype=np.uint64, count=len(rows))
+    if seeds is None:
+        seeds = np.fromiter((r.seed for r in rows), dtype=np.uint64, count=len(rows))
     positions = table[:, 8].astype(np.uint64)
-    keys = noise_keys_np(seeds, positions)
-    lo = (keys & np.uint64(_MASK32)).astype(np.uint32).view(np.int32).astype(np.int64)
-    hi = (keys >> np.uint64(32)).astype(np.uint32).view(np.int32).astype(np.int64)
+    lo, hi = _key_halves(noise_keys_np(seeds, positions))
     columns = np.stack([top_k, seeds.astype(np.int64), positions.astype(np.int64), lo, hi])
     return torch.from_numpy(np.ascontiguousarray(columns))
 
