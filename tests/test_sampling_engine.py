@@ -231,6 +231,24 @@ def test_warm_up_leaves_no_trace(qwen3_dir):
     assert got == want
 
 
+def test_engine_is_freed_by_reference_counting(qwen3_dir):
+    """LLM() freezes the start-up heap (gc.freeze), which the cyclic collector then never visits; so an
+    engine must not sit in a reference cycle, or `del llm` would never free it (nor its KV cache)."""
+    import gc
+    import weakref
+
+    llm = LLM(str(qwen3_dir), kvcache_block_size=16)
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3), use_tqdm=False)
+    assert gc.get_freeze_count() > 0
+    refs = [weakref.ref(obj) for obj in (llm, llm.engine, llm.engine.runner, llm.engine.scheduler)]
+    gc.disable()
+    try:
+        del llm
+        assert all(ref() is None for ref in refs)
+    finally:
+        gc.enable()
+
+
 def test_chat_template_and_errors(tok_llm, llm):
     out = tok_llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3), use_tqdm=False)
     assert len(out) == 1 and out[0].prompt.startswith("<|im_start|>")

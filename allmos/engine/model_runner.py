@@ -317,8 +317,8 @@ class LocalModelRunner(ModelRunner):
             raise RuntimeError("a scheduled token is pending but the previous step sampled nothing")
         row_of = self._last_sampled[1]
         try:
-            rows = np.fromiter((row_of[seqs[i].request_id] for i in seq_of_token[pending]), dtype=np.int64,
-                               count=pending.size)
+            rows = np.fromiter((row_of[seqs[i].request_id] for i in seq_of_token[pending].tolist()),
+                               dtype=np.int64, count=pending.size)  # Python ints: numpy scalars index lists slowly
         except KeyError as exc:
             raise RuntimeError(f"pending token of request {exc} was not sampled in the previous step") from exc
         return pending, rows
