@@ -5,8 +5,6 @@ Usable online: ``add_request`` / ``step`` / ``abort`` / ``has_unfinished`` (a se
 
 from __future__ import annotations
 
-import atexit
-import gc
 import itertools
 import logging
 import random
@@ -27,6 +25,7 @@ from allmos.models.decoder import effective_max_model_len
 from allmos.models.resolve import ModelSource, load_model_source
 from allmos.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from allmos.sampling_params import SamplingParams
+from allmos.utils.heap import freeze_startup_heap
 
 logger = logging.getLogger("allmos")
 
@@ -64,17 +63,6 @@ class _Group:
     @property
     def finished(self) -> bool:
         return all(s.finish_reason is not None for s in self.seqs)
-
-
-def freeze_startup_heap() -> None:
-    """Take every object alive after start-up (modules, model, tokenizer: some 400k) out of the cyclic
-    garbage collector's reach, as vLLM does: otherwise each full collection walks them all, a pause of
-    about 180 ms seen mid-``generate`` on the development CPU. They are handed back at interpreter exit,
-    so teardown frees them as usual."""
-    gc.collect()
-    gc.freeze()
-    atexit.unregister(gc.unfreeze)  # one registration however many engines are built
-    atexit.register(gc.unfreeze)
 
 
 class LLMEngine:

@@ -38,6 +38,7 @@ from allmos.engine.serialization import (
     encode_message,
 )
 from allmos.layers.tp import TPGroup
+from allmos.utils.heap import freeze_startup_heap
 
 DEFAULT_TIMEOUT_S = 1800.0  # rendezvous and collectives (the first one waits for the slowest rank to load)
 IDLE_WAIT = datetime.timedelta(days=365)  # a worker waits this long for the driver's next message
@@ -258,6 +259,7 @@ def _run_worker(spec: WorkerSpec) -> None:
         raise RuntimeError(f"injected failure on rank {spec.rank} at start-up (ALLMOS_TP_FAIL_AT)")
     source = load_model_source(spec.model_folder)
     runner = LocalModelRunner(spec.config, source.hf_config, Path(spec.model_folder), device, spec.dtype, groups.tp)
+    freeze_startup_heap()  # a full collection in one rank stalls every rank's collectives
     serve(runner, StepChannel(groups.control), groups, spec)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # our collectives are done, so the driver's can finish too
