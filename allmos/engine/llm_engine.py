@@ -296,9 +296,10 @@ class LLMEngine:
             touched[group.request_id] = group
         outputs = []
         for group in touched.values():
-            if group.finished or group.stream:
+            finished = group.finished
+            if finished or group.stream:
                 outputs.append(self._make_output(group))
-            if group.finished:
+            if finished:
                 self._remove(group.request_id)
         return outputs
 
