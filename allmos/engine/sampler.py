@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from allmos.utils.transfer import to_device
+from allmos.utils.transfer import pack_aligned, split_packed, to_device
 
 try:  # Triton is optional: the torch path is the complete reference.
     import triton
@@ -126,12 +126,6 @@ class SamplingRow:
         for field, ok in checks:
             if not ok:
                 raise ValueError(f"SamplingRow.{field} is out of range: {getattr(self, field)!r}")
-
-    def effective_top_k(self, vocab_size: int) -> int:
-        """top_k as a count of kept tokens; vocab_size when off (or greedy)."""
-        if self.is_greedy or self.top_k <= 0 or self.top_k >= vocab_size:
-            return vocab_size
-        return self.top_k
 
 
 # --------------------------------------------------------------------------- hash
@@ -258,19 +252,14 @@ class SamplingTensors:
             for row in rows:
                 row.validate(vocab_size)
         table = _row_table(rows)  # one pass over the rows
-        if positions is not None:
-            table[:, 8] = np.asarray(positions, dtype=np.float64)
-        batch = len(rows)
-        # columns padded to a multiple of 4: every row view starts 16-byte aligned, whatever the batch size
-        seeds = np.fromiter((r.seed for r in rows), dtype=np.uint64, count=batch)  # [B]
-        floats = to_device(_pad_columns(_float_columns(rows, table)), device)[:, :batch]  # [7, B]
-        ints = to_device(_pad_columns(_int_columns(rows, vocab_size, table, seeds)), device)  # [5, B padded]
-        keys = ints[3:5].to(torch.int32)[:, :batch]  # [2, B]
-        ints = ints[:, :batch]  # [5, B]
+        seeds = np.fromiter((r.seed for r in rows), dtype=np.uint64, count=len(rows))  # [B]
+        floats = _to_device_rows(_float_columns(table), device)  # 7 x [B] float32
+        top_k, seeds_dev = _to_device_rows([_top_k_column(table, vocab_size), seeds.astype(np.int64)], device)
+        pos = table[:, 7] if positions is None else positions
+        positions_dev, key_lo, key_hi = _position_tensors(seeds, np.asarray(pos, dtype=np.int64), device)
         greedy = table[:, 0] < GREEDY_TEMPERATURE_EPS
         random = ~greedy
-        top_k = table[:, 6]
-        active_top_k = random & (top_k > 0) & (top_k < vocab_size)
+        active_top_k = random & (table[:, 6] > 0) & (table[:, 6] < vocab_size)
         any_presence, any_frequency = bool((table[:, 3] != 0).any()), bool((table[:, 4] != 0).any())
         any_repetition = bool((table[:, 5] != 1).any())
         empty = torch.empty(0, dtype=torch.int64, device=device)
@@ -292,14 +281,14 @@ class SamplingTensors:
             vocab_size=vocab_size,
             inv_temperature=floats[0], noise_scale=floats[1], top_p=floats[2], min_p=floats[3],
             presence_penalty=floats[4], frequency_penalty=floats[5], repetition_penalty=floats[6],
-            top_k=ints[0], seeds=ints[1], positions=ints[2], noise_key_lo=keys[0], noise_key_hi=keys[1],
+            top_k=top_k, seeds=seeds_dev, positions=positions_dev, noise_key_lo=key_lo, noise_key_hi=key_hi,
             output_rows=output_rows, output_token_ids=output_ids,
             prompt_rows=prompt_rows, prompt_token_ids=prompt_ids,
             banned_rows=banned_rows, banned_token_ids=banned_ids,
             seeds_host=seeds,
             num_logprobs_cpu=num_logprobs,
             max_num_logprobs=max(requested) if requested else None,
-            max_top_k=int(top_k[active_top_k].max()) if active_top_k.any() else vocab_size,
+            max_top_k=int(table[active_top_k, 6].max()) if active_top_k.any() else vocab_size,
             all_greedy=not random.any(),
             all_random=bool(random.all()),
             any_top_k=bool(active_top_k.any()),
@@ -316,12 +305,25 @@ class SamplingTensors:
         """The same rows sampling the tokens at ``positions``: only the position-dependent tensors (positions
         and noise keys) are rebuilt, in one small host-to-device copy; the others are shared with ``self``
         (read-only on the device). The engine's decode steps mostly repeat the previous step's rows."""
-        batch = self.batch_size
-        pos = np.asarray(positions, dtype=np.int64).reshape(batch)
-        lo, hi = _key_halves(noise_keys_np(self.seeds_host, pos.astype(np.uint64)))
-        ints = to_device(_pad_columns(torch.from_numpy(np.stack([pos, lo, hi]))), self.seeds.device)  # [3, B pad]
-        keys = ints[1:3].to(torch.int32)[:, :batch]  # [2, B]
-        return dataclasses.replace(self, positions=ints[0, :batch], noise_key_lo=keys[0], noise_key_hi=keys[1])
+        pos = np.asarray(positions, dtype=np.int64).reshape(self.batch_size)
+        positions_dev, key_lo, key_hi = _position_tensors(self.seeds_host, pos, self.seeds.device)
+        return dataclasses.replace(self, positions=positions_dev, noise_key_lo=key_lo, noise_key_hi=key_hi)
+
+
+def _position_tensors(seeds: np.ndarray, positions: np.ndarray, device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """positions [B] int64 and the noise keys of (seed, position), low / high halves [B] int32, on
+    ``device`` in one host-to-device copy."""
+    lo, hi = _key_halves(noise_keys_np(seeds, positions.astype(np.uint64)))
+    positions_dev, lo_dev, hi_dev = _to_device_rows([positions, lo, hi], device)
+    return positions_dev, lo_dev.to(torch.int32), hi_dev.to(torch.int32)
+
+
+def _to_device_rows(rows: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Equal-dtype 1-D host arrays -> device tensors, in one copy, each 16-byte aligned (one Triton variant
+    whatever the batch size)."""
+    buffer, starts = pack_aligned(rows, rows[0].dtype)
+    return split_packed(to_device(buffer, device), starts, [r.size for r in rows])
 
 
 def _key_halves(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -346,43 +348,26 @@ def noise_keys_np(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
 
 
 def _row_table(rows: list[SamplingRow]) -> np.ndarray:
-    """float64 [B, 9]: temperature, top_p, min_p, presence, frequency, repetition, top_k, seed, position
-    (seeds and positions below 2**53 survive float64 exactly; larger seeds are re-read below)."""
+    """float64 [B, 8]: temperature, top_p, min_p, presence, frequency, repetition, top_k, position
+    (positions below 2**53 survive float64 exactly; seeds, up to 2**63, are read separately)."""
     return np.array([(r.temperature, r.top_p, r.min_p, r.presence_penalty, r.frequency_penalty,
-                      r.repetition_penalty, r.top_k, 0.0, r.position) for r in rows], dtype=np.float64).reshape(-1, 9)
+                      r.repetition_penalty, r.top_k, r.position) for r in rows], dtype=np.float64).reshape(-1, 8)
 
 
-def _float_columns(rows: list[SamplingRow], table: np.ndarray | None = None) -> torch.Tensor:
-    """float32 [7, B]: inv_temperature, noise_scale, top_p, min_p, presence, frequency, repetition."""
-    table = _row_table(rows) if table is None else table
+def _float_columns(table: np.ndarray) -> list[np.ndarray]:
+    """7 x float32 [B]: inv_temperature, noise_scale, top_p, min_p, presence, frequency, repetition."""
     greedy = table[:, 0] < GREEDY_TEMPERATURE_EPS
     inv_t = np.where(greedy, 1.0, 1.0 / np.where(greedy, 1.0, table[:, 0]))
-    columns = np.stack([
-        inv_t, np.where(greedy, 0.0, 1.0), np.where(greedy, 1.0, table[:, 1]), np.where(greedy, 0.0, table[:, 2]),
-        table[:, 3], table[:, 4], table[:, 5],
-    ]).astype(np.float32)
-    return torch.from_numpy(columns)
+    columns = [inv_t, np.where(greedy, 0.0, 1.0), np.where(greedy, 1.0, table[:, 1]),
+               np.where(greedy, 0.0, table[:, 2]), table[:, 3], table[:, 4], table[:, 5]]
+    return [c.astype(np.float32) for c in columns]
 
 
-def _int_columns(rows: list[SamplingRow], vocab_size: int, table: np.ndarray | None = None,
-                 seeds: np.ndarray | None = None) -> torch.Tensor:
-    """int64 [5, B]: top_k, seed, position, noise key low half, noise key high half (int32 bits)."""
-    table = _row_table(rows) if table is None else table
+def _top_k_column(table: np.ndarray, vocab_size: int) -> np.ndarray:
+    """int64 [B]: top_k as a count of kept tokens; vocab_size when off (or greedy)."""
     greedy = table[:, 0] < GREEDY_TEMPERATURE_EPS
     top_k = table[:, 6].astype(np.int64)
-    top_k = np.where(greedy | (top_k <= 0) | (top_k >= vocab_size), vocab_size, top_k)
-    if seeds is None:
-        seeds = np.fromiter((r.seed for r in rows), dtype=np.uint64, count=len(rows))
-    positions = table[:, 8].astype(np.uint64)
-    lo, hi = _key_halves(noise_keys_np(seeds, positions))
-    columns = np.stack([top_k, seeds.astype(np.int64), positions.astype(np.int64), lo, hi])
-    return torch.from_numpy(np.ascontiguousarray(columns))
-
-
-def _pad_columns(columns: torch.Tensor, multiple: int = 4) -> torch.Tensor:
-    """[R, B] -> [R, B rounded up to ``multiple``], zero-padded (host tensor)."""
-    pad = -columns.shape[1] % multiple
-    return torch.nn.functional.pad(columns, (0, pad)) if pad else columns
+    return np.where(greedy | (top_k <= 0) | (top_k >= vocab_size), vocab_size, top_k)
 
 
 def _flatten_ids(
