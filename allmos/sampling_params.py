@@ -70,6 +70,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def has_penalties(self) -> bool:
+        """Presence, frequency or repetition penalty active: sampling then reads the request's tokens."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
     def validate_for_vocab(self, vocab_size: int) -> None:
         """Check token ids against the model's vocabulary (called by the engine at admission)."""
         for t in self.stop_token_ids:

@@ -56,11 +56,6 @@ class _Group:
     stream: bool = False  # report every step (not only the final output)
 
     @property
-    def penalized(self) -> bool:
-        p = self.params
-        return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
-
-    @property
     def finished(self) -> bool:
         return all(s.finish_reason is not None for s in self.seqs)
 
@@ -101,7 +96,6 @@ class LLMEngine:
         if device.type == "cuda":  # Triton compiles kernel variants on first use: do it now, not mid-request
             warm_up(self)
         freeze_startup_heap()
-
 
     # ------------------------------------------------------------------ set-up
     def _make_runner(self, device: torch.device, dtype: torch.dtype) -> ModelRunner:
@@ -167,7 +161,7 @@ class LLMEngine:
         self._groups[request_id] = _Group(
             request_id, prompt if isinstance(prompt, str) else None, token_ids, params, seqs,
             [self._detokenizer(token_ids, params) if needs_stream_text else None for _ in seqs], arrival, stream)
-        if self._groups[request_id].penalized:
+        if params.has_penalties:
             self._penalized.add(request_id)
         return request_id
 
@@ -325,7 +319,7 @@ class LLMEngine:
                 reason = "stop"
         if reason is None and stop_string is not None:
             reason, stop_reason = "stop", stop_string
-        if reason is None and seq.status is RequestStatus.FINISHED and not self._has_pending(seq):
+        if reason is None and seq.status is RequestStatus.FINISHED and not seq.has_pending_token:
             reason = "length"  # left the scheduler when its last slot was reserved
         if reason is None:
             return
@@ -336,13 +330,9 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
 
     @staticmethod
-    def _has_pending(seq: Request) -> bool:
-        return seq.token_ids[-1] == PENDING_TOKEN
-
-    @staticmethod
     def _num_known_outputs(seq: Request) -> int:
         """Output tokens up to the one just read back (a later slot may still be pending)."""
-        return seq.num_output_tokens - (1 if seq.token_ids[-1] == PENDING_TOKEN else 0)
+        return seq.num_output_tokens - int(seq.has_pending_token)
 
     # ------------------------------------------------------------------ outputs
     def _make_output(self, group: _Group) -> RequestOutput:

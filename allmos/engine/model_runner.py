@@ -151,8 +151,10 @@ class LocalModelRunner(ModelRunner):
                             self.device, capture=self.config.use_cuda_graphs)
 
     def release_graphs(self, synchronize: bool = True) -> None:
-        """Drop the captured decode graphs (before tearing down a communicator they captured)."""
-        if self.graphs is not None and synchronize and self.device.type == "cuda":
+        """Drop the captured decode graphs (before tearing down a communicator they captured); idempotent."""
+        if self.graphs is None:
+            return
+        if synchronize and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.graphs = None
         gc.collect()
@@ -246,7 +248,7 @@ class LocalModelRunner(ModelRunner):
                 if not sampled:
                     self._last_sampled = None
                     return PendingStep(None, [])
-                logits = self.model.compute_logits(hidden[self._sample_rows(batch)])  # [num_sampled, vocab]
+                logits = self.model.compute_logits(hidden[self._sample_rows(batch, metadata)])  # [num_sampled, vocab]
             tensors = self._sampling_tensors([s.sampling for s in sampled], [s.seq_len for s in sampled])
             out = self.sampler(logits, tensors)
         self._last_sampled = (out.token_ids, {s.request_id: row for row, s in enumerate(sampled)})
@@ -266,9 +268,11 @@ class LocalModelRunner(ModelRunner):
         self._last_sampling = (rows, tensors)
         return tensors
 
-    def _sample_rows(self, batch: ScheduledBatch) -> torch.Tensor:
-        ends = np.cumsum([s.num_new_tokens for s in batch.seqs]) - 1
-        rows = np.array([int(end) for end, s in zip(ends, batch.seqs) if s.sampling is not None], dtype=np.int64)
+    def _sample_rows(self, batch: ScheduledBatch, metadata: AttentionMetadata) -> torch.Tensor:
+        """Index of each sampling sequence's last token in the step's flat token list."""
+        ends = metadata.query_start_loc_cpu[1:]
+        rows = np.array([end - 1 for end, s in zip(ends, batch.seqs, strict=True) if s.sampling is not None],
+                        dtype=np.int64)
         return to_device(rows, self.device)
 
     def _prepare(self, batch: ScheduledBatch):

@@ -67,9 +67,14 @@ class Request:
         self.token_ids.append(token_id)
         return len(self.token_ids) - 1
 
+    @property
+    def has_pending_token(self) -> bool:
+        """The last token slot is reserved for a sampled token not read back yet."""
+        return bool(self.token_ids) and self.token_ids[-1] == PENDING_TOKEN
+
     def drop_pending_tail(self) -> None:
         """Forget trailing tokens that were never read back (the request finished before them)."""
-        while self.token_ids and self.token_ids[-1] == PENDING_TOKEN:
+        while self.has_pending_token:
             self.token_ids.pop()
 
     def __repr__(self) -> str:

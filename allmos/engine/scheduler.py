@@ -196,7 +196,7 @@ def _sampling_row(request: Request) -> SamplingRow:
     EOS banned until min_tokens)."""
     params = request.params
     banned = request.banned_token_ids if request.num_output_tokens < params.min_tokens else ()
-    penalized = params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
+    penalized = params.has_penalties
     if not (penalized or banned):
         if request.sampling_row is None:
             request.sampling_row = _new_row(request, (), False)

@@ -70,7 +70,7 @@ class BatchEncoder:
             same_row = row is not None and old is not None and old[1] is row
             seqs.append((s.request_id, _as_array(s.input_token_ids), s.start_pos, [kept, *table[kept:]],
                          0 if same_row else _row_to_list(row)))
-            sent[s.request_id] = (list(table), row)
+            sent[s.request_id] = (table, row)  # the scheduler builds every step's tables afresh
         data = json.dumps([FORMAT_VERSION, seqs], separators=(",", ":"), allow_nan=True).encode()
         self._sent = sent  # only once the message exists: a failed encode changes nothing
         return data

@@ -258,7 +258,6 @@ class _Distributed:
         self.broken = False  # a step was cut short: workers may sit in a collective, so no SHUTDOWN message
         self.local: LocalModelRunner | None = None  # the driver's shard, released before the groups
         self._abort_lock = threading.Lock()
-        self._aborted = False
 
     def attach(self, groups: RankGroups) -> None:
         self.groups, self.channel = groups, StepChannel(groups.control)
@@ -275,18 +274,16 @@ class _Distributed:
             self.groups.close()
 
     def abort(self) -> None:
-        """Make the driver's pending NCCL work fail instead of waiting for a dead peer; any thread, once.
+        """Make the driver's pending NCCL work fail instead of waiting for a dead peer; any thread, idempotent.
 
         NCCL's abort returns only after every CUDA graph that captured the communicator is destroyed (on
         2x H100 it hung with the decode graphs alive), so the graphs go first, without a synchronize: their
         kernels may be the ones waiting for the dead peer, and the abort is what stops them."""
-        with self._abort_lock:
-            if self._aborted or self.groups is None:
-                return
-            self._aborted = True
+        with self._abort_lock:  # both steps are idempotent; the lock keeps the order across threads
             if self.local is not None:
                 self.local.release_graphs(synchronize=False)
-            self.groups.abort_model()
+            if self.groups is not None:
+                self.groups.abort_model()
 
 
 class _WatchedStep(PendingStep):
