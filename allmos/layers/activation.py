@@ -6,10 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    from allmos.kernels import fused_layers as fused
-except ImportError:  # no Triton (a CPU-only install): the torch path below is used
-    fused = None
+from allmos.kernels import fused_layers as fused  # None without Triton
 
 
 class SiluAndMul(nn.Module):

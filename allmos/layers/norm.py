@@ -5,10 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-try:
-    from allmos.kernels import fused_layers as fused
-except ImportError:  # no Triton (a CPU-only install): the torch path below is used
-    fused = None
+from allmos.kernels import fused_layers as fused  # None without Triton
 
 
 class RMSNorm(nn.Module):

@@ -14,16 +14,12 @@ import torch
 from torch import nn
 
 from allmos.attention.context import get_forward_context
+from allmos.kernels import fused_layers as fused  # None without Triton
 from allmos.layers.activation import SiluAndMul
 from allmos.layers.attention import Attention
 from allmos.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from allmos.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from allmos.layers.norm import RMSNorm
-
-try:
-    from allmos.kernels import fused_layers as fused
-except ImportError:  # no Triton (a CPU-only install): the torch path below is used
-    fused = None
 from allmos.layers.rotary import CachedRotaryEmbedding, RotaryEmbedding, get_rope, rope_config_from_hf
 from allmos.layers.tp import SINGLE, TPGroup
 
