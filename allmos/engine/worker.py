@@ -43,7 +43,7 @@ from allmos.utils.heap import freeze_startup_heap
 DEFAULT_TIMEOUT_S = 1800.0  # rendezvous and collectives (the first one waits for the slowest rank to load)
 IDLE_WAIT = datetime.timedelta(days=365)  # a worker waits this long for the driver's next message
 PARENT_POLL_S = 0.5
-NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 JOINED_KEY = "allmos/joined/{rank}"
 
 

@@ -239,9 +239,10 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
 
     A wave is ``PROGRAMS_PER_SM`` programs per SM (two fit at once); a split grid aims at ``waves`` of
     them, each split keeps at least ``MIN_TOKENS_PER_SPLIT`` keys, and there are at most
-    ``MAX_NUM_SPLITS``. With one wave (``SPLIT_TARGET_WAVES``'s first value), on H100 (132 SMs, 8 KV
+    ``MAX_NUM_SPLITS``. With one wave (the default, ``SPLIT_TARGET_WAVES``), on H100 (132 SMs, 8 KV
     heads, CUDA-graph replays, all sequences of one length) this was within about 5% of the best split
-    count from 1 to 16 for batches 1 to 64 and contexts 1k to 16k.
+    count from 1 to 16 for batches 1 to 64 and contexts 1k to 16k; on the standard workload 1, 2, 4 and 8
+    waves gave the same throughput (``benchmarks/sweep_decode_splits.py``).
     """
     waves = SPLIT_TARGET_WAVES if waves is None else waves
     programs = num_seqs * num_kv_heads
