@@ -5,9 +5,9 @@ by the driver over a gloo group before it runs its own shard; every rank then ru
 ``LocalModelRunner.execute`` and samples the same tokens (see ``allmos.engine.worker``). Only the
 driver's ``PendingStep`` is read by the engine.
 
-Failure handling: a watchdog thread in the driver waits on the workers' error pipes and process
-sentinels. A worker that raises sends its formatted traceback and exits; the driver then aborts its
-NCCL group (gloo notices the closed sockets by itself), stops the other workers, and the engine call
+Failure handling: a watchdog thread in the driver waits on the workers' error pipes (a worker's exit
+closes its pipe, so exits wake it too). A worker that raises sends its formatted traceback and exits;
+the driver then aborts its NCCL group (gloo notices the closed sockets by itself), stops the other workers, and the engine call
 in progress raises ``WorkerError`` carrying that traceback. Workers exit when the driver dies (they
 poll their parent pid) and ignore Ctrl-C, which the driver turns into an orderly stop.
 """
@@ -15,9 +15,10 @@ poll their parent pid) and ignore Ctrl-C, which the driver turns into an orderly
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import multiprocessing.connection
 import os
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -41,7 +42,6 @@ from allmos.engine.worker import (
     connect_store,
     init_rank_groups,
     set_nccl_env,
-    worker_main,
 )
 from allmos.models.resolve import ModelSource
 
@@ -112,13 +112,61 @@ def _timeout_from_env() -> float:
 # --------------------------------------------------------------------------- workers
 
 
+class WorkerProcess:
+    """One worker: a fresh interpreter running ``python -m allmos.engine.worker`` (never the user's main
+    module), its spec sent as JSON on standard input, and the read end of its error pipe."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        read_fd, write_fd = os.pipe()
+        try:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "allmos.engine.worker", str(write_fd)], stdin=subprocess.PIPE,
+                pass_fds=(write_fd,), env=_worker_env())
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)  # the child holds the write end now; EOF here means it is gone
+        self.conn = multiprocessing.connection.Connection(read_fd, writable=False)
+        self.popen.stdin.write((spec.to_json() + "\n").encode())
+        self.popen.stdin.close()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: float) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def terminate(self) -> None:
+        self.popen.terminate()
+
+    def kill(self) -> None:
+        self.popen.kill()
+
+
+def _worker_env() -> dict[str, str]:
+    """The driver's environment, with the folder that holds this ``allmos`` first on the import path."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+
+
 class WorkerPool:
     """Worker processes of one engine, their error pipes, and the watchdog that reports failures."""
 
     def __init__(self, specs: list[WorkerSpec]) -> None:
-        ctx = mp.get_context("spawn")
-        self.processes: list[Any] = []
-        self._conns: list[Any] = []
+        self.processes: list[WorkerProcess] = []
         self.failure: str | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -129,16 +177,14 @@ class WorkerPool:
         self.stopped = False
         try:
             for spec in specs:
-                recv, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=worker_main, args=(spec, send), name=f"allmos-tp-rank{spec.rank}",
-                                   daemon=True)
-                proc.start()
-                send.close()  # the child holds the write end now; EOF here means it is gone
-                self.processes.append(proc)
-                self._conns.append(recv)
+                self.processes.append(WorkerProcess(spec))
         except BaseException:
             self.stop()
             raise
+
+    @property
+    def _conns(self) -> list[Any]:
+        return [proc.conn for proc in self.processes]
 
     # ------------------------------------------------------------------ failure detection
     def poll(self) -> str | None:
@@ -184,7 +230,7 @@ class WorkerPool:
         self._watchdog.start()
 
     def _watch(self) -> None:
-        waitables = list(self._conns) + [p.sentinel for p in self.processes]
+        waitables = list(self._conns)  # a worker's exit closes its pipe: EOF wakes this wait too
         while not self._stopping.is_set():
             try:
                 multiprocessing.connection.wait(waitables, timeout=WATCH_INTERVAL_S)
@@ -313,8 +359,8 @@ class MultiprocessRunner(ModelRunner):
     """``ModelRunner`` over ``config.tensor_parallel_size`` processes; this process is rank 0.
 
     Rendezvous: ``MASTER_ADDR`` / ``MASTER_PORT`` when set (one engine per port), otherwise a free port
-    on 127.0.0.1. Workers are spawned (``multiprocessing`` 'spawn'), so scripts that build an engine at
-    import time need the usual ``if __name__ == "__main__":`` guard.
+    on 127.0.0.1. Workers are fresh interpreters running ``allmos.engine.worker`` (see ``WorkerProcess``),
+    so any script can build an engine, with or without a ``__main__`` guard.
     """
 
     def __init__(self, config: EngineConfig, source: ModelSource, device: torch.device, dtype: torch.dtype,
