@@ -8,8 +8,9 @@ driver's ``PendingStep`` is read by the engine.
 Failure handling: a watchdog thread in the driver waits on the workers' error pipes (a worker's exit
 closes its pipe, so exits wake it too). A worker that raises sends its formatted traceback and exits;
 the driver then aborts its NCCL group (gloo notices the closed sockets by itself), stops the other
-workers, and the engine call in progress raises ``WorkerError`` carrying that traceback. Workers exit when the driver dies (they
-poll their parent pid) and ignore Ctrl-C, which the driver turns into an orderly stop.
+workers, and the engine call in progress raises ``WorkerError`` carrying that traceback. Workers exit
+when the driver dies (they poll their parent pid) and ignore Ctrl-C, which the driver turns into an
+orderly stop.
 """
 
 from __future__ import annotations
