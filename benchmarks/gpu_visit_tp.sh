@@ -1,7 +1,7 @@
 #!/bin/bash
-# One visit on nvidia-h100-x2 for tensor parallelism: a tiny tp=2 generate with CUDA graphs (stack dumps
+# Tensor parallelism on a two-GPU machine, in one go: a tiny tp=2 generate with CUDA graphs (stack dumps
 # if stuck), the standard workload at tp=1 and tp=2, then the tp GPU tests. Full logs go to $OUT.
-# Usage (device tool, repo root): bash benchmarks/gpu_visit_tp.sh
+# Usage (repo root): bash benchmarks/gpu_visit_tp.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/allmos-out}; mkdir -p "$OUT"
