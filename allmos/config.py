@@ -1,4 +1,4 @@
-"""Engine configuration: user keys (API.md) plus the model's Hugging Face config, frozen and
+"""Engine configuration: user keys (docs/api.md) plus the model's Hugging Face config, frozen and
 validated once. Values discovered at run time (KV block count, EOS ids) live elsewhere."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ _BACKENDS = ("auto", "torch", "triton")
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """User-facing engine settings; names and defaults follow API.md."""
+    """User-facing engine settings; names, defaults and meanings in docs/api.md."""
 
     model: str | None = None
     max_model_len: int = 4096

@@ -1,4 +1,4 @@
-"""Objects returned to users (the vLLM shapes, see shared API.md)."""
+"""Objects returned to users (the vLLM shapes, described in docs/api.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``LLM``: the offline API of API.md (generate, chat, stream) over an ``LLMEngine``."""
+"""``LLM``: the offline API of docs/api.md (generate, chat, stream) over an ``LLMEngine``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ PromptType = str | list[int]
 
 
 class LLM:
-    """Offline inference: ``LLM(model=None, **config)``; see API.md for the keys."""
+    """Offline inference: ``LLM(model=None, **config)``; docs/api.md lists the keys."""
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         _default_logging()

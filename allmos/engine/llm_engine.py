@@ -89,10 +89,8 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.num_generated_tokens = 0
-        logger.info("KV cache: %d blocks of %d tokens, room for %d sequences of max_model_len=%d; %s %s",
-                    self.info.num_kv_blocks, config.kvcache_block_size,
-                    self.info.num_kv_blocks * config.kvcache_block_size // self.info.max_model_len,
-                    self.info.max_model_len, device, dtype)
+        logger.info(kv_cache_summary(self.info.num_kv_blocks, config.kvcache_block_size, self.info.max_model_len)
+                    + f"; {device} {dtype}")
         if device.type == "cuda":  # Triton compiles kernel variants on first use: do it now, not mid-request
             warm_up(self)
         freeze_startup_heap()
@@ -360,6 +358,16 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.runner.shutdown()
+
+
+def kv_cache_summary(num_blocks: int, block_size: int, max_model_len: int) -> str:
+    """The start-up line: what the KV cache holds in tokens, and how many full-length sequences fit."""
+    tokens = num_blocks * block_size
+    line = (f"KV cache: {num_blocks} blocks x {block_size} tokens = {tokens} tokens; "
+            f"max concurrency {tokens / max_model_len:.2f}x at max_model_len={max_model_len}")
+    if tokens < max_model_len:
+        line += f" (a request that may need more than {tokens} tokens is rejected)"
+    return line
 
 
 def _strip_eos(seq: Request, eos_ids: frozenset[int]) -> list[int]:

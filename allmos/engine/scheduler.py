@@ -13,13 +13,18 @@ Requests that could never fit the KV cache are rejected in ``add`` so every step
 from __future__ import annotations
 
 import abc
+import logging
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from allmos.engine.batch import ScheduledBatch, ScheduledSeq
 from allmos.engine.request import Request, RequestStatus
 from allmos.engine.sampler import SamplingRow
 from allmos.memory.block_manager import BlockManager
+
+logger = logging.getLogger("allmos")
 
 
 class Scheduler(abc.ABC):
@@ -62,6 +67,7 @@ class ContinuousBatchingScheduler(Scheduler):
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.preemption_log = PreemptionLog()
 
     # ------------------------------------------------------------------ admission
     def add(self, request: Request) -> None:
@@ -146,6 +152,7 @@ class ContinuousBatchingScheduler(Scheduler):
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         self.num_preemptions += 1
+        self.preemption_log.record(self.num_preemptions)
 
     def _to_scheduled_seq(self, request: Request, num_new: int) -> ScheduledSeq:
         start = request.num_computed_tokens
@@ -185,6 +192,29 @@ class ContinuousBatchingScheduler(Scheduler):
         for request in self.requests.values():
             if not 0 <= request.num_computed_tokens <= request.num_tokens:
                 raise RuntimeError(f"{request}: num_computed_tokens out of range")
+
+
+@dataclass
+class PreemptionLog:
+    """Preemptions as WARNING lines, at most one every ``interval_s`` seconds: each line counts the
+    preemptions since the previous line (the first preemption is reported at once)."""
+
+    interval_s: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    last_line: float | None = None  # clock() of the last line
+    unreported: int = 0
+
+    def record(self, total: int) -> None:
+        """Count one preemption (``total`` so far) and log if the last line is ``interval_s`` old."""
+        self.unreported += 1
+        now = self.clock()
+        if self.last_line is not None and now - self.last_line < self.interval_s:
+            return
+        since = "" if self.last_line is None else f" in the last {now - self.last_line:.0f} s"
+        logger.warning("KV cache full: preempted %d sequence(s)%s (%d since start); they are recomputed, which "
+                       "costs throughput. Give the KV cache more room (gpu_memory_utilization, num_kvcache_blocks) "
+                       "or batch fewer sequences (max_num_seqs).", self.unreported, since, total)
+        self.last_line, self.unreported = now, 0
 
 
 def _max_tokens(request: Request) -> int:

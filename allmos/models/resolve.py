@@ -22,7 +22,8 @@ class ModelSource:
 
     @property
     def checkpoint_dtype(self):
-        return dtype_from_name(getattr(self.hf_config, "torch_dtype", None) or getattr(self.hf_config, "dtype", None))
+        # ``dtype`` first: reading ``torch_dtype`` makes transformers >= 4.56 warn that it is deprecated
+        return dtype_from_name(getattr(self.hf_config, "dtype", None) or vars(self.hf_config).get("torch_dtype"))
 
 
 def resolve_model_folder(model: str | None) -> Path:
