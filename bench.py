@@ -7,9 +7,9 @@ Prints `Throughput: X tok/s` and, on a GPU, the fraction of the bandwidth ceilin
 import sys
 
 from allmos.benchmark import (
+    bench_model_config,
     ceiling_tokens_per_s,
     measure_copy_bandwidth,
-    model_config_dict,
     run_throughput,
     standard_workload,
 )
@@ -25,7 +25,7 @@ def main() -> None:
 
         if torch.cuda.is_available():
             bw = measure_copy_bandwidth()
-            ceiling = ceiling_tokens_per_s(model_config_dict(model), workload, bw)
+            ceiling = ceiling_tokens_per_s(bench_model_config(model), workload, bw)
             print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw:.2f} TB/s, ceiling {ceiling:.0f} tok/s, "
                   f"allmos at {result.tokens_per_s / ceiling:.0%} of it")
     except FileNotFoundError:

@@ -6,11 +6,14 @@ lengths and calls are those of nano-vLLM's ``bench.py`` so the numbers compare.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from allmos.models.model_config import ModelConfig
 
 DEFAULT_BENCH_MODEL = Path(__file__).resolve().parent.parent / "benchmarks" / "qwen3-0.6b"
 
@@ -30,18 +33,21 @@ def standard_workload(num_seqs: int = 256, min_input: int = 100, max_input: int 
     return Workload(prompts, max_tokens)
 
 
-def ceiling_tokens_per_s(config: dict, workload: Workload, bandwidth_tb_s: float, tflops: float = 790.0,
-                         kv_bytes: float = 2.0, weight_bytes_per_param: float = 2.0) -> float:
+def ceiling_tokens_per_s(config: ModelConfig, workload: Workload, bandwidth_tb_s: float, tflops: float = 790.0,
+                         kv_dtype=None, weight_bytes_per_param: float = 2.0) -> float:
     """Output tok/s if every decode step moved only the bytes it must (weights once, each sequence's KV
-    once) at ``bandwidth_tb_s`` and prefill ran at ``tflops``."""
-    layers, hidden, inter = config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
-    vocab = config["vocab_size"]
+    once, in ``kv_dtype``, default bfloat16) at ``bandwidth_tb_s`` and prefill ran at ``tflops``."""
+    import torch
+
+    from allmos.engine.kv_cache import KVCacheSpec
+
+    layers, hidden, inter = config.num_hidden_layers, config.hidden_size, config.intermediate_size
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    vocab = config.vocab_size
     attn_params = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
     layer_params = layers * (attn_params + 3 * hidden * inter)
     weights = weight_bytes_per_param * (layer_params + vocab * hidden)
-    kv_per_token = layers * 2 * kv_heads * head_dim * kv_bytes
+    kv_per_token = KVCacheSpec.for_model(config, 1, kv_dtype or torch.bfloat16).bytes_per_token
     lens, outs = [len(p) for p in workload.prompts], workload.max_tokens
     kv_reads = sum(n * (m - 1) + m * (m - 1) // 2 for n, m in zip(lens, outs))  # sum_{j=1}^{m-1} (n + j)
     decode_s = ((max(outs) - 1) * weights + kv_reads * kv_per_token) / (bandwidth_tb_s * 1e12)
@@ -97,5 +103,11 @@ def run_throughput(model: str | None = None, workload: Workload | None = None, *
     return BenchResult(seconds, sum(workload.max_tokens), sum(len(p) for p in workload.prompts))
 
 
-def model_config_dict(model: str | None) -> dict:
-    return json.loads((Path(model or DEFAULT_BENCH_MODEL) / "config.json").read_text())
+def bench_model_config(model: str | None) -> ModelConfig:
+    """The ModelConfig of ``model`` (a local folder; default: the benchmark model)."""
+    from allmos.models.model_config import load_model_config
+
+    folder = Path(model or DEFAULT_BENCH_MODEL)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder / 'config.json'} does not exist")
+    return load_model_config(folder)
