@@ -158,6 +158,13 @@ def test_rope_dialects_and_context_limit(tmp_path, scaling, limit):
         assert mc.effective_max_model_len(limit) == limit
 
 
+def test_yarn_without_factor_keeps_max_position():
+    """DeepSeek-style yarn states no factor: it is max_position / original, so the limit stays max_position."""
+    rope = {"rope_type": "yarn", "rope_theta": 1e4, "original_max_position_embeddings": 64}
+    mc = ModelConfig.from_hf(_llama(rope_parameters=rope))
+    assert mc.context_limit == TINY["max_position_embeddings"] == get_rope(mc.rope).cache_len
+
+
 def test_checkpoint_dtype_survives_save_and_load(tmp_path):
     hf_config, _ = _hf_pair("qwen3")
     hf_config.save_pretrained(tmp_path)
@@ -227,6 +234,21 @@ def test_kv_cache_spec_matches_model_and_allocation(tp_size):
     assert sum(k.nbytes + v.nbytes for k, v in caches) == 3 * spec.bytes_per_block
     assert spec.bytes_per_block == 16 * spec.bytes_per_token
     assert spec.blocks_for(16) == 1 and spec.blocks_for(17) == 2
+
+
+@pytest.mark.parametrize("tp_size", [1, 2, 4])
+def test_triton_backend_sized_from_model_config(monkeypatch, tp_size):
+    """The runner's backend gets this rank's heads from the ModelConfig; they are the model layers' own."""
+    from allmos.config import EngineConfig
+    from allmos.engine.model_runner import make_backend
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=8))
+    mc = ModelConfig.from_hf(Qwen3Config(**{**TINY, "head_dim": 24, "architectures": ["Qwen3ForCausalLM"]}))
+    backend = make_backend("triton", mc, tp_size, EngineConfig(max_num_seqs=5, max_model_len=64), torch.device("cpu"))
+    attn = build_model(mc, torch.float32, torch.device("meta"), TPGroup(0, tp_size)).model.layers[0].self_attn
+    assert backend.num_kv_heads == attn.num_kv_heads
+    max_seqs, num_heads, _, head_dim = backend.workspace.partial_out.shape
+    assert (max_seqs, num_heads, head_dim) == (5, attn.num_heads, attn.head_dim)
 
 
 def test_kv_block_counts():
