@@ -22,9 +22,10 @@ from allmos.layers.rotary import RopeConfig, rope_config_from_hf
 
 _REQUIRED = object()
 
-# Sizes that must be positive integers (checked in __post_init__, named as in config.json).
-_POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "max_position_embeddings")
+# Sizes config.json must state, and all sizes that must be positive integers (names as in config.json).
+_REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "max_position_embeddings")
+_POSITIVE_FIELDS = (*_REQUIRED_SIZES, "num_key_value_heads", "head_dim")
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,7 @@ class ModelConfig:
 
         architectures = tuple(_read(hf_config, "architectures", None) or ())
         class_for_architectures(architectures)  # an unsupported model fails on that, not on a missing field
-        sizes = {name: _read(hf_config, name) for name in _POSITIVE_FIELDS if name not in ("num_key_value_heads",
-                                                                                          "head_dim")}
+        sizes = {name: _read(hf_config, name) for name in _REQUIRED_SIZES}
         sizes["num_key_value_heads"] = _read(hf_config, "num_key_value_heads", None) or sizes["num_attention_heads"]
         for name, value in sizes.items():  # before the derived values below are computed from them
             _check_positive_int(name, value)
