@@ -11,6 +11,7 @@ from allmos.attention.metadata import AttentionMetadata
 from allmos.kernels.decode_attention import DecodeWorkspace, choose_num_splits, paged_decode_attention
 from allmos.kernels.prefill_attention import paged_prefill_attention
 from allmos.kernels.store_kv import store_kv_cache
+from allmos.models.model_config import ModelConfig
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -22,13 +23,15 @@ class TritonAttentionBackend(AttentionBackend):
 
     name = "triton"
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, max_num_seqs: int, max_model_len: int,
+    def __init__(self, model_config: ModelConfig, tp_size: int, max_num_seqs: int, max_model_len: int,
                  device: torch.device) -> None:
-        self.num_kv_heads = num_kv_heads
+        """Workspaces for ``max_num_seqs`` decode rows of this rank's heads (``tp_size`` ranks in all)."""
+        num_heads = model_config.num_heads_per_rank(tp_size)
+        self.num_kv_heads = model_config.num_kv_heads_per_rank(tp_size)
         self.max_model_len = max_model_len
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-        max_splits = choose_num_splits(1, num_kv_heads, max_model_len, self.num_sms)
-        self.workspace = DecodeWorkspace.allocate(max_num_seqs, num_heads, head_dim, max_splits, device)
+        max_splits = choose_num_splits(1, self.num_kv_heads, max_model_len, self.num_sms)
+        self.workspace = DecodeWorkspace.allocate(max_num_seqs, num_heads, model_config.head_dim, max_splits, device)
 
     def splits_for(self, num_seqs: int) -> int:
         """Split count for a decode batch; small batches are rounded up to a power of two (the CUDA-graph

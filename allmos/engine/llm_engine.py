@@ -21,7 +21,6 @@ from allmos.engine.request import PENDING_TOKEN, Request, RequestStatus
 from allmos.engine.scheduler import ContinuousBatchingScheduler, SchedulerConfig
 from allmos.engine.warmup import warm_up
 from allmos.memory.block_manager import BlockManager
-from allmos.models.decoder import effective_max_model_len
 from allmos.models.resolve import ModelSource, load_model_source
 from allmos.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from allmos.sampling_params import SamplingParams
@@ -66,12 +65,12 @@ class LLMEngine:
         self.source: ModelSource = load_model_source(config.model)
         self.tokenizer = self._load_tokenizer()
         device = config.resolved_device()
-        hf_config = self.source.hf_config
+        model_config = self.source.model_config
         dtype = config.resolved_dtype(self.source.checkpoint_dtype, device)
         self.runner = runner or self._make_runner(device, dtype)
         self.info = RuntimeInfo(
-            max_model_len=effective_max_model_len(config.max_model_len, hf_config),
-            vocab_size=hf_config.vocab_size,
+            max_model_len=model_config.effective_max_model_len(config.max_model_len),
+            vocab_size=model_config.vocab_size,
             eos_token_ids=frozenset(self._eos_ids()),
             num_kv_blocks=self.runner.num_kv_blocks,
             device=device, dtype=dtype,
@@ -100,7 +99,7 @@ class LLMEngine:
         if self.config.tensor_parallel_size > 1:
             from allmos.engine.tp_runner import MultiprocessRunner
             return MultiprocessRunner(self.config, self.source, device, dtype)
-        return LocalModelRunner(self.config, self.source.hf_config, self.source.folder, device, dtype)
+        return LocalModelRunner(self.config, self.source.model_config, self.source.folder, device, dtype)
 
     def _load_tokenizer(self):
         if not self.source.has_tokenizer:
@@ -111,7 +110,7 @@ class LLMEngine:
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
         for value in (self.source.generation_config.get("eos_token_id"),
-                      getattr(self.source.hf_config, "eos_token_id", None)):
+                      list(self.source.model_config.eos_token_ids)):
             ids.update(_as_list(value))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)

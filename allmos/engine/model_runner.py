@@ -24,16 +24,15 @@ from allmos.attention.torch_backend import TorchAttentionBackend
 from allmos.config import EngineConfig
 from allmos.engine.batch import ScheduledBatch
 from allmos.engine.cuda_graphs import DecodeGraphs
+from allmos.engine.kv_cache import KVCacheSpec, cpu_num_blocks, gpu_num_blocks
 from allmos.engine.request import PENDING_TOKEN
 from allmos.engine.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors
 from allmos.layers.tp import SINGLE, TPGroup
-from allmos.models.decoder import effective_max_model_len
 from allmos.models.loader import build_model, init_dummy_weights, load_weights, safetensors_files
+from allmos.models.model_config import ModelConfig
 from allmos.utils.transfer import pack_aligned, split_packed, to_device
 
 logger = logging.getLogger("allmos")
-
-CPU_KV_CACHE_BYTES = 1 << 30  # KV budget on the CPU when num_kvcache_blocks is not given
 
 
 @dataclass
@@ -87,14 +86,6 @@ class PendingStep:
         return StepResult(token_ids, logprobs)
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    num_layers: int
-    num_kv_heads: int  # on this rank
-    head_dim: int
-    vocab_size: int
-
-
 class ModelRunner(abc.ABC):
     """Executes scheduled batches on one device (or one tensor-parallel rank)."""
 
@@ -111,32 +102,30 @@ class ModelRunner(abc.ABC):
         """Release devices and workers."""
 
 
-def make_backend(name: str, model: torch.nn.Module, config: EngineConfig, device: torch.device) -> AttentionBackend:
+def make_backend(name: str, model_config: ModelConfig, tp_size: int, config: EngineConfig,
+                 device: torch.device) -> AttentionBackend:
     if name == "torch":
         return TorchAttentionBackend()
     from allmos.attention.triton_backend import TritonAttentionBackend
-    attn = model.model.layers[0].self_attn
-    return TritonAttentionBackend(attn.num_heads, attn.head_dim, attn.num_kv_heads, config.max_num_seqs,
-                                  config.max_model_len, device)
+    return TritonAttentionBackend(model_config, tp_size, config.max_num_seqs, config.max_model_len, device)
 
 
 class LocalModelRunner(ModelRunner):
-    def __init__(self, config: EngineConfig, hf_config, model_path: Path | None, device: torch.device,
-                 dtype: torch.dtype, tp: TPGroup = SINGLE) -> None:
-        self.config = config
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model_path: Path | None,
+                 device: torch.device, dtype: torch.dtype, tp: TPGroup = SINGLE) -> None:
+        self.config, self.model_config = config, model_config
         self.device, self.dtype, self.tp = device, dtype, tp
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None  # previous step's device tokens
         self._last_sampling: tuple[list[SamplingRow], SamplingTensors] | None = None  # rows -> their tensors
-        self.model = build_model(hf_config, dtype, device, tp)
+        self.model = build_model(model_config, dtype, device, tp)
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
         else:
             load_weights(self.model, safetensors_files(model_path))
-        attn = self.model.model.layers[0].self_attn
-        self.shape = ModelShape(len(self.model.model.layers), attn.num_kv_heads, attn.head_dim, hf_config.vocab_size)
+        self.kv_spec = KVCacheSpec.for_model(model_config, config.kvcache_block_size, dtype, tp.size)
         self.block_size = config.kvcache_block_size
-        self.max_model_len = effective_max_model_len(config.max_model_len, hf_config)
-        self.backend = make_backend(config.resolved_backend(device), self.model, config, device)
+        self.max_model_len = model_config.effective_max_model_len(config.max_model_len)
+        self.backend = make_backend(config.resolved_backend(device), model_config, tp.size, config, device)
         self.sampler = Sampler()
         self.num_kv_blocks = self._min_over_ranks(self._decide_num_blocks())
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
@@ -159,11 +148,7 @@ class LocalModelRunner(ModelRunner):
         self.graphs = None
         gc.collect()
 
-    # ------------------------------------------------------------------ KV cache
-    def block_bytes(self) -> int:
-        s = self.shape
-        return 2 * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * self.dtype.itemsize
-
+    # ------------------------------------------------------------------ KV cache (sizes: allmos.engine.kv_cache)
     def _min_over_ranks(self, value: int) -> int:
         """The smallest ``value`` of all tensor-parallel ranks (one block manager serves them all)."""
         if self.tp.size == 1:
@@ -175,10 +160,8 @@ class LocalModelRunner(ModelRunner):
     def _decide_num_blocks(self) -> int:
         if self.config.num_kvcache_blocks is not None:
             return self.config.num_kvcache_blocks
-        per_seq = -(-self.max_model_len // self.block_size)
         if self.device.type == "cpu":
-            budget_blocks = max(per_seq, CPU_KV_CACHE_BYTES // self.block_bytes())
-            return min(budget_blocks, per_seq * self.config.max_num_seqs)
+            return cpu_num_blocks(self.kv_spec, self.max_model_len, self.config.max_num_seqs)
         return self._profile_num_blocks()
 
     def _profile_num_blocks(self) -> int:
@@ -196,13 +179,7 @@ class LocalModelRunner(ModelRunner):
         activation_peak = torch.cuda.max_memory_allocated(self.device) - base
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        available = total * self.config.gpu_memory_utilization - (total - free) - activation_peak
-        num_blocks = int(available // self.block_bytes())
-        if num_blocks < 1:
-            raise ValueError(f"no GPU memory left for the KV cache ({(total - free) / 2**30:.1f} GiB in use, "
-                             f"{activation_peak / 2**30:.1f} GiB activation peak, {total / 2**30:.1f} GiB card); "
-                             "raise gpu_memory_utilization or lower max_num_batched_tokens")
-        return num_blocks
+        return gpu_num_blocks(self.kv_spec, total, free, activation_peak, self.config.gpu_memory_utilization)
 
     def _profile_forward(self, num_tokens: int) -> None:
         """One forward over ``num_tokens`` prompt tokens (in one sequence chunked by max_model_len)."""
@@ -225,12 +202,7 @@ class LocalModelRunner(ModelRunner):
         del caches
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        s = self.shape
-        # zeros: the torch decode path reads (masked) slots past each sequence's length, which must not
-        # hold NaN bit patterns; the Triton kernels never read them
-        cache = torch.zeros(2, s.num_layers, num_blocks, self.block_size, s.num_kv_heads, s.head_dim,
-                            dtype=self.dtype, device=self.device)
-        return [(cache[0, i], cache[1, i]) for i in range(s.num_layers)]
+        return self.kv_spec.allocate(num_blocks, self.device)
 
     # ------------------------------------------------------------------ one step
     def execute(self, batch: ScheduledBatch) -> PendingStep:
@@ -263,7 +235,7 @@ class LocalModelRunner(ModelRunner):
                 a is b for a, b in zip(previous[0], rows, strict=True)):
             tensors = previous[1].at_positions(positions)
         else:
-            tensors = SamplingTensors.build(rows, self.shape.vocab_size, self.device, validate=False,
+            tensors = SamplingTensors.build(rows, self.model_config.vocab_size, self.device, validate=False,
                                             positions=positions)
         self._last_sampling = (rows, tensors)
         return tensors

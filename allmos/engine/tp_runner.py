@@ -44,6 +44,7 @@ from allmos.engine.worker import (
     init_rank_groups,
     set_nccl_env,
 )
+from allmos.models.model_config import ModelConfig
 from allmos.models.resolve import ModelSource
 
 logger = logging.getLogger("allmos")
@@ -57,19 +58,10 @@ class WorkerError(RuntimeError):
     """A tensor-parallel worker failed; the message carries its traceback."""
 
 
-def validate_tp(config: EngineConfig, hf_config: Any, device: torch.device) -> None:
+def validate_tp(config: EngineConfig, model_config: ModelConfig, device: torch.device) -> None:
     """Raise ValueError naming the field when ``tensor_parallel_size`` cannot shard this model here."""
     tp = config.tensor_parallel_size
-    heads = hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    if heads % tp:
-        raise ValueError(f"tensor_parallel_size={tp} must divide the model's num_attention_heads={heads}")
-    if kv_heads % tp and tp % kv_heads:
-        raise ValueError(f"tensor_parallel_size={tp} and the model's num_key_value_heads={kv_heads}: "
-                         "one must divide the other")
-    inter = getattr(hf_config, "intermediate_size", None)
-    if inter is not None and inter % tp:
-        raise ValueError(f"tensor_parallel_size={tp} must divide the model's intermediate_size={inter}")
+    model_config.verify_tensor_parallel_size(tp)
     if device.type == "cuda":
         first = device.index or 0
         available = torch.cuda.device_count()
@@ -369,7 +361,7 @@ class MultiprocessRunner(ModelRunner):
         world = config.tensor_parallel_size
         if world < 2:
             raise ValueError(f"tensor_parallel_size must be >= 2 for MultiprocessRunner, got {world}")
-        validate_tp(config, source.hf_config, device)
+        validate_tp(config, source.model_config, device)
         self.config, self.world_size = config, world
         self.debug = debug or DebugOptions.from_env()
         self.device = rank_device(device, 0)
@@ -392,7 +384,7 @@ class MultiprocessRunner(ModelRunner):
             groups = init_rank_groups(store, 0, world, self.device, self.timeout_s)
             self._dist.attach(groups)
             pool.start_watchdog(self._dist.abort)
-            self.local = LocalModelRunner(config, source.hf_config, source.folder, self.device, dtype, groups.tp)
+            self.local = LocalModelRunner(config, source.model_config, source.folder, self.device, dtype, groups.tp)
             self._dist.local = self.local
         except BaseException as exc:
             self._fail(exc)

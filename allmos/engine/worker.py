@@ -298,7 +298,7 @@ def _run_worker(spec: WorkerSpec) -> None:
     if spec.debug.fail_rank == spec.rank and spec.debug.fail_at_step == 0:
         raise RuntimeError(f"injected failure on rank {spec.rank} at start-up (ALLMOS_TP_FAIL_AT)")
     source = load_model_source(spec.model_folder)
-    runner = LocalModelRunner(spec.config, source.hf_config, Path(spec.model_folder), device, spec.dtype, groups.tp)
+    runner = LocalModelRunner(spec.config, source.model_config, Path(spec.model_folder), device, spec.dtype, groups.tp)
     freeze_startup_heap()  # a full collection in one rank stalls every rank's collectives
     serve(runner, StepChannel(groups.control), groups, spec)
     if device.type == "cuda":

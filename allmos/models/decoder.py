@@ -3,7 +3,8 @@
 Family differences are explicit in ``DecoderSpec`` and chosen by the architecture name (see
 ``models.registry``): Qwen3 normalizes q and k per head, Qwen2 always has a q/k/v bias, Llama-style
 models take biases from ``attention_bias`` / ``mlp_bias``. Module names equal checkpoint keys; packed
-modules (``qkv_proj``, ``gate_up_proj``) are declared in ``packed_modules_mapping``.
+modules (``qkv_proj``, ``gate_up_proj``) are declared in ``packed_modules_mapping``. Every class takes the
+model's facts as a ``ModelConfig`` (never the Hugging Face config).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from allmos.layers.attention import Attention
 from allmos.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from allmos.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from allmos.layers.norm import RMSNorm
-from allmos.layers.rotary import CachedRotaryEmbedding, RotaryEmbedding, get_rope, rope_config_from_hf
+from allmos.layers.rotary import CachedRotaryEmbedding, RotaryEmbedding, get_rope
 from allmos.layers.tp import SINGLE, TPGroup
+from allmos.models.model_config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -34,38 +36,12 @@ class DecoderSpec:
     mlp_bias: bool = False
 
 
-def context_limit(cfg) -> int | None:
-    """Longest sequence the model supports: max_position_embeddings, extended by linear / dynamic / yarn
-    RoPE scaling (as vLLM derives it); None when the config does not say."""
-    limit = getattr(cfg, "max_position_embeddings", None)
-    if not limit:
-        return None
-    rope = rope_config_from_hf(cfg)
-    scaling = rope.scaling or {}
-    if rope.rope_type in ("linear", "dynamic"):
-        return int(limit * scaling["factor"])
-    if rope.rope_type == "yarn":
-        original = scaling.get("original_max_position_embeddings", limit)
-        return max(limit, int(original * scaling["factor"]))
-    return limit
-
-
-def effective_max_model_len(requested: int, cfg) -> int:
-    """The engine's max_model_len: the user's value capped by the model's own ``context_limit``."""
-    limit = context_limit(cfg)
-    return min(requested, limit) if limit else requested
-
-
-def head_dim_of(cfg) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg, spec: DecoderSpec, layer_idx: int, tp: TPGroup, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, spec: DecoderSpec, layer_idx: int, tp: TPGroup,
+                 rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        head_dim = head_dim_of(cfg)
-        num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, head_dim, cfg.num_attention_heads, num_kv_heads,
+        head_dim = cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, head_dim, cfg.num_attention_heads, cfg.num_key_value_heads,
                                           bias=spec.qkv_bias, tp=tp)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = head_dim
@@ -106,9 +82,9 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, cfg, spec: DecoderSpec, tp: TPGroup) -> None:
+    def __init__(self, cfg: ModelConfig, spec: DecoderSpec, tp: TPGroup) -> None:
         super().__init__()
-        act = getattr(cfg, "hidden_act", "silu")
+        act = cfg.hidden_act
         if act != "silu":
             raise ValueError(f"hidden_act={act!r} is not supported (only 'silu')")
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2,
@@ -121,7 +97,8 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, spec: DecoderSpec, layer_idx: int, tp: TPGroup, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, spec: DecoderSpec, layer_idx: int, tp: TPGroup,
+                 rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         self.self_attn = DecoderAttention(cfg, spec, layer_idx, tp, rotary_emb)
         self.mlp = DecoderMLP(cfg, spec, tp)
@@ -139,10 +116,10 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg, spec: DecoderSpec, tp: TPGroup) -> None:
+    def __init__(self, cfg: ModelConfig, spec: DecoderSpec, tp: TPGroup) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        rotary_emb = get_rope(rope_config_from_hf(cfg))
+        rotary_emb = get_rope(cfg.rope)
         self.layers = nn.ModuleList(DecoderLayer(cfg, spec, i, tp, rotary_emb) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -166,17 +143,18 @@ class DecoderForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg, tp: TPGroup = SINGLE) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg, self.make_spec(cfg), tp)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
-        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.tie_word_embeddings = cfg.tie_word_embeddings
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @classmethod
-    def make_spec(cls, cfg) -> DecoderSpec:
+    def make_spec(cls, cfg: ModelConfig) -> DecoderSpec:
+        """This family's ``DecoderSpec`` for ``cfg``; ValueError for settings the family does not support."""
         raise NotImplementedError
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
