@@ -8,11 +8,14 @@ other engines measured on it. ``python -m allmos.benchmark --ceiling --bw 4.3`` 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from allmos.models.model_config import ModelConfig
 
 DEFAULT_BENCH_MODEL = Path(__file__).resolve().parent.parent / "benchmarks" / "qwen3-0.6b"
 MODEL_HELP = ("model folder, .gguf file or hub id (default: Qwen3-0.6B with random weights, built from "
@@ -65,9 +68,9 @@ class Ceiling:
         return self.output_tokens / (self.decode_s + self.prefill_s)
 
 
-def ceiling(config: dict, workload: Workload, bandwidth_tb_s: float, tflops: float = 790.0,
+def ceiling(config: ModelConfig, workload: Workload, bandwidth_tb_s: float, tflops: float = 790.0,
             kv_bytes: float = 2.0, weight_bytes_per_param: float = 2.0) -> Ceiling:
-    """The bandwidth ceiling of ``workload`` on a model of ``config``'s shapes (Hugging Face config.json keys).
+    """The bandwidth ceiling of ``workload`` on a model of ``config``'s shapes.
 
     Decode: ``num_decode_steps`` steps, each reading the weights (layers plus one vocab x hidden matrix)
     once; a sequence with an n-token prompt reads n + j cached tokens at its j-th decode step, for j in
@@ -75,10 +78,9 @@ def ceiling(config: dict, workload: Workload, bandwidth_tb_s: float, tflops: flo
     attention 2 * L^2 * head_dim per head and layer for an L-token prompt, and one LM-head row per
     sequence, at ``tflops``. Norms, rotary and sampling are left out.
     """
-    layers, hidden, inter = config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
-    vocab = config["vocab_size"]
+    layers, hidden, inter = config.num_hidden_layers, config.hidden_size, config.intermediate_size
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    vocab = config.vocab_size
     attn_params = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
     layer_params = layers * (attn_params + 3 * hidden * inter)
     weights = weight_bytes_per_param * (layer_params + vocab * hidden)
@@ -92,7 +94,7 @@ def ceiling(config: dict, workload: Workload, bandwidth_tb_s: float, tflops: flo
     return Ceiling(weights, kv_reads * kv_per_token, decode_s, prefill_s, workload.num_output_tokens)
 
 
-def ceiling_tokens_per_s(config: dict, workload: Workload, bandwidth_tb_s: float, tflops: float = 790.0,
+def ceiling_tokens_per_s(config: ModelConfig, workload: Workload, bandwidth_tb_s: float, tflops: float = 790.0,
                          kv_bytes: float = 2.0, weight_bytes_per_param: float = 2.0) -> float:
     """Output tok/s if every decode step moved only the bytes it must (weights once, each sequence's KV
     once) at ``bandwidth_tb_s`` and prefill ran at ``tflops`` (see ``ceiling``)."""
@@ -149,12 +151,14 @@ def run_throughput(model: str | None = None, workload: Workload | None = None, *
     return BenchResult(seconds, generated, sum(len(out.prompt_token_ids) for out in outputs))
 
 
-def model_config_dict(model: str | None) -> dict:
-    """The config.json of a model folder (the benchmark's Qwen3-0.6B shapes without ``model``)."""
-    path = Path(model or DEFAULT_BENCH_MODEL) / "config.json"
-    if not path.is_file():
-        raise ValueError(f"the ceiling needs a model folder with config.json; {path} does not exist")
-    return json.loads(path.read_text())
+def bench_model_config(model: str | None) -> ModelConfig:
+    """The ModelConfig of a model folder (the benchmark's Qwen3-0.6B shapes without ``model``)."""
+    from allmos.models.model_config import load_model_config
+
+    path = Path(model or DEFAULT_BENCH_MODEL)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"the ceiling needs a model folder with config.json; {path / 'config.json'} does not exist")
+    return load_model_config(path)
 
 
 def build_parser(prog: str = "python -m allmos.benchmark") -> argparse.ArgumentParser:
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m allmos.benchmark"
     workload = standard_workload()
     try:
         if a.ceiling:
-            config = model_config_dict(a.model)
+            config = bench_model_config(a.model)
             bw = _bandwidth(a.bw)
             if bw is None:
                 raise ValueError("no GPU to measure: give the bandwidth with --bw TB/s")
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m allmos.benchmark"
               f"Throughput: {result.tokens_per_s:.2f}tok/s")
         bw = _bandwidth(a.bw)
         if bw is not None:
-            c = ceiling(model_config_dict(a.model), workload, bw, a.tflops, a.kv_bytes, a.weight_bytes)
+            c = ceiling(bench_model_config(a.model), workload, bw, a.tflops, a.kv_bytes, a.weight_bytes)
             print(f"{describe_ceiling(c, bw, workload)}; this run at {result.tokens_per_s / c.tokens_per_s:.0%} of it")
     except ValueError as exc:
         parser.exit(2, f"{prog}: error: {exc}\n")

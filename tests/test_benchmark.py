@@ -7,24 +7,28 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from allmos.benchmark import (
     DEFAULT_BENCH_MODEL,
     Workload,
+    bench_model_config,
     ceiling,
     ceiling_tokens_per_s,
-    model_config_dict,
     run_throughput,
     standard_workload,
 )
+from allmos.models.model_config import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
 # A model small enough to do the arithmetic by hand (head_dim given explicitly, as Qwen3 does).
-TINY_CONFIG = dict(num_hidden_layers=2, hidden_size=8, intermediate_size=16, num_attention_heads=2,
-                   num_key_value_heads=1, head_dim=4, vocab_size=10)
+TINY_FIELDS = dict(num_hidden_layers=2, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=4, vocab_size=10, architectures=["Qwen3ForCausalLM"],
+                   max_position_embeddings=64, rms_norm_eps=1e-6)
+TINY_CONFIG = ModelConfig.from_hf(SimpleNamespace(**TINY_FIELDS))
 
 
 def test_standard_workload_matches_the_published_totals():
@@ -70,14 +74,15 @@ def test_ceiling_matches_a_hand_computation():
 
 
 def test_ceiling_head_dim_defaults_to_hidden_over_heads():
-    config = {k: v for k, v in TINY_CONFIG.items() if k != "head_dim"}  # 8 / 2 = 4, the same shapes
+    fields = {k: v for k, v in TINY_FIELDS.items() if k != "head_dim"}  # 8 / 2 = 4, the same shapes
+    config = ModelConfig.from_hf(SimpleNamespace(**fields))
     workload = Workload([[1, 2, 3]], [5])
     assert ceiling_tokens_per_s(config, workload, 2.0) == ceiling_tokens_per_s(TINY_CONFIG, workload, 2.0)
 
 
 def test_qwen3_ceiling_weights_are_the_models_parameter_count():
     """Qwen3-0.6B has about 0.6e9 parameters (0.44e9 without the embedding): 2 bytes each in bf16."""
-    c = ceiling(model_config_dict(None), standard_workload(num_seqs=2), bandwidth_tb_s=4.0)
+    c = ceiling(bench_model_config(None), standard_workload(num_seqs=2), bandwidth_tb_s=4.0)
     assert 1.1e9 < c.weight_bytes < 1.3e9
 
 
@@ -85,13 +90,13 @@ def test_ceiling_cli_prints_the_function_result():
     proc = subprocess.run([sys.executable, "-m", "allmos.benchmark", "--ceiling", "--bw", "4.3", "--kv-bytes", "1"],
                           capture_output=True, text=True, cwd=REPO, env=_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
-    expected = ceiling_tokens_per_s(model_config_dict(None), standard_workload(), 4.3, kv_bytes=1)
+    expected = ceiling_tokens_per_s(bench_model_config(None), standard_workload(), 4.3, kv_bytes=1)
     assert f"ceiling {expected:,.0f} tok/s at 4.30 TB/s" in proc.stdout
 
 
 def test_ceiling_needs_a_config_json(tmp_path):
     with pytest.raises(ValueError, match="config.json"):
-        model_config_dict(str(tmp_path))
+        bench_model_config(str(tmp_path))
 
 
 def test_bench_py_help_is_help_not_a_model_name():
