@@ -217,6 +217,17 @@ def test_n_is_bounded():
     assert "1024" in SamplingParams.__doc__
 
 
+def test_generation_config_numbers_written_as_floats(qwen3_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "g"
+    shutil.copytree(qwen3_dir, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "top_k": 20.0, "temperature": 1}))
+    params = LLM(str(folder)).engine.default_sampling_params()
+    assert params.top_k == 20 and type(params.top_k) is int and params.temperature == 1.0
+
+
 def test_prompt_logprobs_beyond_vocab(llm):
     with pytest.raises(ValueError, match="prompt_logprobs must be <= the vocabulary size 512"):
         llm.generate([[1, 2]], SamplingParams(prompt_logprobs=513), use_tqdm=False)
@@ -495,7 +506,7 @@ def test_tp2_prompt_logprobs_match_tp1(qwen3_dir, monkeypatch):
     monkeypatch.delenv("MASTER_PORT", raising=False)
     ps = make_prompts(3, seed=12, lengths=(10, 45))
     params = SamplingParams(temperature=0.8, seed=3, max_tokens=4, ignore_eos=True, logprobs=2, prompt_logprobs=3)
-    kwargs = dict(kvcache_block_size=16, max_num_batched_tokens=32)
+    kwargs = dict(kvcache_block_size=16, max_num_batched_tokens=32, device="cpu")
     single = LLM(str(qwen3_dir), **kwargs)
     want = single.generate(ps, params, use_tqdm=False)
     del single

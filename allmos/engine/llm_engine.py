@@ -129,6 +129,8 @@ class LLMEngine:
         gen = self.source.generation_config
         keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # same names in both
         kwargs = {key: gen[key] for key in keys if gen.get(key) is not None}
+        if isinstance(kwargs.get("top_k"), float) and kwargs["top_k"].is_integer():
+            kwargs["top_k"] = int(kwargs["top_k"])  # some configs write 20.0; SamplingParams takes ints
         if gen.get("do_sample") is False:
             kwargs["temperature"] = 0.0
         if gen.get("max_new_tokens"):
