@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from allmos.engine.llm import LLM
-    from allmos.outputs import CompletionOutput, RequestMetrics, RequestOutput
+    from allmos.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
     from allmos.sampling_params import SamplingParams
 
 # public name -> module that defines it (read-only)
@@ -22,9 +22,10 @@ _LAZY = MappingProxyType({
     "RequestOutput": "allmos.outputs",
     "CompletionOutput": "allmos.outputs",
     "RequestMetrics": "allmos.outputs",
+    "Logprob": "allmos.outputs",
 })
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics", "Logprob"]
 __version__ = "0.1.0"
 
 

@@ -39,6 +39,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     seed: int = 0
     tokenizer: str | None = None
+    trust_remote_code: bool = False  # accepted for vLLM compatibility; True is refused (no remote code runs)
 
     @classmethod
     def from_kwargs(cls, model: str | None, **kwargs: Any) -> EngineConfig:
@@ -63,8 +64,11 @@ class EngineConfig:
             raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
         if self.attention_backend not in _BACKENDS:
             raise ValueError(f"attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        _check_device(self.device)
+        if self.trust_remote_code is not False:
+            raise ValueError(f"trust_remote_code={self.trust_remote_code!r} is not supported: allmos never runs code "
+                             "shipped with a model; it loads the architectures it implements itself "
+                             "(leave trust_remote_code unset or False)")
         if isinstance(self.dtype, str) and self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
 
@@ -93,6 +97,27 @@ class EngineConfig:
     @property
     def use_cuda_graphs(self) -> bool:
         return self.enable_cuda_graphs and not self.enforce_eager
+
+
+def _check_device(device: object) -> None:
+    """'auto', 'cpu', 'cuda' or 'cuda:N' (or a torch.device); a CUDA device must exist here (checked before
+    anything loads)."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device in ("auto", "cpu"):
+        return
+    if not isinstance(device, str) or not (device == "cuda" or device.startswith("cuda:")):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    index_text = device.partition(":")[2]
+    if device != "cuda" and not index_text.isdigit():
+        raise ValueError(f"device {device!r}: the index after 'cuda:' must be a non-negative integer")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA device is available on this machine "
+                         "(use device='cpu' or 'auto')")
+    count = torch.cuda.device_count()
+    if index_text and int(index_text) >= count:
+        raise ValueError(f"device={device!r} but only {count} CUDA device(s) are available "
+                         f"(cuda:0..cuda:{count - 1})")
 
 
 def _positive(cfg: EngineConfig, *names: str) -> None:

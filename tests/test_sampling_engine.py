@@ -112,11 +112,11 @@ def test_greedy_logprobs_match_transformers(llm, qwen3_dir):
     ref = torch.log_softmax(logits, dim=-1)
     total = 0.0
     for step, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
-        assert abs(entry[token] - ref[step, token].item()) < 1e-4
+        assert abs(entry[token].logprob - ref[step, token].item()) < 1e-4
         top = torch.topk(ref[step], 3)
         for tid, val in zip(top.indices.tolist(), top.values.tolist()):
-            assert abs(entry[tid] - val) < 1e-4
-        total += entry[token]
+            assert abs(entry[tid].logprob - val) < 1e-4
+        total += entry[token].logprob
     assert abs(completion.cumulative_logprob - total) < 1e-4
 
 

@@ -7,6 +7,17 @@ from dataclasses import dataclass
 from allmos.engine.sampler import SamplingRow
 
 
+@dataclass(frozen=True)
+class PromptLogprobsChunk:
+    """Prompt logprobs asked of one scheduled chunk: the logits at position ``start_pos + i`` give the
+    logprob (and rank) of ``target_token_ids[i]``, the prompt token at ``start_pos + i + 1``, and the top
+    ``num_logprobs`` tokens. Only a prefix of the chunk's positions may have targets (the logits of the last
+    prompt token predict no prompt token)."""
+
+    num_logprobs: int
+    target_token_ids: list[int]
+
+
 @dataclass
 class ScheduledSeq:
     """One sequence's share of a step: compute KV for ``input_token_ids`` at positions
@@ -19,6 +30,7 @@ class ScheduledSeq:
     start_pos: int  # the sequence's num_computed_tokens before this step
     block_table: list[int]
     sampling: SamplingRow | None
+    prompt_logprobs: PromptLogprobsChunk | None = None  # set only for requests with prompt_logprobs
 
     @property
     def num_new_tokens(self) -> int:
@@ -32,9 +44,13 @@ class ScheduledSeq:
 
 @dataclass
 class ScheduledBatch:
-    """Every sequence scheduled for one forward pass, in the order the runner lays out tokens."""
+    """Every sequence scheduled for one forward pass, in the order the runner lays out tokens.
+
+    ``has_prompt_logprobs`` is True exactly when some sequence carries a ``PromptLogprobsChunk``; whoever
+    builds the batch sets it (the scheduler, the step decoder), so the runner's common path needs no scan."""
 
     seqs: list[ScheduledSeq]
+    has_prompt_logprobs: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -9,20 +9,22 @@ import itertools
 import logging
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 
 from allmos.config import EngineConfig
 from allmos.engine.batch import ScheduledBatch
 from allmos.engine.detokenizer import IncrementalDetokenizer
-from allmos.engine.model_runner import LocalModelRunner, ModelRunner
+from allmos.engine.model_runner import LocalModelRunner, LogprobEntries, ModelRunner, PromptLogprobsResult
 from allmos.engine.request import PENDING_TOKEN, Request, RequestStatus
 from allmos.engine.scheduler import ContinuousBatchingScheduler, SchedulerConfig
 from allmos.engine.warmup import warm_up
+from allmos.inputs import ParsedPrompt, PromptType, parse_prompt
 from allmos.memory.block_manager import BlockManager
 from allmos.models.resolve import ModelSource, load_model_source
-from allmos.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from allmos.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from allmos.sampling_params import SamplingParams
 from allmos.utils.heap import freeze_startup_heap
 
@@ -53,6 +55,7 @@ class _Group:
     detokenizers: list[IncrementalDetokenizer | None]
     arrival_time: float
     stream: bool = False  # report every step (not only the final output)
+    prompt_logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # prompt positions 1, 2, ...
 
     @property
     def finished(self) -> bool:
@@ -85,6 +88,8 @@ class LLMEngine:
         self._in_flight = None  # (PendingStep, reserved token slots) of the last launched step
         self._penalized: set[str] = set()  # requests whose sampling needs their real output tokens
         self._deferred: dict[str, list[Request]] = {}  # n > 1 siblings waiting for the shared prompt
+        self._prompt_logprob_groups: dict[str, _Group] = {}  # sequence id -> group collecting prompt logprobs
+        self._token_texts: dict[int, str] = {}  # decoded_token of logprob entries, per token id
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.num_generated_tokens = 0
@@ -121,6 +126,8 @@ class LLMEngine:
         gen = self.source.generation_config
         keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # same names in both
         kwargs = {key: gen[key] for key in keys if gen.get(key) is not None}
+        if isinstance(kwargs.get("top_k"), float) and kwargs["top_k"].is_integer():
+            kwargs["top_k"] = int(kwargs["top_k"])  # some configs write 20.0; SamplingParams takes ints
         if gen.get("do_sample") is False:
             kwargs["temperature"] = 0.0
         if gen.get("max_new_tokens"):
@@ -138,14 +145,20 @@ class LLMEngine:
             return self.tokenizer.encode(prompt, add_special_tokens=not templated)
         return list(prompt)
 
-    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
-                    *, stream: bool = False, arrival_time: float | None = None) -> str:
-        """Validate and queue a request; raises ValueError (and queues nothing) on bad input."""
-        params = params or self.default_sampling_params()
+    def add_request(self, request_id: str | None, prompt: PromptType | ParsedPrompt,
+                    params: SamplingParams | None = None, *, stream: bool = False,
+                    arrival_time: float | None = None) -> str:
+        """Validate and queue a request; raises ValueError (and queues nothing) on bad input.
+
+        ``prompt``: a text, a list of token ids, ``{"prompt": text}`` or ``{"prompt_token_ids": ids}``."""
+        params = self.default_sampling_params() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        parsed = prompt if isinstance(prompt, ParsedPrompt) else parse_prompt(prompt)
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
-        token_ids = self.tokenize(prompt)
+        token_ids = self.tokenize(parsed.text) if parsed.token_ids is None else list(parsed.token_ids)
         self._validate_prompt(token_ids, params)
         arrival = arrival_time or time.time()
         seqs = [self._make_seq(request_id, i, token_ids, params, arrival) for i in range(params.n)]
@@ -155,11 +168,14 @@ class LLMEngine:
             # siblings wait until the first one's prompt is in the KV cache, then share its full blocks
             self._deferred[request_id] = seqs[1:]
         needs_stream_text = stream or bool(params.stop)
-        self._groups[request_id] = _Group(
-            request_id, prompt if isinstance(prompt, str) else None, token_ids, params, seqs,
-            [self._detokenizer(token_ids, params) if needs_stream_text else None for _ in seqs], arrival, stream)
+        group = _Group(request_id, parsed.text, token_ids, params, seqs,
+                       [self._detokenizer(token_ids, params) if needs_stream_text else None for _ in seqs],
+                       arrival, stream)
+        self._groups[request_id] = group
         if params.has_penalties:
             self._penalized.add(request_id)
+        if seqs[0].num_prompt_logprobs is not None:
+            self._prompt_logprob_groups[seqs[0].request_id] = group
         return request_id
 
     def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
@@ -180,6 +196,8 @@ class LLMEngine:
         seq_id = request_id if params.n == 1 else f"{request_id}#{index}"
         seed = self._rng.getrandbits(63) if params.seed is None else (params.seed + 0x9E3779B97F4A7C15 * index) % 2**63
         seq = Request(seq_id, token_ids, params, seed, arrival, group_id=request_id, index=index)
+        if index == 0 and params.prompt_logprobs is not None and len(token_ids) > 1:
+            seq.num_prompt_logprobs = params.prompt_logprobs  # the first sequence computes them for the group
         if params.min_tokens > 0:
             seq.banned_token_ids = tuple(sorted(set(params.stop_token_ids) | (
                 set() if params.ignore_eos else set(self.info.eos_token_ids))))
@@ -193,7 +211,8 @@ class LLMEngine:
 
     def abort(self, request_id: str, *, emit_output: bool = True) -> RequestOutput | None:
         """Stop a request now and free its blocks; its final output (``finish_reason='abort'``) is returned
-        and, with ``emit_output``, also delivered by the next ``step``."""
+        and, with ``emit_output``, also delivered by the next ``step``. An unknown or already finished id
+        changes nothing and returns None."""
         group = self._remove(request_id)
         if group is None:
             return None
@@ -205,6 +224,19 @@ class LLMEngine:
         if emit_output:
             self._pending_outputs.append(out)
         return out
+
+    def abort_request(self, request_id: str | Iterable[str]) -> list[RequestOutput]:
+        """vLLM's name: abort one request id or an iterable of them. Unknown or already finished ids are
+        ignored (as in vLLM); returns the final outputs of the requests actually aborted, which the next
+        ``step`` also delivers."""
+        ids = [request_id] if isinstance(request_id, str) else request_id
+        if not isinstance(ids, Iterable):
+            raise ValueError(f"request_id must be a str or an iterable of str, got {type(request_id).__name__}")
+        ids = list(ids)
+        bad = [i for i in ids if not isinstance(i, str)]
+        if bad:
+            raise ValueError(f"request ids are strings, got {type(bad[0]).__name__} {bad[0]!r}")
+        return [out for out in map(self.abort, ids) if out is not None]
 
     def has_unfinished(self) -> bool:
         return bool(self._groups) or bool(self._pending_outputs) or self._in_flight is not None
@@ -268,6 +300,8 @@ class LLMEngine:
     def _read_back(self, in_flight) -> list[RequestOutput]:
         pending, slots = in_flight
         result = pending.result()
+        for chunk in result.prompt_logprobs:  # before the tokens: the step may finish the request
+            self._store_prompt_logprobs(chunk)
         touched: dict[str, _Group] = {}
         now = time.time()
         for row, (seq, index) in enumerate(slots):
@@ -282,7 +316,7 @@ class LLMEngine:
             if result.logprobs is not None and group.params.logprobs is not None:
                 entries = result.logprobs[row]
                 seq.cumulative_logprob += entries[0][1]
-                seq.output_logprobs.append(dict(entries))
+                seq.output_logprobs.append(self._logprob_dict(entries))
             self._check_stop(group, seq, token)
             touched[group.request_id] = group
         outputs = []
@@ -297,7 +331,39 @@ class LLMEngine:
     def _remove(self, request_id: str) -> _Group | None:
         self._penalized.discard(request_id)
         self._deferred.pop(request_id, None)
-        return self._groups.pop(request_id, None)
+        group = self._groups.pop(request_id, None)
+        if group is not None:
+            self._prompt_logprob_groups.pop(group.seqs[0].request_id, None)
+        return group
+
+    def _store_prompt_logprobs(self, chunk: PromptLogprobsResult) -> None:
+        """File one chunk's prompt logprobs; a chunk recomputed after a preemption replaces what it
+        covers, and once every position is filled later chunks are ignored."""
+        group = self._prompt_logprob_groups.get(chunk.request_id)
+        if group is None:
+            return
+        stored, wanted = group.prompt_logprobs, len(group.prompt_token_ids) - 1
+        if len(stored) >= wanted or chunk.start_pos > len(stored):
+            return
+        del stored[chunk.start_pos:]
+        stored.extend(self._logprob_dict(e) for e in chunk.entries[:wanted - chunk.start_pos])
+
+    def _logprob_dict(self, entries: LogprobEntries) -> dict[int, Logprob]:
+        """token id -> Logprob of one position: the chosen token first (with its own rank), then the top-k
+        not already in (a chosen token that is also in the top-k keeps its true rank)."""
+        out: dict[int, Logprob] = {}
+        for token, logprob, rank in entries:
+            if token not in out:
+                out[token] = Logprob(logprob, rank, self._token_text(token))
+        return out
+
+    def _token_text(self, token: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return text
 
     def _check_stop(self, group: _Group, seq: Request, token: int) -> None:
         """Decide whether ``token`` (just read back) ends ``seq``; vLLM's order: EOS / stop ids, stop
@@ -338,8 +404,9 @@ class LLMEngine:
         finished = group.finished
         metrics = RequestMetrics(group.arrival_time, min(first) if first else None,
                                  time.time() if finished else None)
+        prompt_logprobs = [None, *group.prompt_logprobs] if group.params.prompt_logprobs is not None else None
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions, finished,
-                             max(0, group.seqs[0].num_cached_tokens), metrics)
+                             max(0, group.seqs[0].num_cached_tokens), metrics, prompt_logprobs)
 
     def _completion(self, group: _Group, index: int, seq: Request) -> CompletionOutput:
         detok = group.detokenizers[index]
@@ -350,7 +417,7 @@ class LLMEngine:
                                          skip_special_tokens=group.params.skip_special_tokens)
         else:
             text = ""
-        return CompletionOutput(index=index, text=text, token_ids=list(seq.output_token_ids),
+        return CompletionOutput(index=index, text=text, token_ids=_read_output_ids(seq),
                                cumulative_logprob=seq.cumulative_logprob if group.params.logprobs is not None else None,
                                logprobs=list(seq.output_logprobs) if group.params.logprobs is not None else None,
                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
@@ -367,6 +434,15 @@ def kv_cache_summary(num_blocks: int, block_size: int, max_model_len: int) -> st
     if tokens < max_model_len:
         line += f" (a request that may need more than {tokens} tokens is rejected)"
     return line
+
+
+def _read_output_ids(seq: Request) -> list[int]:
+    """The output tokens read back so far (a streaming output is made while the next slot is pending)."""
+    ids = seq.output_token_ids
+    end = len(ids)
+    while end and ids[end - 1] == PENDING_TOKEN:
+        end -= 1
+    return ids[:end]
 
 
 def _strip_eos(seq: Request, eos_ids: frozenset[int]) -> list[int]:

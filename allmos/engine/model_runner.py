@@ -10,7 +10,7 @@ import abc
 import gc
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from allmos.engine.batch import ScheduledBatch
 from allmos.engine.cuda_graphs import DecodeGraphs
 from allmos.engine.kv_cache import KVCacheSpec, cpu_num_blocks, gpu_num_blocks
 from allmos.engine.request import PENDING_TOKEN
-from allmos.engine.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors
+from allmos.engine.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors, raw_logprobs
 from allmos.layers.tp import SINGLE, TPGroup
 from allmos.models.loader import build_model, init_dummy_weights, load_weights, safetensors_files
 from allmos.models.model_config import ModelConfig
@@ -34,30 +34,67 @@ from allmos.utils.transfer import pack_aligned, split_packed, to_device
 
 logger = logging.getLogger("allmos")
 
+PROMPT_LOGPROBS_ROWS = 256  # prompt positions per LM-head call (bounds the [rows, vocab] float32 temporaries)
+
+
+# (token id, logprob, rank): the sampled / prompt token first (its rank in the vocabulary), then the top-k
+LogprobEntries = list[tuple[int, float, int]]
+
+
+@dataclass
+class PromptLogprobsResult:
+    """One chunk's prompt logprobs: ``entries[i]`` belongs to the prompt token at ``start_pos + i + 1``."""
+
+    request_id: str
+    start_pos: int
+    entries: list[LogprobEntries]
+
 
 @dataclass
 class StepResult:
-    """Sampled tokens of ``batch.sampled_seqs``, in that order."""
+    """Sampled tokens of ``batch.sampled_seqs``, in that order, and the logprobs asked for."""
 
     token_ids: list[int]
-    logprobs: list[list[tuple[int, float]]] | None = None  # per row: (token, logprob) sampled first, then top-k
+    logprobs: list[LogprobEntries] | None = None  # per sampled row (empty list for rows that asked none)
+    prompt_logprobs: list[PromptLogprobsResult] = field(default_factory=list)
+
+
+@dataclass
+class PromptLogprobsOutput:
+    """Device tensors of a step's prompt logprobs (the positions of every chunk, concatenated)."""
+
+    logprobs: torch.Tensor  # [num_positions, 1 + max_k] float32, column 0 = the next prompt token
+    token_ids: torch.Tensor  # [num_positions, 1 + max_k] int64
+    ranks: torch.Tensor  # [num_positions] int64, rank of the next prompt token
+    chunks: list[tuple[str, int, int, int]]  # (request_id, start_pos, num_positions, num_logprobs)
 
 
 class PendingStep:
-    """A launched step whose sampled tokens are being copied to the host; ``result()`` waits for them.
+    """A launched step whose sampled tokens (and logprobs) are being copied to the host; ``result()``
+    waits for them.
 
     The copies are non-blocking into pinned memory, so the host can schedule and launch the next step
     while the device still works on this one.
     """
 
-    def __init__(self, out: SamplerOutput | None, num_logprobs: list[int | None]) -> None:
+    def __init__(self, out: SamplerOutput | None, num_logprobs: list[int | None],
+                 prompt: PromptLogprobsOutput | None = None) -> None:
         self._num_logprobs = num_logprobs
+        self._prompt_chunks = prompt.chunks if prompt is not None else []
+        self._has_tokens = out is not None
+        self._has_logprobs = out is not None and out.logprobs is not None
         self._event = None
         self._host = None
-        if out is None:
+        tensors = []
+        if out is not None:
+            tensors.append(out.token_ids)
+            if out.logprobs is not None:
+                tensors += [out.logprobs, out.logprob_token_ids, out.sampled_ranks]
+        if prompt is not None:
+            tensors += [prompt.logprobs, prompt.token_ids, prompt.ranks]
+        if not tensors:
             return
-        tensors = [out.token_ids] + ([out.logprobs, out.logprob_token_ids] if out.logprobs is not None else [])
-        if out.token_ids.device.type == "cuda":
+        if tensors[0].device.type == "cuda":
             self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
             for host, dev in zip(self._host, tensors):
                 host.copy_(dev, non_blocking=True)
@@ -75,15 +112,32 @@ class PendingStep:
             return StepResult([])
         if self._event is not None:
             self._event.synchronize()
-        token_ids = self._host[0].tolist()
-        if len(self._host) == 1:
-            return StepResult(token_ids)
-        values, ids = self._host[1].tolist(), self._host[2].tolist()
-        logprobs = []
-        for row, k in enumerate(self._num_logprobs):
-            n = 0 if k is None else 1 + k
-            logprobs.append(list(zip(ids[row][:n], values[row][:n])))
-        return StepResult(token_ids, logprobs)
+        host = list(self._host)
+        token_ids = host.pop(0).tolist() if self._has_tokens else []
+        logprobs = None
+        if self._has_logprobs:
+            values, ids, ranks = (t.tolist() for t in host[:3])
+            del host[:3]
+            logprobs = [_entries(ids[row], values[row], ranks[row], k) if k is not None else []
+                        for row, k in enumerate(self._num_logprobs)]
+        return StepResult(token_ids, logprobs, self._prompt_results(host))
+
+    def _prompt_results(self, host: list[torch.Tensor]) -> list[PromptLogprobsResult]:
+        if not self._prompt_chunks:
+            return []
+        values, ids, ranks = (t.tolist() for t in host)
+        results, first = [], 0
+        for request_id, start_pos, count, k in self._prompt_chunks:
+            rows = range(first, first + count)
+            results.append(PromptLogprobsResult(request_id, start_pos,
+                                                [_entries(ids[i], values[i], ranks[i], k) for i in rows]))
+            first += count
+        return results
+
+
+def _entries(ids: list[int], values: list[float], rank: int, k: int) -> LogprobEntries:
+    """One position's (token, logprob, rank) triples: the chosen token, then the top ``k`` (ranks 1..k)."""
+    return [(ids[0], values[0], rank)] + [(ids[j], values[j], j) for j in range(1, k + 1)]
 
 
 class ModelRunner(abc.ABC):
@@ -210,21 +264,53 @@ class LocalModelRunner(ModelRunner):
             return PendingStep(None, [])
         input_ids, positions, metadata, rope_seq_lens = self._prepare(batch)
         sampled = batch.sampled_seqs
+        prompt = None
         with torch.inference_mode():
-            if self.graphs is not None and metadata.is_decode and metadata.num_seqs <= self.graphs.max_batch_size:
+            if (self.graphs is not None and metadata.is_decode and metadata.num_seqs <= self.graphs.max_batch_size
+                    and not batch.has_prompt_logprobs):
                 logits = self.graphs.run(input_ids, positions, metadata)  # [num_seqs, vocab]; all of them sample
             else:
                 ctx = ForwardContext(self.backend.prepare(metadata), self.kv_caches, self.backend, rope_seq_lens)
                 with forward_context(ctx):
                     hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
+                if batch.has_prompt_logprobs:
+                    prompt = self._prompt_logprobs(batch, metadata, hidden)
                 if not sampled:
                     self._last_sampled = None
-                    return PendingStep(None, [])
+                    return PendingStep(None, [], prompt)
                 logits = self.model.compute_logits(hidden[self._sample_rows(batch, metadata)])  # [num_sampled, vocab]
             tensors = self._sampling_tensors([s.sampling for s in sampled], [s.seq_len for s in sampled])
             out = self.sampler(logits, tensors)
         self._last_sampled = (out.token_ids, {s.request_id: row for row, s in enumerate(sampled)})
-        return PendingStep(out, [s.sampling.num_logprobs for s in sampled])
+        return PendingStep(out, [s.sampling.num_logprobs for s in sampled], prompt)
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, metadata: AttentionMetadata,
+                         hidden: torch.Tensor) -> PromptLogprobsOutput | None:
+        """Raw logprobs (and ranks) of the next prompt token at every position of the chunks that ask,
+        plus their top-k; the LM head runs on ``PROMPT_LOGPROBS_ROWS`` positions at a time. Every
+        tensor-parallel rank runs this (the LM head gathers over ranks); only the driver's copy is read."""
+        starts = metadata.query_start_loc_cpu
+        rows, targets, chunks = [], [], []
+        for i, s in enumerate(batch.seqs):
+            chunk = s.prompt_logprobs
+            if chunk is None or not chunk.target_token_ids:
+                continue
+            count = len(chunk.target_token_ids)
+            rows.append(np.arange(starts[i], starts[i] + count, dtype=np.int64))
+            targets.append(np.asarray(chunk.target_token_ids, dtype=np.int64))
+            chunks.append((s.request_id, s.start_pos, count, chunk.num_logprobs))
+        if not chunks:
+            return None
+        max_k = max(c[3] for c in chunks)
+        rows_dev = to_device(np.concatenate(rows), self.device)  # [num_positions]
+        targets_dev = to_device(np.concatenate(targets), self.device)  # [num_positions]
+        parts = []
+        for first in range(0, rows_dev.numel(), PROMPT_LOGPROBS_ROWS):
+            part = slice(first, first + PROMPT_LOGPROBS_ROWS)
+            logits = self.model.compute_logits(hidden[rows_dev[part]])  # [rows, vocab]
+            parts.append(raw_logprobs(logits, targets_dev[part], max_k))
+        values, ids, ranks = (torch.cat(column) for column in zip(*parts, strict=True))
+        return PromptLogprobsOutput(values, ids, ranks, chunks)
 
     def _sampling_tensors(self, rows: list[SamplingRow], positions: list[int]) -> SamplingTensors:
         """The step's sampling tensors. Rows come from validated SamplingParams; the token being sampled

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import time
 
+from allmos.outputs import Logprob
 from allmos.sampling_params import SamplingParams
 
 # Stands for a token that was sampled on the device but is not yet read back (see LLMEngine.step).
@@ -36,6 +37,7 @@ class Request:
         self.params = params
         self.seed = seed  # the request's seed, or one drawn from the engine's RNG
         self.banned_token_ids: tuple[int, ...] = ()  # EOS / stop ids, banned until min_tokens is reached
+        self.num_prompt_logprobs: int | None = None  # top-k of prompt logprobs still to compute (None: none)
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hits at first admission; -1 until admitted
@@ -47,7 +49,7 @@ class Request:
         self.first_token_time: float | None = None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.output_logprobs: list[dict[int, float]] = []
+        self.output_logprobs: list[dict[int, Logprob]] = []
         self.cumulative_logprob = 0.0
 
     @property

@@ -396,12 +396,14 @@ class SamplerOutput:
 
     logprobs / logprob_token_ids: [B, 1 + max_num_logprobs]; column 0 is the sampled
     token, then the top-k of the raw distribution in descending order. Rows that asked
-    for fewer (or none) are sliced by the engine.
+    for fewer (or none) are sliced by the engine. sampled_ranks: the sampled token's
+    1-based rank in the raw distribution (tokens with a strictly greater logprob + 1).
     """
 
     token_ids: torch.Tensor  # [B] int64
     logprobs: torch.Tensor | None  # [B, 1 + max_k] float32
     logprob_token_ids: torch.Tensor | None  # [B, 1 + max_k] int64
+    sampled_ranks: torch.Tensor | None = None  # [B] int64, set with logprobs
 
 
 # --------------------------------------------------------------------------- steps
@@ -488,17 +490,22 @@ def gumbel_argmax_torch(x: torch.Tensor, t: SamplingTensors, threshold: torch.Te
 
 def raw_logprobs(
     logits: torch.Tensor, token_ids: torch.Tensor, max_k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled-token logprob then top-`max_k` of log_softmax(raw logits, float32).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The given token's logprob then the top-`max_k` of log_softmax(raw logits, float32), and the given
+    token's 1-based rank (count of strictly greater logprobs + 1). Used for sampled tokens and, with the
+    next prompt token as `token_ids`, for prompt positions.
 
-    Returns (logprobs float32 [B, 1 + max_k], token ids int64 [B, 1 + max_k]).
+    logits: [B, V]; token_ids: [B] int64. Returns (logprobs float32 [B, 1 + max_k], token ids int64
+    [B, 1 + max_k], ranks int64 [B]).
     """
     lp = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
-    sampled = token_ids[:, None]  # [B, 1]
+    chosen = token_ids[:, None]  # [B, 1]
+    chosen_lp = lp.gather(1, chosen)  # [B, 1]
+    ranks = (lp > chosen_lp).sum(dim=-1) + 1  # [B]
     if max_k == 0:
-        return lp.gather(1, sampled), sampled
+        return chosen_lp, chosen, ranks
     top = lp.topk(max_k, dim=-1)  # sorted descending
-    return torch.cat([lp.gather(1, sampled), top.values], 1), torch.cat([sampled, top.indices], 1)
+    return torch.cat([chosen_lp, top.values], 1), torch.cat([chosen, top.indices], 1), ranks
 
 
 # --------------------------------------------------------------------------- module
@@ -525,8 +532,8 @@ class Sampler(torch.nn.Module):
         token_ids = x.argmax(dim=-1) if t.all_greedy else self._draw(x, t)  # [B]
         if t.max_num_logprobs is None:
             return SamplerOutput(token_ids, None, None)
-        logprobs, logprob_ids = raw_logprobs(logits, token_ids, t.max_num_logprobs)
-        return SamplerOutput(token_ids, logprobs, logprob_ids)
+        logprobs, logprob_ids, ranks = raw_logprobs(logits, token_ids, t.max_num_logprobs)
+        return SamplerOutput(token_ids, logprobs, logprob_ids, ranks)
 
     def _processed_logits(self, logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         """Penalties and banned ids applied; the input itself when neither is active."""

@@ -6,7 +6,8 @@ Policy per step (see ``ContinuousBatchingScheduler.schedule``):
    running sequence is preempted (blocks freed, ``num_computed_tokens`` reset) and goes to the front
    of the waiting queue, so it is re-admitted before new work.
 2. Waiting sequences next, if nothing was preempted this step, while ``max_num_seqs`` and the budget
-   allow; admission starts from the longest cached prefix.
+   allow; admission starts from the longest cached prefix (except for a request that still needs its
+   prompt logprobs: those need the logits of every prompt position, so it computes its whole prompt).
 Requests that could never fit the KV cache are rejected in ``add`` so every step makes progress.
 """
 
@@ -19,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from allmos.engine.batch import ScheduledBatch, ScheduledSeq
+from allmos.engine.batch import PromptLogprobsChunk, ScheduledBatch, ScheduledSeq
 from allmos.engine.request import Request, RequestStatus
 from allmos.engine.sampler import SamplingRow
 from allmos.memory.block_manager import BlockManager
@@ -68,12 +69,15 @@ class ContinuousBatchingScheduler(Scheduler):
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.preemption_log = PreemptionLog()
+        self._prompt_logprob_ids: set[str] = set()  # requests whose prompt logprobs are still to compute
 
     # ------------------------------------------------------------------ admission
     def add(self, request: Request) -> None:
         self.check_fits(request)
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if request.num_prompt_logprobs is not None:
+            self._prompt_logprob_ids.add(request.request_id)
 
     def check_fits(self, request: Request) -> None:
         """Raise ValueError if ``request`` could never be scheduled (its id is taken, or its longest
@@ -98,7 +102,9 @@ class ContinuousBatchingScheduler(Scheduler):
         budget, preempted = self._schedule_running(budget, scheduled)
         if not preempted:
             self._schedule_waiting(budget, scheduled)
-        return ScheduledBatch([self._to_scheduled_seq(r, n) for r, n in scheduled])
+        seqs = [self._to_scheduled_seq(r, n) for r, n in scheduled]
+        has_prompt_logprobs = bool(self._prompt_logprob_ids) and any(s.prompt_logprobs is not None for s in seqs)
+        return ScheduledBatch(seqs, has_prompt_logprobs)
 
     def _schedule_running(self, budget: int, out: list[tuple[Request, int]]) -> tuple[int, bool]:
         """Schedule running requests first; returns the budget left and whether anything was preempted."""
@@ -132,7 +138,8 @@ class ContinuousBatchingScheduler(Scheduler):
     def _schedule_waiting(self, budget: int, out: list[tuple[Request, int]]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            cached = self.block_manager.find_cached_prefix(request) if request.num_computed_tokens == 0 else []
+            use_cache = request.num_computed_tokens == 0 and request.num_prompt_logprobs is None
+            cached = self.block_manager.find_cached_prefix(request) if use_cache else []
             num_cached_tokens = len(cached) * self.block_manager.block_size
             num_new = min(request.num_tokens - num_cached_tokens, budget)
             if not self.block_manager.allocate(request, num_new, cached):
@@ -164,6 +171,8 @@ class ContinuousBatchingScheduler(Scheduler):
             start_pos=start,
             block_table=list(request.block_table),
             sampling=_sampling_row(request) if samples else None,
+            prompt_logprobs=_prompt_logprobs_chunk(request, start, end) if request.num_prompt_logprobs is not None
+            else None,
         )
 
     # ------------------------------------------------------------------ after the forward pass
@@ -174,6 +183,14 @@ class ContinuousBatchingScheduler(Scheduler):
                 continue
             request.num_computed_tokens = seq.seq_len
             self.block_manager.cache_full_blocks(request)
+            if seq.prompt_logprobs is not None and seq.seq_len >= request.num_prompt_tokens - 1:
+                self._prompt_logprobs_launched(request)
+
+    def _prompt_logprobs_launched(self, request: Request) -> None:
+        """Every prompt position's logprobs has been launched (results come back with the steps): the
+        request stops asking, and a recompute after preemption may start from cached blocks again."""
+        request.num_prompt_logprobs = None
+        self._prompt_logprob_ids.discard(request.request_id)
 
     def finish(self, request: Request, reason: str | None) -> None:
         if self.requests.get(request.request_id) is request:  # else: never queued, or already removed
@@ -183,6 +200,7 @@ class ContinuousBatchingScheduler(Scheduler):
                 self.waiting.remove(request)
             self.block_manager.free(request)
             del self.requests[request.request_id]
+            self._prompt_logprob_ids.discard(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 
@@ -219,6 +237,15 @@ class PreemptionLog:
 
 def _max_tokens(request: Request) -> int:
     return request.params.max_tokens if request.params.max_tokens is not None else 1 << 62
+
+
+def _prompt_logprobs_chunk(request: Request, start: int, end: int) -> PromptLogprobsChunk | None:
+    """The prompt tokens that positions ``[start, end)`` predict (the logits at position j give token
+    j + 1's logprob); None when the chunk predicts no prompt token."""
+    last = min(end, request.num_prompt_tokens - 1)
+    if start >= last:
+        return None
+    return PromptLogprobsChunk(request.num_prompt_logprobs, request.token_ids[start + 1:last + 1])
 
 
 def _sampling_row(request: Request) -> SamplingRow:
