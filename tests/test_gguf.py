@@ -105,6 +105,13 @@ def test_default_model_folder_layout(converted: tuple[Path, Path, float]) -> Non
 
 
 @requires_smollm2
+def test_default_model_folder_is_keyed_on_the_converter(converted: tuple[Path, Path, float], default_gguf: Path):
+    """The default model's conversion lives under the same key as any GGUF (which covers the converter's
+    source, see test_cache_key_follows_converter_source), so a converter change is never served stale."""
+    assert converted[0].name == gguf_loader.gguf_cache_key(default_gguf)
+
+
+@requires_smollm2
 @requires_accelerate
 def test_default_model_weights_and_config_match_transformers_gguf(
     converted: tuple[Path, Path, float], converted_model: torch.nn.Module, default_gguf: Path

@@ -2,7 +2,9 @@
 
 The engine only knows how to load Hugging Face folders (``config.json``, ``*.safetensors`` with HF
 parameter names, tokenizer files, ``generation_config.json``). A ``.gguf`` file is therefore converted
-into such a folder the first time it is used, and every later use loads that folder.
+into such a folder the first time it is used, and every later use loads that folder. The cache key covers
+the file (path, size, mtime) and the converter itself (this module's source and the versions of the packages
+it uses), so a changed file or a changed converter never reuses an old conversion.
 
 Invariant: a folder produced here is complete. It is written under a hidden temporary name next to its
 final place and renamed into place only after every file is written, so an existing folder always
