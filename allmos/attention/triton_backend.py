@@ -21,12 +21,14 @@ class TritonAttentionBackend(AttentionBackend):
     """
 
     name = "triton"
+    accepts_stored_kv = True  # the decoder's fused q/k-norm + RoPE + K/V store kernel stores them
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, max_num_seqs: int, max_model_len: int,
                  device: torch.device) -> None:
         self.num_kv_heads = num_kv_heads
         self.max_model_len = max_model_len
-        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        # the CPU (Triton interpreter, tests) gets an H100's count
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         max_splits = choose_num_splits(1, num_kv_heads, max_model_len, self.num_sms)
         self.workspace = DecodeWorkspace.allocate(max_num_seqs, num_heads, head_dim, max_splits, device)
 
@@ -42,7 +44,8 @@ class TritonAttentionBackend(AttentionBackend):
         return dataclasses.replace(metadata, num_splits=self.splits_for(metadata.num_seqs))
 
     def forward(self, query, key, value, k_cache, v_cache, metadata: AttentionMetadata, scale: float):
-        store_kv_cache(key, value, k_cache, v_cache, metadata.slot_mapping)
+        if key is not None:  # None: already stored by the caller (accepts_stored_kv)
+            store_kv_cache(key, value, k_cache, v_cache, metadata.slot_mapping)
         if metadata.is_decode:
             return paged_decode_attention(query, k_cache, v_cache, metadata.seq_lens, metadata.block_tables, scale,
                                           num_splits=metadata.num_splits, workspace=self.workspace)
