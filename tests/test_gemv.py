@@ -148,9 +148,9 @@ def test_gemv_model_shapes(DEVICE, dtype, n, k, norm, silu_mul):
 @pytest.mark.gpu
 def test_tuned_choice_runs_and_matches_reference():
     from allmos.kernels.gemv_tuning import GemvSignature, tune_gemv
+    from allmos.layers.activation import SiluAndMul
     from allmos.layers.fused_linear import norm_then_linear
     from allmos.layers.linear import MergedColumnParallelLinear
-    from allmos.layers.activation import SiluAndMul
 
     sizes = (1, 2, 4, 8, 16, 32, 48, 64)
     sig = GemvSignature(n=3072, k=1024, dtype=torch.bfloat16, norm=True, silu_mul=True)
