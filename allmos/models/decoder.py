@@ -241,9 +241,10 @@ class DecoderForCausalLM(nn.Module):
             sites[role] = (GemvSignature(n, w.shape[1], w.dtype, **fused_around), modules)
         return sites
 
-    def use_decode_kernels(self, tables: dict[str, GemvTable], fuse_kv_store: bool = True) -> None:
+    def use_decode_kernels(self, tables: dict[str, GemvTable | None], fuse_kv_store: bool = True) -> None:
         """Run small batches through the Triton GEMV as ``tables`` (per ``gemv_sites`` role) chose, and
-        (``fuse_kv_store``) q/k-norm + RoPE + K/V store in one kernel where the backend accepts it."""
+        (``fuse_kv_store``) q/k-norm + RoPE + K/V store in one kernel where the backend accepts it.
+        A table of None (and ``fuse_kv_store=False``) puts a role back on the torch path."""
         sites = self.gemv_sites()
         for role, table in tables.items():
             for module in sites[role][1]:
