@@ -95,6 +95,8 @@ def test_decode_kernels_match_torch_path(tiny_model_factory, monkeypatch, arch, 
     attn = model.model.layers[0].self_attn
     backend = TritonAttentionBackend(attn.num_heads, attn.head_dim, attn.num_kv_heads, max_num_seqs=8,
                                      max_model_len=NUM_BLOCKS * BLOCK_SIZE, device=torch.device("cpu"))
+    backend.fold_split_merge = True
+    assert md.is_decode is False or backend.prepare(md).num_splits > 1  # decode: split, merged in one launch
     model.use_decode_kernels({role: fixed_table((1, 2, 4, 8), fuse_norm) for role in model.gemv_sites()})
     fused_gemvs = counting(monkeypatch, gemv_module, "rms_norm_gemv")
     plain_gemvs = counting(monkeypatch, gemv_module, "gemv")

@@ -17,7 +17,8 @@ class TritonAttentionBackend(AttentionBackend):
     """Store K/V, then paged prefill (varlen, causal with offset) or paged decode (GQA-grouped, split-KV).
 
     Decode split counts depend only on the batch size and ``max_model_len`` (host-known), so a captured
-    CUDA graph stays valid whatever the sequences' current lengths.
+    CUDA graph stays valid whatever the sequences' current lengths. ``fold_split_merge`` (set with the
+    decode kernels, before capture) merges split decode inside the attention launch instead of a second one.
     """
 
     name = "triton"
@@ -30,7 +31,9 @@ class TritonAttentionBackend(AttentionBackend):
         # the CPU (Triton interpreter, tests) gets an H100's count
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         max_splits = choose_num_splits(1, num_kv_heads, max_model_len, self.num_sms)
-        self.workspace = DecodeWorkspace.allocate(max_num_seqs, num_heads, head_dim, max_splits, device)
+        self.workspace = DecodeWorkspace.allocate(max_num_seqs, num_heads, head_dim, max_splits, device,
+                                                  num_kv_heads=num_kv_heads)
+        self.fold_split_merge = False
 
     def splits_for(self, num_seqs: int) -> int:
         """Split count for a decode batch; small batches are rounded up to a power of two (the CUDA-graph
@@ -48,7 +51,8 @@ class TritonAttentionBackend(AttentionBackend):
             store_kv_cache(key, value, k_cache, v_cache, metadata.slot_mapping)
         if metadata.is_decode:
             return paged_decode_attention(query, k_cache, v_cache, metadata.seq_lens, metadata.block_tables, scale,
-                                          num_splits=metadata.num_splits, workspace=self.workspace)
+                                          num_splits=metadata.num_splits, workspace=self.workspace,
+                                          fold_merge=self.fold_split_merge)
         return paged_prefill_attention(query, k_cache, v_cache, metadata.query_start_loc, metadata.seq_lens,
                                        metadata.block_tables, scale, metadata.max_query_len)
 

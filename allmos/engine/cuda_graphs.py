@@ -8,7 +8,8 @@ valid for every later step of that size. With ``capture=False`` (``enforce_eager
 forward runs eagerly, so eager and captured decode compute exactly the same thing.
 
 Before capturing, the decode kernels are switched on (``enable_decode_kernels``): small-batch Triton GEMVs
-chosen per captured size from timings on this device, and the fused q/k-norm + RoPE + K/V store.
+chosen per captured size from timings on this device, the fused q/k-norm + RoPE + K/V store, and split
+decode attention that merges its splits in the same launch.
 ``ALLMOS_DECODE_KERNELS=0`` keeps the previous path (cuBLAS and separate kernels), to measure against it.
 """
 
@@ -37,11 +38,15 @@ def decode_kernels_enabled() -> bool:
     return value in ("1", "true", "on")
 
 
-def enable_decode_kernels(model: torch.nn.Module, sizes: list[int], device: torch.device) -> None:
-    """Time and choose each projection's small-batch kernel at ``sizes`` and switch the model over; a model
-    without ``gemv_sites`` (or an install without Triton) keeps its path."""
+def enable_decode_kernels(model: torch.nn.Module, backend: AttentionBackend, sizes: list[int],
+                          device: torch.device) -> None:
+    """Time and choose each projection's small-batch kernel at ``sizes`` and switch the model over, and let
+    the backend fold its split-decode merge into the attention launch; a model without ``gemv_sites`` (or
+    an install without Triton) keeps its path."""
     from allmos.kernels import gemv
 
+    if hasattr(backend, "fold_split_merge"):
+        backend.fold_split_merge = True
     if gemv is None or not hasattr(model, "gemv_sites"):
         return
     from allmos.kernels.gemv_tuning import tune_gemv
@@ -79,7 +84,7 @@ class DecodeGraphs:
         self.max_seq_len = max_blocks_per_seq * kv_caches[0][0].shape[1]
         self.capture = capture
         if decode_kernels_enabled():
-            enable_decode_kernels(model, self.sizes, device)
+            enable_decode_kernels(model, backend, self.sizes, device)
         if capture:
             self._capture_all()
 
