@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from allmos.kernels.gemv import GemvConfig, candidate_configs, default_gemv_config, gemv, rms_norm_gemv
-from allmos.kernels.gemv_tuning import GemvChoice, GemvTable, fixed_table
+from allmos.kernels.gemv_tuning import GemvChoice, GemvTable, fixed_table, tuning_sizes
 from allmos.layers.norm import RMSNorm
 
 CPU_CASES = [("cpu", torch.float32), ("cpu", torch.float16)]
@@ -53,7 +53,7 @@ def configs_for(m: int) -> list[GemvConfig]:
 
 
 @pytest.mark.parametrize("DEVICE,dtype", CPU_CASES)
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 3, 17, 70])
 @pytest.mark.parametrize("silu_mul", [False, True])
 def test_gemv_small_shapes(DEVICE, dtype, m, silu_mul):
     n, k = 40, 96  # k not a multiple of any block_k: masked tail
@@ -114,6 +114,17 @@ def test_table_lookup_takes_the_smallest_size_that_holds_the_batch():
         GemvTable((4, 1), (a, a))
 
 
+def test_tuning_sizes_cover_every_captured_size_up_to_256():
+    from allmos.engine.cuda_graphs import capture_sizes
+
+    for max_num_seqs in (1, 5, 64, 100, 256, 512):
+        captured = capture_sizes(max_num_seqs)
+        timed = tuning_sizes(captured)
+        table = GemvTable(timed, tuple(GemvChoice(None) for _ in timed))
+        assert all(s in timed for s in captured if s <= 64)
+        assert all((table.lookup(s) is not None) == (s <= 256) for s in captured)
+
+
 # ----------------------------------------------------------------------------------------------- GPU
 
 # Qwen3-0.6B: q/k/v packed (norm before), o_proj, gate|up packed (norm before, SiLU-mul after), down_proj,
@@ -128,7 +139,7 @@ def test_gemv_model_shapes(DEVICE, dtype, n, k, norm, silu_mul):
     norm_weight = torch.randn(k).to(device=DEVICE, dtype=dtype)
     ref_norm = RMSNorm(k, eps=1e-6).to(DEVICE)
     ref_norm.weight.data = norm_weight
-    for m in (1, 2, 8, 16, 48, 64):
+    for m in (1, 2, 8, 16, 48, 64, 96, 256):
         for i, config in enumerate(configs_for(m)):
             x, w, b = operands(m, 2 * n if silu_mul else n, k, dtype, DEVICE, bias=i == 0, seed=100 * m + i)
             out = poisoned((m, n), dtype, DEVICE)
@@ -152,7 +163,7 @@ def test_tuned_choice_runs_and_matches_reference():
     from allmos.layers.fused_linear import norm_then_linear
     from allmos.layers.linear import MergedColumnParallelLinear
 
-    sizes = (1, 2, 4, 8, 16, 32, 48, 64)
+    sizes = (1, 2, 4, 8, 16, 32, 48, 64, 96, 256)
     sig = GemvSignature(n=3072, k=1024, dtype=torch.bfloat16, norm=True, silu_mul=True)
     table = tune_gemv(sig, sizes, torch.device("cuda"))
     assert table.sizes == sizes and all(c.time_us > 0 for c in table.choices)

@@ -49,9 +49,10 @@ def enable_decode_kernels(model: torch.nn.Module, backend: AttentionBackend, siz
         backend.fold_split_merge = True
     if gemv is None or not hasattr(model, "gemv_sites"):
         return
-    from allmos.kernels.gemv_tuning import tune_gemv
+    from allmos.kernels.gemv_tuning import tune_gemv, tuning_sizes
 
-    tables = {role: tune_gemv(sig, tuple(sizes), device) for role, (sig, _) in model.gemv_sites().items()}
+    timed = tuning_sizes(sizes)
+    tables = {role: tune_gemv(sig, timed, device) for role, (sig, _) in model.gemv_sites().items()}
     for role, table in tables.items():
         logger.info("decode GEMV %s: %s", role, table.describe())
     model.use_decode_kernels(tables)

@@ -1,4 +1,4 @@
-"""Small-batch linear layers in Triton: ``y[M, N] = x[M, K] @ W[N, K]^T`` for decode batches (M up to ~64).
+"""Small-batch linear layers in Triton: ``y[M, N] = x[M, K] @ W[N, K]^T`` for decode batches (M up to 256).
 
 At these sizes a projection is a read of its weight: every program owns ``BLOCK_N`` output features
 (rows of W) for ``BLOCK_M`` input rows and walks the whole K dimension, so each weight byte is read from
@@ -37,7 +37,7 @@ import triton.language as tl
 class GemvConfig:
     """Tile shape and launch parameters of one GEMV kernel variant (each distinct value compiles once)."""
 
-    block_m: int  # 1: row-reduction kernel (M == 1 only); 16, 32 or 64: tl.dot with rows padded
+    block_m: int  # 1: row-reduction kernel (M == 1 only); 16 or more: tl.dot with rows padded
     block_n: int  # output features per program
     block_k: int  # input features per loop iteration
     num_warps: int = 4
@@ -257,11 +257,12 @@ def rms_norm_gemv(
 
 def default_gemv_config(m: int) -> GemvConfig:
     """The fixed rule where nothing was measured (the CPU interpreter, tests): one row -> row reduction,
-    more -> the smallest tl.dot tile that holds all rows (at most 64)."""
+    more -> the smallest tl.dot tile that holds all rows (at most 128; larger batches use several M tiles)."""
     if m == 1:
         return GemvConfig(block_m=1, block_n=16, block_k=256, num_warps=4, num_stages=1)
-    block_m = min(64, max(16, triton.next_power_of_2(m)))
-    return GemvConfig(block_m=block_m, block_n=16, block_k=min(256, 8192 // block_m), num_warps=4, num_stages=3)
+    block_m = min(128, max(16, triton.next_power_of_2(m)))
+    return GemvConfig(block_m=block_m, block_n=16, block_k=max(64, min(256, 8192 // block_m)), num_warps=4,
+                      num_stages=3)
 
 
 def candidate_configs(m: int) -> list[GemvConfig]:
@@ -269,9 +270,12 @@ def candidate_configs(m: int) -> list[GemvConfig]:
 
     ``block_k`` keeps the staged input tile at 16 KiB or less (``block_m * block_k <= 8192`` 16-bit values),
     so 3-4 stages fit shared memory beside the weight tiles. One row also tries the row-reduction kernel
-    with narrow tiles (more programs for small N: o_proj and down_proj have N = hidden).
+    with narrow tiles (more programs for small N: o_proj and down_proj have N = hidden). Above 64 rows the
+    tiles are GEMM-shaped (128 rows; two M tiles at 256 rows, the second reading the weights from L2).
     """
-    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    if m > 64:
+        return [GemvConfig(128, 32, 64, 4, 4), GemvConfig(128, 64, 64, 8, 3), GemvConfig(128, 128, 64, 8, 3)]
+    block_m = max(16, triton.next_power_of_2(m))
     block_k = min(256, 8192 // block_m)
     dot = [GemvConfig(block_m, 16, block_k, 4, 4), GemvConfig(block_m, 32, block_k, 4, 4),
            GemvConfig(block_m, 64, max(64, block_k // 2), 4, 3)]

@@ -5,7 +5,8 @@ batch size on fresh random tensors of its shape, against the path it replaces: t
 ``F.linear``, with the fused RMSNorm and SiLU-mul kernels before and after it where the site has them).
 Candidates: every ``gemv.candidate_configs`` tile with the norm fused into the GEMV, and the fastest of
 those tiles again behind a separate norm kernel (the fused norm re-reads the input once per program,
-which can lose at larger batches). The fastest wins; the result (``GemvTable``) maps a batch size to a
+which can lose at larger batches; above ``FUSED_NORM_MAX_BATCH`` rows only the separate norm is timed).
+Ties go to the torch path. The fastest wins; the result (``GemvTable``) maps a batch size to a
 ``GemvChoice``. Times are medians of ``triton.testing.do_bench`` (L2 flushed before each run, as in a
 decode step where each layer's weights come from memory).
 
@@ -31,7 +32,9 @@ from allmos.kernels.gemv import GemvConfig, candidate_configs, gemv, rms_norm_ge
 
 logger = logging.getLogger("allmos")
 
-MAX_GEMV_BATCH = 64  # decode batches above this keep cuBLAS (GEMM-shaped enough)
+MAX_GEMV_BATCH = 256  # larger batches keep cuBLAS
+FUSED_NORM_MAX_BATCH = 64  # above this the norm inside the GEMV (recomputed per program) is not even timed
+LARGE_BATCH_SIZES = (96, 128, 192, 256)  # timed above 64 rows (not every captured size: start-up time)
 WARMUP_MS, REP_MS = 2, 8  # do_bench budget per candidate (about 0.1 ms per run with the L2 flush)
 
 
@@ -140,15 +143,16 @@ def _measure(sig: GemvSignature, t: _SiteTensors, m: int, choice: GemvChoice) ->
 
 
 def _best_at(sig: GemvSignature, t: _SiteTensors, m: int) -> GemvChoice:
+    fuse = sig.norm and m <= FUSED_NORM_MAX_BATCH
     timed = [_measure(sig, t, m, GemvChoice(None))]
-    timed += [_measure(sig, t, m, GemvChoice(c, fuse_norm=sig.norm)) for c in candidate_configs(m)]
+    timed += [_measure(sig, t, m, GemvChoice(c, fuse_norm=fuse)) for c in candidate_configs(m)]
     timed = [c for c in timed if c is not None]
-    if sig.norm:  # the best tile once more, behind the separate norm kernel
+    if fuse:  # the best tile once more, behind the separate norm kernel
         best_fused = min((c for c in timed if c.config is not None), key=lambda c: c.time_us, default=None)
         if best_fused is not None:
             unfused = _measure(sig, t, m, GemvChoice(best_fused.config, fuse_norm=False))
             timed += [unfused] if unfused is not None else []
-    return min(timed, key=lambda c: c.time_us)
+    return min(timed, key=lambda c: c.time_us)  # the torch path first: it wins ties
 
 
 @functools.cache
@@ -159,6 +163,17 @@ def _tune_cached(sig: GemvSignature, sizes: tuple[int, ...], device_index: int) 
         table = GemvTable(sizes, tuple(_best_at(sig, tensors, m) for m in sizes))
         del tensors
     return table
+
+
+def tuning_sizes(capture_sizes: list[int]) -> tuple[int, ...]:
+    """Batch sizes to time: every captured size up to 64, then a few larger ones up to the largest captured
+    size (at most ``MAX_GEMV_BATCH``); a batch between them takes the next timed size's choice."""
+    largest = capture_sizes[-1] if capture_sizes else 0
+    small = {s for s in capture_sizes if s <= FUSED_NORM_MAX_BATCH}
+    large = {s for s in LARGE_BATCH_SIZES if s <= largest}
+    if FUSED_NORM_MAX_BATCH < largest <= MAX_GEMV_BATCH:
+        large.add(largest)
+    return tuple(sorted(small | large))
 
 
 def tune_gemv(sig: GemvSignature, sizes: tuple[int, ...], device: torch.device) -> GemvTable:
