@@ -32,7 +32,7 @@ def run_folded(case: PagedCase, num_heads: int, dtype: torch.dtype, num_splits: 
     return out
 
 
-@pytest.mark.parametrize("num_splits", [2, 5])
+@pytest.mark.parametrize("num_splits", [2, 5])  # DEVICE is the GPU where there is one, else the interpreter
 @pytest.mark.parametrize("block_size,num_kv_heads,group,seq_lens", [
     (16, 2, 2, [1, 15, 16, 17, 64, 100]),
     (32, 2, 1, [33, 64, 65, 7]),

@@ -1,13 +1,15 @@
 """The whole model with the decode kernels switched on (small-batch GEMVs with their fused norm and SiLU-mul,
 fused q/k-norm + RoPE + K/V store, Triton attention) against the same model on the torch path.
 
-Runs on the CPU through the Triton interpreter (tables fixed by rule instead of timed): a decode step and
-a small prefill step over a cache holding earlier context, for a Qwen3 (q/k norm) and a Qwen2 (q/k/v
-bias) tiny model. Both logits and the K/V written into the cache must agree.
+Runs on the CPU through the Triton interpreter (tables fixed by rule instead of timed), and natively on
+a GPU (``-m gpu``): a decode step and a small prefill step over a cache holding earlier context, for a
+Qwen3 (q/k norm) and a Qwen2 (q/k/v bias) tiny model, in float32. Both logits and the K/V written into
+the cache must agree.
 """
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -24,15 +26,18 @@ from allmos.kernels.gemv_tuning import fixed_table
 from allmos.models.loader import build_model, load_weights, safetensors_files
 
 BLOCK_SIZE, NUM_BLOCKS = 16, 12
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                                        reason="CPU tensors need TRITON_INTERPRET=1")),
+           pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def load(folder) -> torch.nn.Module:
-    model = build_model(transformers.AutoConfig.from_pretrained(folder), torch.float32, torch.device("cpu"))
+def load(folder, device: str) -> torch.nn.Module:
+    model = build_model(transformers.AutoConfig.from_pretrained(folder), torch.float32, torch.device(device))
     load_weights(model, safetensors_files(folder))
     return model
 
 
-def step_inputs(context_lens: list[int], q_lens: list[int], seed: int):
+def step_inputs(context_lens: list[int], q_lens: list[int], seed: int, device: str):
     """Token ids, positions and metadata of one step: sequence s has context_lens[s] cached tokens and
     q_lens[s] new ones; block tables are shuffled."""
     rng = random.Random(seed)
@@ -50,11 +55,12 @@ def step_inputs(context_lens: list[int], q_lens: list[int], seed: int):
     for q in q_lens:
         qsl.append(qsl[-1] + q)
     md = AttentionMetadata(
-        slot_mapping=slots, query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=tables, max_query_len=max(q_lens),
-        max_seq_len=max(seq_lens), is_decode=max(q_lens) == 1, query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
-    input_ids = torch.tensor([rng.randrange(3, 512) for _ in positions])
-    return input_ids, torch.tensor(positions), md
+        slot_mapping=slots.to(device), query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device), block_tables=tables.to(device),
+        max_query_len=max(q_lens), max_seq_len=max(seq_lens), is_decode=max(q_lens) == 1,
+        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
+    input_ids = torch.tensor([rng.randrange(3, 512) for _ in positions], device=device)
+    return input_ids, torch.tensor(positions, device=device), md
 
 
 def forward(model, backend, caches, input_ids, positions, md) -> torch.Tensor:
@@ -63,11 +69,12 @@ def forward(model, backend, caches, input_ids, positions, md) -> torch.Tensor:
         return model.compute_logits(model(input_ids, positions))  # [num_tokens, vocab]
 
 
-def random_caches(model, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def random_caches(model, seed: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     attn = model.model.layers[0].self_attn
     gen = torch.Generator().manual_seed(seed)
     shape = (NUM_BLOCKS, BLOCK_SIZE, attn.num_kv_heads, attn.head_dim)
-    return [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) for _ in model.model.layers]
+    return [(torch.randn(shape, generator=gen).to(device), torch.randn(shape, generator=gen).to(device))
+            for _ in model.model.layers]
 
 
 def counting(monkeypatch, module, name: str) -> list[int]:
@@ -82,19 +89,21 @@ def counting(monkeypatch, module, name: str) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
 @pytest.mark.parametrize("fuse_norm", [True, False])
 @pytest.mark.parametrize("context_lens,q_lens", [([5, 17, 30], [1, 1, 1]), ([0, 20], [3, 4])])
-def test_decode_kernels_match_torch_path(tiny_model_factory, monkeypatch, arch, fuse_norm, context_lens, q_lens):
-    model = load(tiny_model_factory(arch))
-    input_ids, positions, md = step_inputs(context_lens, q_lens, seed=len(q_lens))
-    caches_ref = random_caches(model, seed=1)
+def test_decode_kernels_match_torch_path(tiny_model_factory, monkeypatch, device, arch, fuse_norm, context_lens,
+                                         q_lens):
+    model = load(tiny_model_factory(arch), device)
+    input_ids, positions, md = step_inputs(context_lens, q_lens, seed=len(q_lens), device=device)
+    caches_ref = random_caches(model, seed=1, device=device)
     caches_new = [(k.clone(), v.clone()) for k, v in caches_ref]
     logits_ref = forward(model, TorchAttentionBackend(), caches_ref, input_ids, positions, md)
 
     attn = model.model.layers[0].self_attn
     backend = TritonAttentionBackend(attn.num_heads, attn.head_dim, attn.num_kv_heads, max_num_seqs=8,
-                                     max_model_len=NUM_BLOCKS * BLOCK_SIZE, device=torch.device("cpu"))
+                                     max_model_len=NUM_BLOCKS * BLOCK_SIZE, device=torch.device(device))
     backend.fold_split_merge = True
     assert md.is_decode is False or backend.prepare(md).num_splits > 1  # decode: split, merged in one launch
     model.use_decode_kernels({role: fixed_table((1, 2, 4, 8), fuse_norm) for role in model.gemv_sites()})
@@ -115,10 +124,10 @@ def test_decode_kernels_match_torch_path(tiny_model_factory, monkeypatch, arch, 
 
 
 def test_batches_above_the_table_take_the_torch_path(tiny_model_factory, monkeypatch):
-    model = load(tiny_model_factory("qwen3"))
+    model = load(tiny_model_factory("qwen3"), "cpu")
     model.use_decode_kernels({role: fixed_table((1, 2)) for role in model.gemv_sites()}, fuse_kv_store=False)
-    input_ids, positions, md = step_inputs([4, 9, 2], [1, 1, 1], seed=5)  # 3 rows > the largest size, 2
+    input_ids, positions, md = step_inputs([4, 9, 2], [1, 1, 1], seed=5, device="cpu")  # 3 rows > 2
     calls = counting(monkeypatch, gemv_module, "gemv")
     fused = counting(monkeypatch, gemv_module, "rms_norm_gemv")
-    forward(model, TorchAttentionBackend(), random_caches(model, seed=2), input_ids, positions, md)
+    forward(model, TorchAttentionBackend(), random_caches(model, seed=2, device="cpu"), input_ids, positions, md)
     assert calls[0] == fused[0] == 0

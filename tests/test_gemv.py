@@ -8,6 +8,8 @@ Every case draws fresh random inputs and poisons the outputs with NaN before the
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,11 @@ from allmos.kernels.gemv import GemvConfig, candidate_configs, default_gemv_conf
 from allmos.kernels.gemv_tuning import GemvChoice, GemvTable, fixed_table, tuning_sizes
 from allmos.layers.norm import RMSNorm
 
-CPU_CASES = [("cpu", torch.float32), ("cpu", torch.float16)]
+# CPU tensors need the interpreter (conftest sets it where there is no CUDA)
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="CPU tensors run Triton kernels only under TRITON_INTERPRET=1")
+CPU_CASES = [pytest.param("cpu", torch.float32, marks=needs_interpreter),
+             pytest.param("cpu", torch.float16, marks=needs_interpreter)]
 GPU_CASES = [pytest.param("cuda", dt, marks=pytest.mark.gpu) for dt in (torch.float32, torch.bfloat16, torch.float16)]
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
@@ -86,6 +92,7 @@ def test_rms_norm_gemv_small_shapes(DEVICE, dtype, m, silu_mul, with_residual):
         close(y, linear_ref(norm._norm(s_ref), w, b, silu_mul), dtype)
 
 
+@needs_interpreter
 def test_bad_arguments_raise_value_error():
     x, w, _ = operands(2, 32, 64, torch.float32, "cpu", bias=False, seed=0)
     with pytest.raises(ValueError, match="block_m"):
@@ -136,12 +143,16 @@ SITES = [(4096, 1024, True, False), (1024, 2048, False, False), (3072, 1024, Tru
 @pytest.mark.parametrize("DEVICE,dtype", GPU_CASES)
 @pytest.mark.parametrize("n,k,norm,silu_mul", SITES)
 def test_gemv_model_shapes(DEVICE, dtype, n, k, norm, silu_mul):
+    """Every candidate tile in bfloat16 (the engine's dtype), the fixed-rule tile in float32 and float16
+    (each distinct tile compiles once per dtype: this keeps the visit's compile time down)."""
     norm_weight = torch.randn(k).to(device=DEVICE, dtype=dtype)
     ref_norm = RMSNorm(k, eps=1e-6).to(DEVICE)
     ref_norm.weight.data = norm_weight
-    for m in (1, 2, 8, 16, 48, 64, 96, 256):
-        for i, config in enumerate(configs_for(m)):
-            x, w, b = operands(m, 2 * n if silu_mul else n, k, dtype, DEVICE, bias=i == 0, seed=100 * m + i)
+    for m in (1, 2, 16, 48, 96, 256):
+        configs = configs_for(m) if dtype == torch.bfloat16 else [default_gemv_config(m)]
+        for i, config in enumerate(configs):
+            bias = i == 0 and n <= 4096  # q/k/v and gate/up carry biases in some families
+            x, w, b = operands(m, 2 * n if silu_mul else n, k, dtype, DEVICE, bias=bias, seed=100 * m + i)
             out = poisoned((m, n), dtype, DEVICE)
             if norm:
                 r = torch.randn(m, k, device=DEVICE).to(dtype)
