@@ -133,11 +133,21 @@ def _time_us(fn) -> float:
 
 
 def _measure(sig: GemvSignature, t: _SiteTensors, m: int, choice: GemvChoice) -> GemvChoice | None:
-    """``choice`` with its measured time, or None when the device cannot run that tile (shared memory)."""
+    """``choice`` with its measured time, or None when the device cannot run that tile.
+
+    A tile that needs more shared memory than the device has is skipped quietly; any other failure to
+    compile or launch a Triton candidate is logged as a warning and skipped too, so that one variant the
+    local compiler rejects leaves the site on its other candidates (cuBLAS at worst) instead of failing
+    the engine's start-up. The torch path itself is never caught."""
     try:
         us = _time_us(lambda: _run(sig, t, m, choice))
     except OutOfResources as exc:
         logger.info("gemv candidate %s skipped at m=%d: %s", choice.describe(), m, exc)
+        return None
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        if choice.config is None:
+            raise
+        logger.warning("gemv candidate %s failed at m=%d for %s, skipped: %r", choice.describe(), m, sig, exc)
         return None
     return GemvChoice(choice.config, choice.fuse_norm, us)
 
