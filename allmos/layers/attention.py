@@ -18,9 +18,11 @@ class Attention(nn.Module):
     def forward(
         self,
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k: torch.Tensor | None,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor | None,  # [num_tokens, num_kv_heads, head_dim]
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """Attention of q over this layer's cache after storing k/v; k = v = None when the caller already
+        stored them (only with a backend whose ``accepts_stored_kv`` is True)."""
         ctx = get_forward_context()
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         return ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.metadata, self.scale)

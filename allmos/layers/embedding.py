@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allmos.layers.fused_linear import project
 from allmos.layers.tp import SINGLE, TPGroup
 from allmos.layers.weights import copy_checked, narrow, shape_of
 
@@ -44,7 +45,9 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for the whole vocabulary from each rank's rows (may share the embedding's weight)."""
 
+    gemv_table = None  # CUDA: small batches through the Triton GEMV (see layers.fused_linear)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [num_seqs, hidden] -> [num_seqs, vocab]
-        logits = F.linear(hidden, self.weight)
+        logits = project(self, hidden, None)
         logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

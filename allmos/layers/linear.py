@@ -8,17 +8,23 @@ loaded, shard_id=None)`` where ``loaded`` is the full checkpoint tensor (or a la
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allmos.layers.fused_linear import project
 from allmos.layers.tp import SINGLE, TPGroup
 from allmos.layers.weights import copy_checked, narrow, shape_of
 
+if TYPE_CHECKING:
+    from allmos.kernels.gemv_tuning import GemvTable
+
 
 class LinearBase(nn.Module):
+    gemv_table: GemvTable | None = None  # CUDA: small batches through the Triton GEMV (see layers.fused_linear)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup) -> None:
         super().__init__()
         self.tp = tp
@@ -34,6 +40,8 @@ class LinearBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv_table is not None:  # CUDA, tuned at start-up: small batches may take the Triton GEMV
+            return project(self, x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -133,7 +141,7 @@ class RowParallelLinear(LinearBase):
         copy_checked(param, narrow(loaded, 1, start, size), "RowParallelLinear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = project(self, x, None) if self.gemv_table is not None else F.linear(x, self.weight)
         y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
