@@ -14,7 +14,6 @@ import random
 
 import pytest
 import torch
-import transformers
 
 from allmos.attention.context import ForwardContext, forward_context
 from allmos.attention.metadata import AttentionMetadata
@@ -24,6 +23,7 @@ from allmos.kernels import fused_qk_rope_store
 from allmos.kernels import gemv as gemv_module
 from allmos.kernels.gemv_tuning import fixed_table
 from allmos.models.loader import build_model, load_weights, safetensors_files
+from allmos.models.model_config import load_model_config
 
 BLOCK_SIZE, NUM_BLOCKS = 16, 12
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -32,7 +32,7 @@ DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_I
 
 
 def load(folder, device: str) -> torch.nn.Module:
-    model = build_model(transformers.AutoConfig.from_pretrained(folder), torch.float32, torch.device(device))
+    model = build_model(load_model_config(folder), torch.float32, torch.device(device))
     load_weights(model, safetensors_files(folder))
     return model
 
@@ -101,9 +101,8 @@ def test_decode_kernels_match_torch_path(tiny_model_factory, monkeypatch, device
     caches_new = [(k.clone(), v.clone()) for k, v in caches_ref]
     logits_ref = forward(model, TorchAttentionBackend(), caches_ref, input_ids, positions, md)
 
-    attn = model.model.layers[0].self_attn
-    backend = TritonAttentionBackend(attn.num_heads, attn.head_dim, attn.num_kv_heads, max_num_seqs=8,
-                                     max_model_len=NUM_BLOCKS * BLOCK_SIZE, device=torch.device(device))
+    backend = TritonAttentionBackend(model.config, 1, max_num_seqs=8, max_model_len=NUM_BLOCKS * BLOCK_SIZE,
+                                     device=torch.device(device))
     backend.fold_split_merge = True
     assert md.is_decode is False or backend.prepare(md).num_splits > 1  # decode: split, merged in one launch
     model.use_decode_kernels({role: fixed_table((1, 2, 4, 8), fuse_norm) for role in model.gemv_sites()})
