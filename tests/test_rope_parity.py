@@ -76,7 +76,7 @@ def assert_matches_transformers(llm: LLM, folder: Path, prompt: list[int], fresh
     for step, entry in enumerate(completion.logprobs):
         assert set(torch.topk(ref[step], TOP_LOGPROBS).indices.tolist()) <= set(entry)
         for token_id, logprob in entry.items():
-            assert abs(logprob - ref[step, token_id].item()) < LOGPROB_ATOL, (len(prompt), step, token_id)
+            assert abs(logprob.logprob - ref[step, token_id].item()) < LOGPROB_ATOL, (len(prompt), step, token_id)
 
 
 @pytest.mark.parametrize("dialect", ["rope_parameters", "legacy"])

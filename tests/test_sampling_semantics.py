@@ -120,7 +120,7 @@ def test_penalties_count_the_right_tokens(llm, qwen3_dir):
             assert top2[0] - top2[1] > 2e-4, f"near tie at step {step} of {penalties}: the reference is ambiguous"
             assert token == int(expected.argmax()), (penalties, step)
             # logprobs are the raw model's (before penalties), as vLLM returns them by default
-            assert abs(completion.logprobs[step][token] - raw_logprobs[step, token].item()) < 1e-4
+            assert abs(completion.logprobs[step][token].logprob - raw_logprobs[step, token].item()) < 1e-4
             for name in must_differ:
                 wrong = penalize(logits[step], *WRONG_SETS[name](prompt, output[:step]), **penalties)
                 if int(wrong.argmax()) != token:
