@@ -7,12 +7,12 @@ check of the step's logits against the same forward on the torch path (decode ke
 same process: gemv tables cleared, separate q/k-norm+RoPE and K/V store).
 
 ``--compare-env VAR=VALUE`` runs the benchmark twice, each in a fresh process: once with the environment as
-it is and once with ``VAR=VALUE`` (default ``ALLMOS_DECODE_KERNELS=0``: the path before the decode
-kernels), and prints both side by side with their ratio. Random Qwen3-0.6B weights
+it is and once with ``VAR=VALUE`` (e.g. ``ALLMOS_DECODE_KERNELS=1``: the experimental decode kernels,
+off by default), and prints both side by side with their ratio. Random Qwen3-0.6B weights
 (``load_format="dummy"``), so no checkpoint is needed. Logs go to stderr; the table is printed last.
 
 Usage (GPU machine, repo root):
-    PYTHONPATH=$PWD python benchmarks/bench_step.py --compare-env ALLMOS_DECODE_KERNELS=0
+    PYTHONPATH=$PWD python benchmarks/bench_step.py --compare-env ALLMOS_DECODE_KERNELS=1
     PYTHONPATH=$PWD python benchmarks/bench_step.py --batch 1 8 --kernels 20     # this process only
 """
 
@@ -195,7 +195,7 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=20, help="profiled steps per batch (GPU time, kernels)")
     ap.add_argument("--kernels", type=int, default=14, help="busiest kernels listed per batch (stderr)")
     ap.add_argument("--compare-env", default=None, metavar="VAR=VALUE",
-                    help="also run with VAR=VALUE (e.g. ALLMOS_DECODE_KERNELS=0) in a second process")
+                    help="also run with VAR=VALUE (e.g. ALLMOS_DECODE_KERNELS=1) in a second process")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
