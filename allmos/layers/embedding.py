@@ -44,7 +44,14 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for the whole vocabulary from each rank's rows (may share the embedding's weight)."""
 
+    quant_method = None  # allmos.layers.quantization.QuantMethod, set by quantize_model after loading
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [num_seqs, hidden] -> [num_seqs, vocab]
-        logits = F.linear(hidden, self.weight)
+        if self.quant_method is not None:
+            logits = self.quant_method.apply(self, hidden)
+        else:
+            logits = F.linear(hidden, self.weight)
+        if logits.device.type == "cpu" and logits.dtype != torch.float32:
+            logits = logits.float()  # the CPU's bfloat16 argmax / softmax over the vocabulary are slow
         logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]
