@@ -186,3 +186,15 @@ def test_cpu_weight_format_decisions(default_model_dir):
     assert _format(None, None, bf16, None, True) == (bf16, None)
     assert _format(None, None, f32, None, True) == (f32, None)
     assert _format(bf16, "int4", f32, None, False) == (bf16, "int4")
+
+
+@pytest.mark.parametrize("method", [Int8WeightOnly(), Int4WeightOnly()], ids=["int8", "int4"])
+def test_strided_and_3d_inputs(method):
+    layer = _linear(RowParallelLinear, 64, 32)
+    method.process_weights_after_loading(layer)
+    layer.quant_method = method
+    x = torch.randn(3, 5, 128).to(torch.bfloat16)[..., ::2]  # [3, 5, 64], not contiguous
+    out = layer(x)
+    assert out.shape == (3, 5, 32)
+    torch.testing.assert_close(out, layer(x.contiguous().view(15, 64)).view(3, 5, 32))
+    torch.testing.assert_close(layer(x[0]), out[0])

@@ -81,9 +81,10 @@ class Int8WeightOnly(QuantMethod):
         self._replace_weight(layer, qweight=qweight, weight_scale=scale.to(dtype))
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
         scale = layer.weight_scale if layer.weight_scale.dtype == x.dtype else layer.weight_scale.to(x.dtype)
-        y = torch.ops.aten._weight_int8pack_mm(x2, layer.qweight, scale)  # [tokens, out]
+        if x.dim() == 2:  # [tokens, in], the model's case: no reshapes (the kernel needs a contiguous x)
+            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), layer.qweight, scale)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), layer.qweight, scale)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -104,9 +105,11 @@ class Int4WeightOnly(QuantMethod):
         self._replace_weight(layer, qweight=packed, scales_and_zeros=scale_zero)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
         sz = layer.scales_and_zeros if layer.scales_and_zeros.dtype == x.dtype else layer.scales_and_zeros.to(x.dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, layer.qweight, self.group_size, sz)  # [tokens, out]
+        if x.dim() == 2:  # [tokens, in], the model's case: no reshapes (the kernel needs a contiguous x)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), layer.qweight, self.group_size, sz)
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, layer.qweight, self.group_size, sz)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
