@@ -198,3 +198,29 @@ def test_strided_and_3d_inputs(method):
     assert out.shape == (3, 5, 32)
     torch.testing.assert_close(out, layer(x.contiguous().view(15, 64)).view(3, 5, 32))
     torch.testing.assert_close(layer(x[0]), out[0])
+
+
+def test_gguf_header_tensor_types_match_gguf_reader(tmp_path):
+    import gguf
+    import numpy as np
+
+    from allmos.models.gguf_header import gguf_tensor_types
+
+    path = tmp_path / "t.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"] * 50)  # string arrays are skipped, not read
+    writer.add_array("some.ints", [1, 2, 3])
+    writer.add_string("general.name", "tiny")
+    writer.add_float32("some.float", 0.5)
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((4, 32), dtype=np.float32))
+    writer.add_tensor("blk.0.ffn_up.weight", np.zeros((4, 32), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = gguf.GGUFReader(str(path))
+    assert gguf_tensor_types(path) == {t.name: int(t.tensor_type) for t in reader.tensors}
+    other = tmp_path / "x.bin"
+    other.write_bytes(b"NOPE" + bytes(32))
+    with pytest.raises(ValueError, match="not a GGUF"):
+        gguf_tensor_types(other)

@@ -192,11 +192,13 @@ class WeightFormat:
 
 def gguf_linear_types(gguf_path: Path) -> frozenset[str]:
     """GGUF type names (e.g. 'Q4_1') of the file's transformer-block linear weights (reads the header only)."""
-    import gguf
+    from gguf import GGMLQuantizationType
 
-    reader = gguf.GGUFReader(str(gguf_path))
+    from allmos.models.gguf_header import gguf_tensor_types
+
     pattern = re.compile(_GGUF_LINEAR_RE)
-    return frozenset(t.tensor_type.name for t in reader.tensors if pattern.match(t.name))
+    return frozenset(GGMLQuantizationType(t).name for name, t in gguf_tensor_types(gguf_path).items()
+                     if pattern.match(name))
 
 
 def quantization_for_gguf(types: frozenset[str]) -> str | None:
