@@ -5,6 +5,7 @@ Usable online: ``add_request`` / ``step`` / ``abort`` / ``has_unfinished`` (a se
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import random
@@ -69,8 +70,11 @@ class LLMEngine:
         self.tokenizer = self._load_tokenizer()
         device = config.resolved_device()
         model_config = self.source.model_config
-        dtype = config.resolved_dtype(self.source.checkpoint_dtype, device)
-        self.runner = runner or self._make_runner(device, dtype)
+        fmt = config.resolved_weight_format(self.source.checkpoint_dtype, device)
+        dtype = fmt.dtype
+        logger.info("weights: dtype %s, quantization %s (%s)", dtype, fmt.quantization, fmt.reason)
+        runner_config = dataclasses.replace(config, quantization=fmt.quantization)
+        self.runner = runner or self._make_runner(device, dtype, runner_config)
         self.info = RuntimeInfo(
             max_model_len=model_config.effective_max_model_len(config.max_model_len),
             vocab_size=model_config.vocab_size,
@@ -100,11 +104,12 @@ class LLMEngine:
         freeze_startup_heap()
 
     # ------------------------------------------------------------------ set-up
-    def _make_runner(self, device: torch.device, dtype: torch.dtype) -> ModelRunner:
-        if self.config.tensor_parallel_size > 1:
+    def _make_runner(self, device: torch.device, dtype: torch.dtype, config: EngineConfig) -> ModelRunner:
+        """``config``: the engine's, with the resolved ``quantization``."""
+        if config.tensor_parallel_size > 1:
             from allmos.engine.tp_runner import MultiprocessRunner
-            return MultiprocessRunner(self.config, self.source, device, dtype)
-        return LocalModelRunner(self.config, self.source.model_config, self.source.folder, device, dtype)
+            return MultiprocessRunner(config, self.source, device, dtype)
+        return LocalModelRunner(config, self.source.model_config, self.source.folder, device, dtype)
 
     def _load_tokenizer(self):
         if not self.source.has_tokenizer:

@@ -23,10 +23,12 @@ from allmos.attention.metadata import AttentionMetadata
 from allmos.attention.torch_backend import TorchAttentionBackend
 from allmos.config import EngineConfig
 from allmos.engine.batch import ScheduledBatch
+from allmos.engine.cpu_compile import CompiledForward, compile_unsupported_reason
 from allmos.engine.cuda_graphs import DecodeGraphs
 from allmos.engine.kv_cache import KVCacheSpec, cpu_num_blocks, gpu_num_blocks
 from allmos.engine.request import PENDING_TOKEN
 from allmos.engine.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors, raw_logprobs
+from allmos.layers.quantization import quantize_model
 from allmos.layers.tp import SINGLE, TPGroup
 from allmos.models.loader import build_model, init_dummy_weights, load_weights, safetensors_files
 from allmos.models.model_config import ModelConfig
@@ -176,6 +178,9 @@ class LocalModelRunner(ModelRunner):
             init_dummy_weights(self.model, config.seed)
         else:
             load_weights(self.model, safetensors_files(model_path))
+        if config.quantization is not None:
+            logger.info("quantization=%s: %s layers", config.quantization,
+                        quantize_model(self.model, config.quantization))
         self.kv_spec = KVCacheSpec.for_model(model_config, config.kvcache_block_size, dtype, tp.size)
         self.block_size = config.kvcache_block_size
         self.max_model_len = model_config.effective_max_model_len(config.max_model_len)
@@ -184,6 +189,39 @@ class LocalModelRunner(ModelRunner):
         self.num_kv_blocks = self._min_over_ranks(self._decide_num_blocks())
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
         self.graphs = self._capture_graphs()
+        self.compiled = self._compile_cpu_forward()
+
+    def _compile_cpu_forward(self) -> CompiledForward | None:
+        """The CPU forward compiled by inductor and warmed now (None: eager; see ``engine.cpu_compile``)."""
+        if not self.config.compile_cpu_forward:
+            return None
+        reason = compile_unsupported_reason(self.model, self.device)
+        if reason is not None:
+            if self.device.type == "cpu":
+                logger.info("CPU forward stays eager: %s", reason)
+            return None
+        compiled = CompiledForward(self.model)
+        logger.info("compiling the CPU forward (torch.compile, inductor; compilation_config=0 skips this) ...")
+        try:
+            seconds = compiled.warm_up(self._warm_up_step(compiled))
+        except Exception as exc:  # no C++ compiler, an inductor limitation: serve eagerly rather than fail
+            logger.warning("torch.compile of the CPU forward failed, running eagerly: %s",
+                           str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+            return None
+        logger.info("compiled the CPU forward in %.1f s", seconds)
+        return compiled
+
+    def _warm_up_step(self, forward):
+        """``run(n)``: one decode forward of ``n`` one-token sequences through ``forward``, on a scratch cache."""
+        def run(num_tokens: int) -> None:
+            from allmos.engine.batch import ScheduledSeq
+            caches = self._allocate_kv_cache(num_tokens)
+            batch = ScheduledBatch([ScheduledSeq(f"warm-up-{i}", [i], 0, [i], None) for i in range(num_tokens)])
+            input_ids, positions, metadata, rope_seq_lens = self._prepare(batch)
+            ctx = ForwardContext(self.backend.prepare(metadata), caches, self.backend, rope_seq_lens)
+            with torch.inference_mode(), forward_context(ctx):
+                forward(input_ids, positions)
+        return run
 
     def _capture_graphs(self) -> DecodeGraphs | None:
         """Decode runner for CUDA: captured graphs, or (enforce_eager) the same padded shapes run eagerly."""
@@ -272,7 +310,7 @@ class LocalModelRunner(ModelRunner):
             else:
                 ctx = ForwardContext(self.backend.prepare(metadata), self.kv_caches, self.backend, rope_seq_lens)
                 with forward_context(ctx):
-                    hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
+                    hidden = (self.compiled or self.model)(input_ids, positions)  # [num_tokens, hidden]
                 if batch.has_prompt_logprobs:
                     prompt = self._prompt_logprobs(batch, metadata, hidden)
                 if not sampled:
