@@ -67,15 +67,18 @@ class EngineConfig:
             raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
         if self.attention_backend not in _BACKENDS:
             raise ValueError(f"attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}")
+        if self.quantization is not None and str(self.device).startswith("cuda"):
+            raise ValueError(f"quantization={self.quantization!r} is implemented for the CPU only "
+                             f"(device={self.device!r}); leave quantization=None on a GPU")
         _check_device(self.device)
+        from allmos.layers.quantization import check_quantization
+        check_quantization(self.quantization, self.resolved_device())
         if self.trust_remote_code is not False:
             raise ValueError(f"trust_remote_code={self.trust_remote_code!r} is not supported: allmos never runs code "
                              "shipped with a model; it loads the architectures it implements itself "
                              "(leave trust_remote_code unset or False)")
         if isinstance(self.dtype, str) and self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        from allmos.layers.quantization import check_quantization
-        check_quantization(self.quantization, self.resolved_device())
         if self.compilation_config not in (0, 3):
             raise ValueError(f"compilation_config must be 0 (eager) or 3 (compile the CPU forward at start-up), "
                              f"got {self.compilation_config!r}")

@@ -69,8 +69,8 @@ class DecoderAttention(nn.Module):
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
         """Everything after the q/k/v projection: q/k norm, RoPE, K/V store, attention, o_proj.
         qkv [num_tokens, q_size + 2 * kv_size] -> [num_tokens, hidden]."""
-        ctx = get_forward_context()
-        if self.fuse_kv_store and ctx.backend.accepts_stored_kv and self._rope_fusable():
+        ctx = get_forward_context() if self.fuse_kv_store and self._rope_fusable() else None  # GPU only
+        if ctx is not None and ctx.backend.accepts_stored_kv:
             o = self.attn(self._qk_rope_store(positions, qkv, ctx), None, None)  # K/V already in the cache
         else:
             o = self.attn(*self._qk_rope(positions, qkv))  # [num_tokens, num_heads, head_dim]
