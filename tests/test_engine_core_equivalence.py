@@ -29,6 +29,7 @@ ENGINE = dict(kvcache_block_size=16, num_kvcache_blocks=14, max_num_batched_toke
 
 ops = st.lists(st.one_of(
     st.tuples(st.just("add"), st.integers(0, 10**6)),
+    st.tuples(st.just("add"), st.integers(0, 10**6)),
     st.tuples(st.just("step"), st.integers(1, 3)),
     st.tuples(st.just("abort"), st.integers(0, 50)),
 ), min_size=4, max_size=14)
@@ -54,6 +55,15 @@ def random_request(rng: random.Random, prefix: list[int], vocab: int) -> tuple[l
     if rng.random() < 0.15:
         kwargs["prompt_logprobs"] = rng.choice([0, 1])
     return prompt, SamplingParams(**kwargs), rng.random() < 0.4
+
+
+def same_step(new: LLMEngine, old: LegacyEngine) -> None:
+    """One step of each: the same outputs, and the same scheduler and KV-cache state afterwards."""
+    assert comparable(new.step()) == comparable(old.step())
+    stats = new.get_stats()
+    assert (stats.num_running, stats.num_waiting, stats.num_preemptions, stats.num_free_blocks) == (
+        len(old.scheduler.running), len(old.scheduler.waiting), old.scheduler.num_preemptions,
+        old.block_manager.num_free_blocks)
 
 
 def comparable(outputs) -> list:
@@ -82,7 +92,7 @@ def engine_pairs(tmp_path_factory, default_model_dir):
             engine.shutdown()
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                 HealthCheck.function_scoped_fixture])
 @given(operations=ops, prefix_caching=st.booleans())
 def test_split_engine_matches_the_pre_split_engine(engine_pairs, operations, prefix_caching):
@@ -106,11 +116,11 @@ def test_split_engine_matches_the_pre_split_engine(engine_pairs, operations, pre
             rid = live[arg % len(live)]
             assert comparable([o for o in [new.abort(rid)] if o]) == comparable([o for o in [old.abort(rid)] if o])
         for _ in range(arg if op == "step" else 1):
-            assert comparable(new.step()) == comparable(old.step())
+            same_step(new, old)
     for _ in range(2000):
         if not (new.has_unfinished() or old.has_unfinished()):
             break
-        assert comparable(new.step()) == comparable(old.step())
+        same_step(new, old)
     assert not new.has_unfinished() and not old.has_unfinished()
     for engine in (new, old):
         engine.block_manager.check_integrity()
