@@ -70,7 +70,7 @@ class EngineCore:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         if len(request.seeds) != request.n:
             raise ValueError(f"request {request.request_id!r} has {len(request.seeds)} seeds for n={request.n}")
-        seqs = [self._make_seq(request, i) for i in range(request.n)]
+        seqs = [make_sequence(request, i, self.eos_token_ids) for i in range(request.n)]
         self.scheduler.add(seqs[0])  # the one place that checks the request fits
         if len(seqs) > 1:
             self._deferred[request.request_id] = seqs[1:]
@@ -79,18 +79,6 @@ class EngineCore:
             self._penalized.add(request.request_id)
         if seqs[0].num_prompt_logprobs is not None:
             self._prompt_logprob_seqs[seqs[0].request_id] = seqs[0]
-
-    def _make_seq(self, request: EngineCoreRequest, index: int) -> Request:
-        params = request.sampling_params
-        seq_id = request.request_id if params.n == 1 else f"{request.request_id}#{index}"
-        seq = Request(seq_id, request.prompt_token_ids, params, request.seeds[index], request.arrival_time,
-                      group_id=request.request_id, index=index)
-        if index == 0 and params.prompt_logprobs is not None and len(request.prompt_token_ids) > 1:
-            seq.num_prompt_logprobs = params.prompt_logprobs  # the first sequence computes them for the group
-        if params.min_tokens > 0:
-            seq.banned_token_ids = tuple(sorted(set(params.stop_token_ids) | (
-                set() if params.ignore_eos else set(self.eos_token_ids))))
-        return seq
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[CoreOutput]:
         """End these requests now and free their blocks; returns a final output (``finish_reason="abort"``)
@@ -250,6 +238,22 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.runner.shutdown()
+
+
+def make_sequence(request: EngineCoreRequest, index: int, eos_token_ids: frozenset[int]) -> Request:
+    """Completion ``index`` of ``request`` as the scheduler sees it (ids: the request id for n == 1, else
+    "<request id>#<index>"); completion 0 computes the prompt logprobs; EOS and stop ids are banned until
+    ``min_tokens``."""
+    params = request.sampling_params
+    seq_id = request.request_id if params.n == 1 else f"{request.request_id}#{index}"
+    seq = Request(seq_id, request.prompt_token_ids, params, request.seeds[index], request.arrival_time,
+                  group_id=request.request_id, index=index)
+    if index == 0 and params.prompt_logprobs is not None and len(request.prompt_token_ids) > 1:
+        seq.num_prompt_logprobs = params.prompt_logprobs
+    if params.min_tokens > 0:
+        seq.banned_token_ids = tuple(sorted(set(params.stop_token_ids) | (
+            set() if params.ignore_eos else set(eos_token_ids))))
+    return seq
 
 
 def make_runner(config: EngineConfig, source, device, dtype) -> ModelRunner:

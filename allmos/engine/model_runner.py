@@ -266,7 +266,8 @@ class LocalModelRunner(ModelRunner):
                 if not sampled:
                     self._last_sampled = None
                     return PendingStep(None, [], prompt)
-                logits = self.model.compute_logits(hidden[self._sample_rows(batch, metadata)])  # [num_sampled, vocab]
+                rows = _sample_rows(batch, metadata, self.device)  # [num_sampled]
+                logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab]
             tensors = self._sampling_tensors([s.sampling for s in sampled], [s.seq_len for s in sampled])
             out = self.sampler(logits, tensors)
         self._last_sampled = (out.token_ids, {s.request_id: row for row, s in enumerate(sampled)})
@@ -314,13 +315,6 @@ class LocalModelRunner(ModelRunner):
         self._last_sampling = (rows, tensors)
         return tensors
 
-    def _sample_rows(self, batch: ScheduledBatch, metadata: AttentionMetadata) -> torch.Tensor:
-        """Index of each sampling sequence's last token in the step's flat token list."""
-        ends = metadata.query_start_loc_cpu[1:]
-        rows = np.array([end - 1 for end, s in zip(ends, batch.seqs, strict=True) if s.sampling is not None],
-                        dtype=np.int64)
-        return to_device(rows, self.device)
-
     def _prepare(self, batch: ScheduledBatch):
         """Host lists -> device tensors (token ids, positions, attention metadata) in two packed copies."""
         seqs = batch.seqs
@@ -338,7 +332,7 @@ class LocalModelRunner(ModelRunner):
         block_tables = _pad_block_tables([s.block_table for s in seqs])  # [n, max_blocks] int32
         slot_mapping = (block_tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size
                         + positions % self.block_size)
-        pending, pending_rows = self._pending_sources(query_start_loc, seqs)
+        pending, pending_rows = _pending_sources(self._last_sampled, query_start_loc, seqs)
         i64_parts = [input_ids, positions, slot_mapping, seq_lens[seq_of_token], pending, pending_rows]
         i32_parts = [query_start_loc, seq_lens, block_tables.ravel()]
         i64, i64_starts = pack_aligned(i64_parts, np.int64)
@@ -357,23 +351,32 @@ class LocalModelRunner(ModelRunner):
         )
         return input_ids_dev, positions_dev, metadata, rope_seq_lens
 
-    def _pending_sources(self, query_start_loc: np.ndarray, seqs) -> tuple[np.ndarray, np.ndarray]:
-        """The flat index of every input that is the previous step's sample (the last input of a sequence
-        with ``input_from_previous_sample``), and the row of the previous step's sampled tokens that holds
-        it (they are filled on the device, without waiting for the host copy)."""
-        from_sample = [i for i, s in enumerate(seqs) if s.input_from_previous_sample]
-        if not from_sample:
-            empty = np.zeros(0, dtype=np.int64)
-            return empty, empty
-        if self._last_sampled is None:
-            raise RuntimeError("a scheduled input is the previous step's sample but that step sampled nothing")
-        row_of = self._last_sampled[1]
-        try:
-            rows = np.fromiter((row_of[seqs[i].request_id] for i in from_sample), dtype=np.int64,
-                               count=len(from_sample))
-        except KeyError as exc:
-            raise RuntimeError(f"request {exc} takes an input it did not sample in the previous step") from exc
-        return query_start_loc[1:][from_sample] - 1, rows
+
+def _pending_sources(last_sampled: tuple[torch.Tensor, dict[str, int]] | None, query_start_loc: np.ndarray,
+                     seqs) -> tuple[np.ndarray, np.ndarray]:
+    """The flat index of every input that is the previous step's sample (the last input of a sequence with
+    ``input_from_previous_sample``), and the row of the previous step's sampled tokens that holds it (they
+    are filled on the device, without waiting for the host copy)."""
+    from_sample = [i for i, s in enumerate(seqs) if s.input_from_previous_sample]
+    if not from_sample:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    if last_sampled is None:
+        raise RuntimeError("a scheduled input is the previous step's sample but that step sampled nothing")
+    row_of = last_sampled[1]
+    try:
+        rows = np.fromiter((row_of[seqs[i].request_id] for i in from_sample), dtype=np.int64, count=len(from_sample))
+    except KeyError as exc:
+        raise RuntimeError(f"request {exc} takes an input it did not sample in the previous step") from exc
+    return query_start_loc[1:][from_sample] - 1, rows
+
+
+def _sample_rows(batch: ScheduledBatch, metadata: AttentionMetadata, device: torch.device) -> torch.Tensor:
+    """Index of each sampling sequence's last token in the step's flat token list."""
+    ends = metadata.query_start_loc_cpu[1:]
+    rows = np.array([end - 1 for end, s in zip(ends, batch.seqs, strict=True) if s.sampling is not None],
+                    dtype=np.int64)
+    return to_device(rows, device)
 
 
 def _known_inputs(seq) -> list[int]:
