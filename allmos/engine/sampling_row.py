@@ -1,9 +1,10 @@
 """``SamplingRow``: one sequence's sampling settings as the scheduler hands them to the runner.
 
 Torch-free on purpose: the scheduler and ``batch.py`` import it, and neither may import torch or Triton.
-The row is derived from an already validated ``SamplingParams`` (``allmos.sampling_params``) plus the
-sequence's seed and per-step token lists; the sampler turns a batch of rows into tensors
-(``allmos.engine.sampler.SamplingTensors``).
+The row is derived from an already validated ``SamplingParams`` (``allmos.sampling_params``, the one place
+the engine validates sampling settings) plus the sequence's seed and per-step token lists; the runner turns
+a batch of rows into tensors with ``SamplingTensors.build(validate=False)``. ``validate`` is for rows built
+by hand (direct use of the sampler), which no ``SamplingParams`` has checked.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ class SamplingRow:
     top_p: float = 1.0  # (0, 1]; 1 = off
     min_p: float = 0.0  # [0, 1]; 0 = off
     seed: int = 0  # 0 <= seed < 2**63
-    position: int = 0  # index of the token being sampled in prompt + output
+    # index of the token being sampled in prompt + output; read only when SamplingTensors.build gets no
+    # ``positions`` (direct use of the sampler). The engine's rows leave it 0: the runner passes each step's
+    # positions (the sequences' lengths), so one row per request serves every step.
+    position: int = 0
     presence_penalty: float = 0.0  # [-2, 2]
     frequency_penalty: float = 0.0  # [-2, 2]
     repetition_penalty: float = 1.0  # > 0

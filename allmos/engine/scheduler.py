@@ -309,7 +309,7 @@ def _new_row(request: Request, banned, penalized: bool) -> SamplingRow:
     params = request.params
     return SamplingRow(
         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-        seed=request.seed, position=request.num_tokens,
+        seed=request.seed,
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
         repetition_penalty=params.repetition_penalty, num_logprobs=params.logprobs,
         prompt_token_ids=request.prompt_token_ids if penalized else (),
