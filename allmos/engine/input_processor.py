@@ -17,13 +17,15 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from allmos.config import EngineConfig
 from allmos.engine.core_types import EngineCoreRequest
 from allmos.inputs import ParsedPrompt, PromptType, parse_prompt
-from allmos.models.resolve import ModelSource
 from allmos.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # both import torch; this module does not
+    from allmos.config import EngineConfig
+    from allmos.models.resolve import ModelSource
 
 # n > 1 with a user seed: completion i samples with seed + i * this (mod 2**63)
 SIBLING_SEED_STRIDE = 0x9E3779B97F4A7C15
