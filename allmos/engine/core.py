@@ -136,8 +136,9 @@ class EngineCore:
 
     def get_stats(self) -> EngineCoreStats:
         s = self.scheduler.get_stats()
-        return EngineCoreStats(s.num_running, s.num_waiting, s.num_free_blocks, s.num_blocks, s.prefix_cache_queries,
-                               s.prefix_cache_hits, s.num_preemptions, self.num_generated_tokens)
+        return EngineCoreStats(s.num_running, s.num_waiting, s.num_prefilling, s.num_free_blocks, s.num_blocks,
+                               s.prefix_cache_queries, s.prefix_cache_hits, s.num_preemptions,
+                               self.num_generated_tokens)
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[CoreOutput]:

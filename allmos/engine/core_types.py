@@ -47,7 +47,7 @@ class PromptLogprobsResult:
     entries: list[LogprobEntries]
 
 
-@dataclass
+@dataclass(slots=True)
 class CoreOutput:
     """What one step read back for one sequence (completion ``index`` of request ``request_id``).
 
@@ -77,6 +77,7 @@ class EngineCoreStats:
 
     num_running: int
     num_waiting: int
+    num_prefilling: int  # requests whose prompt is not fully computed yet
     num_free_blocks: int
     num_blocks: int
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache at admission
