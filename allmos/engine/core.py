@@ -205,7 +205,9 @@ class EngineCore:
             out = CoreOutput(seq.group_id, seq.index, [token], num_cached_tokens=max(0, seq.num_cached_tokens))
             if result.logprobs is not None and seq.params.logprobs is not None:
                 out.new_logprobs = [result.logprobs[row]]
-            self._check_stop(seq, token, out)
+            if seq.status is RequestStatus.FINISHED or token in self.eos_token_ids or \
+                    token in seq.params.stop_token_ids:  # else nothing can end it (the common case)
+                self._check_stop(seq, token, out)
             outputs.append(out)
         return outputs
 

@@ -107,6 +107,11 @@ class OutputProcessor:
                 self._store_prompt_logprobs(out.prompt_logprobs)
             if seq.finish_reason is not None or not (out.new_token_ids or out.finish_reason):
                 continue
+            if not (state.stream or out.finish_reason or seq.detokenizer or out.new_logprobs):  # the common case
+                seq.token_ids += out.new_token_ids
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                continue
             if self._advance(state, seq, out, now):
                 to_abort.append((out.request_id, out.index))
             touched[state.request_id] = state
