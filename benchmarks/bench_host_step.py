@@ -87,9 +87,9 @@ def _local_runner(engine):
 
 
 def _num_prefilling(engine) -> int:
-    counts = engine.num_unscheduled_prompt_tokens() if hasattr(engine, "num_unscheduled_prompt_tokens") else None
-    if counts is not None:
-        return counts
+    if hasattr(engine, "get_stats"):
+        return engine.get_stats().num_prefilling
+    # engines before the core split (to measure an older commit with this script)
     return sum(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests.values())
 
 

@@ -55,8 +55,7 @@ def add_requests(engine, batch: int, ctx: int, max_tokens: int) -> None:
 
 
 def finish_prefill(engine) -> None:
-    while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
-                                          for r in engine.scheduler.running):
+    while engine.get_stats().num_prefilling:
         engine.step()
 
 

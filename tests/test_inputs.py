@@ -41,7 +41,7 @@ def assert_all_blocks_free(llm: LLM) -> None:
     bm = llm.engine.block_manager
     bm.check_integrity()
     assert bm.num_free_blocks == bm.num_blocks
-    assert not llm.engine._groups
+    assert not llm.engine.output_processor.requests and not llm.engine.core.sequences_left()
 
 
 def assert_still_works(llm: LLM) -> None:
@@ -439,8 +439,8 @@ def test_prompt_logprobs_survive_preemption(qwen3_dir, monkeypatch):
     llm = LLM(str(qwen3_dir), kvcache_block_size=16, num_kvcache_blocks=12, max_num_batched_tokens=16)
     engine = llm.engine
     chunks = []
-    store = engine._store_prompt_logprobs
-    monkeypatch.setattr(engine, "_store_prompt_logprobs",
+    store = engine.output_processor._store_prompt_logprobs
+    monkeypatch.setattr(engine.output_processor, "_store_prompt_logprobs",
                         lambda chunk: (chunks.append((chunk.request_id, chunk.start_pos)), store(chunk))[1])
     ps = make_prompts(6, seed=10, lengths=(30, 50))
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, prompt_logprobs=2)

@@ -56,7 +56,7 @@ def test_n_returns_distinct_completions_sharing_prompt_blocks(llm):
     p = [t for t in prompts(3, seed=5) for t in t][:50]  # 50 tokens: three full blocks of 16
     engine = llm.engine
     rid = engine.add_request(None, p, SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=7, ignore_eos=True))
-    seqs = engine._groups[rid].seqs
+    seqs = engine.core.sequences(rid)
     out = None
     while out is None:
         out = next((o for o in engine.step() if o.request_id == rid), None)

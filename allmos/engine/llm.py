@@ -139,17 +139,8 @@ class LLM:
     def apply_chat_template(self, conversation: list[dict], *, chat_template: str | None = None,
                             add_generation_prompt: bool = True, **kwargs: Any) -> str:
         """The prompt text for one conversation."""
-        tokenizer = self.engine.tokenizer
-        if tokenizer is None:
-            raise ValueError("this model has no tokenizer, so chat() cannot apply a chat template")
-        if chat_template is None and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template; pass chat_template='...' (a Jinja template) "
-                             "or use generate() with a plain prompt")
-        for message in conversation:
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise ValueError(f"each chat message must be a dict with 'role' and 'content', got {message!r}")
-        return tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.engine.input_processor.apply_chat_template(
+            conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt, **kwargs)
 
     # ------------------------------------------------------------------ stream
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[dict]:

@@ -23,10 +23,10 @@ from allmos.attention.metadata import AttentionMetadata
 from allmos.attention.torch_backend import TorchAttentionBackend
 from allmos.config import EngineConfig
 from allmos.engine.batch import ScheduledBatch
+from allmos.engine.core_types import LogprobEntries, PromptLogprobsResult
 from allmos.engine.cpu_compile import CompiledForward, compile_unsupported_reason
 from allmos.engine.cuda_graphs import DecodeGraphs
 from allmos.engine.kv_cache import KVCacheSpec, cpu_num_blocks, gpu_num_blocks
-from allmos.engine.request import PENDING_TOKEN
 from allmos.engine.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors, raw_logprobs
 from allmos.layers.quantization import quantize_model
 from allmos.layers.tp import SINGLE, TPGroup
@@ -37,19 +37,6 @@ from allmos.utils.transfer import pack_aligned, split_packed, to_device
 logger = logging.getLogger("allmos")
 
 PROMPT_LOGPROBS_ROWS = 256  # prompt positions per LM-head call (bounds the [rows, vocab] float32 temporaries)
-
-
-# (token id, logprob, rank): the sampled / prompt token first (its rank in the vocabulary), then the top-k
-LogprobEntries = list[tuple[int, float, int]]
-
-
-@dataclass
-class PromptLogprobsResult:
-    """One chunk's prompt logprobs: ``entries[i]`` belongs to the prompt token at ``start_pos + i + 1``."""
-
-    request_id: str
-    start_pos: int
-    entries: list[LogprobEntries]
 
 
 @dataclass
@@ -151,8 +138,9 @@ class ModelRunner(abc.ABC):
     def execute(self, batch: ScheduledBatch) -> PendingStep:
         """Launch the step: compute KV for every scheduled token and sample the sequences that ask for it.
 
-        An input token equal to ``PENDING_TOKEN`` is the token this runner sampled for that request in the
-        previous ``execute`` call; it is filled in on the device, without waiting for the host copy."""
+        A sequence with ``input_from_previous_sample`` takes as its last input the token this runner sampled
+        for it in the previous ``execute`` call; it is filled in on the device, without waiting for the host
+        copy."""
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release devices and workers."""
@@ -316,7 +304,8 @@ class LocalModelRunner(ModelRunner):
                 if not sampled:
                     self._last_sampled = None
                     return PendingStep(None, [], prompt)
-                logits = self.model.compute_logits(hidden[self._sample_rows(batch, metadata)])  # [num_sampled, vocab]
+                rows = _sample_rows(batch, metadata, self.device)  # [num_sampled]
+                logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab]
             tensors = self._sampling_tensors([s.sampling for s in sampled], [s.seq_len for s in sampled])
             out = self.sampler(logits, tensors)
         self._last_sampled = (out.token_ids, {s.request_id: row for row, s in enumerate(sampled)})
@@ -364,31 +353,24 @@ class LocalModelRunner(ModelRunner):
         self._last_sampling = (rows, tensors)
         return tensors
 
-    def _sample_rows(self, batch: ScheduledBatch, metadata: AttentionMetadata) -> torch.Tensor:
-        """Index of each sampling sequence's last token in the step's flat token list."""
-        ends = metadata.query_start_loc_cpu[1:]
-        rows = np.array([end - 1 for end, s in zip(ends, batch.seqs, strict=True) if s.sampling is not None],
-                        dtype=np.int64)
-        return to_device(rows, self.device)
-
     def _prepare(self, batch: ScheduledBatch):
         """Host lists -> device tensors (token ids, positions, attention metadata) in two packed copies."""
         seqs = batch.seqs
         n = len(seqs)
-        q_lens = np.fromiter((len(s.input_token_ids) for s in seqs), dtype=np.int64, count=n)
-        seq_lens = np.fromiter((s.start_pos + len(s.input_token_ids) for s in seqs), dtype=np.int64, count=n)
+        q_lens = np.fromiter((s.num_new_tokens for s in seqs), dtype=np.int64, count=n)
+        seq_lens = np.fromiter((s.start_pos + s.num_new_tokens for s in seqs), dtype=np.int64, count=n)
         query_start_loc = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(q_lens, out=query_start_loc[1:])
         num_tokens = int(query_start_loc[-1])
-        input_ids = np.fromiter(itertools.chain.from_iterable(s.input_token_ids for s in seqs), dtype=np.int64,
-                                count=num_tokens)
+        input_ids = np.fromiter(itertools.chain.from_iterable(_known_inputs(s) for s in seqs), dtype=np.int64,
+                                count=num_tokens)  # a previous step's sample is a 0 here, filled on the device
         # absolute position of every new token: start_pos of its sequence + index within the step
         seq_of_token = np.repeat(np.arange(n), q_lens)
         positions = np.arange(num_tokens) - query_start_loc[seq_of_token] + (seq_lens - q_lens)[seq_of_token]
         block_tables = _pad_block_tables([s.block_table for s in seqs])  # [n, max_blocks] int32
         slot_mapping = (block_tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size
                         + positions % self.block_size)
-        pending, pending_rows = self._pending_sources(input_ids, seq_of_token, seqs)
+        pending, pending_rows = _pending_sources(self._last_sampled, query_start_loc, seqs)
         i64_parts = [input_ids, positions, slot_mapping, seq_lens[seq_of_token], pending, pending_rows]
         i32_parts = [query_start_loc, seq_lens, block_tables.ravel()]
         i64, i64_starts = pack_aligned(i64_parts, np.int64)
@@ -407,21 +389,37 @@ class LocalModelRunner(ModelRunner):
         )
         return input_ids_dev, positions_dev, metadata, rope_seq_lens
 
-    def _pending_sources(self, input_ids: np.ndarray, seq_of_token: np.ndarray, seqs) -> tuple[np.ndarray, np.ndarray]:
-        """Where ``PENDING_TOKEN`` inputs sit, and the row of the previous step's sampled tokens that holds
-        each one (they are filled on the device, without waiting for the host copy)."""
-        pending = np.flatnonzero(input_ids == PENDING_TOKEN)
-        if pending.size == 0:
-            return pending, pending
-        if self._last_sampled is None:
-            raise RuntimeError("a scheduled token is pending but the previous step sampled nothing")
-        row_of = self._last_sampled[1]
-        try:
-            rows = np.fromiter((row_of[seqs[i].request_id] for i in seq_of_token[pending].tolist()),
-                               dtype=np.int64, count=pending.size)  # Python ints: numpy scalars index lists slowly
-        except KeyError as exc:
-            raise RuntimeError(f"pending token of request {exc} was not sampled in the previous step") from exc
-        return pending, rows
+
+def _pending_sources(last_sampled: tuple[torch.Tensor, dict[str, int]] | None, query_start_loc: np.ndarray,
+                     seqs) -> tuple[np.ndarray, np.ndarray]:
+    """The flat index of every input that is the previous step's sample (the last input of a sequence with
+    ``input_from_previous_sample``), and the row of the previous step's sampled tokens that holds it (they
+    are filled on the device, without waiting for the host copy)."""
+    from_sample = [i for i, s in enumerate(seqs) if s.input_from_previous_sample]
+    if not from_sample:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    if last_sampled is None:
+        raise RuntimeError("a scheduled input is the previous step's sample but that step sampled nothing")
+    row_of = last_sampled[1]
+    try:
+        rows = np.fromiter((row_of[seqs[i].request_id] for i in from_sample), dtype=np.int64, count=len(from_sample))
+    except KeyError as exc:
+        raise RuntimeError(f"request {exc} takes an input it did not sample in the previous step") from exc
+    return query_start_loc[1:][from_sample] - 1, rows
+
+
+def _sample_rows(batch: ScheduledBatch, metadata: AttentionMetadata, device: torch.device) -> torch.Tensor:
+    """Index of each sampling sequence's last token in the step's flat token list."""
+    ends = metadata.query_start_loc_cpu[1:]
+    rows = np.array([end - 1 for end, s in zip(ends, batch.seqs, strict=True) if s.sampling is not None],
+                    dtype=np.int64)
+    return to_device(rows, device)
+
+
+def _known_inputs(seq) -> list[int]:
+    """``seq``'s input ids with a 0 standing for an input taken from the previous step's sample."""
+    return [*seq.input_token_ids, 0] if seq.input_from_previous_sample else seq.input_token_ids
 
 
 def _pad_block_tables(tables: list[list[int]]) -> np.ndarray:

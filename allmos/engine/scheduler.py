@@ -9,6 +9,10 @@ Policy per step (see ``ContinuousBatchingScheduler.schedule``):
    allow; admission starts from the longest cached prefix (except for a request that still needs its
    prompt logprobs: those need the logits of every prompt position, so it computes its whole prompt).
 Requests that could never fit the KV cache are rejected in ``add`` so every step makes progress.
+
+Tokens not yet read back (``Request.num_pending_tokens``) are scheduled like any other token; the batch marks
+them with ``ScheduledSeq.input_from_previous_sample`` (see ``allmos.engine.batch``). This module imports no
+torch or Triton module.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 
 from allmos.engine.batch import PromptLogprobsChunk, ScheduledBatch, ScheduledSeq
 from allmos.engine.request import Request, RequestStatus
-from allmos.engine.sampler import SamplingRow
+from allmos.engine.sampling_row import SamplingRow
 from allmos.memory.block_manager import BlockManager
 
 logger = logging.getLogger("allmos")
@@ -33,7 +37,17 @@ class Scheduler(abc.ABC):
 
     @abc.abstractmethod
     def add(self, request: Request) -> None:
-        """Queue a request; raises ValueError if it can never be scheduled."""
+        """Queue a request; raises ValueError if it can never be scheduled (``check_fits``). Request ids
+        are unique: the caller (the engine core) checks them."""
+
+    @abc.abstractmethod
+    def check_fits(self, request: Request) -> None:
+        """Raise ValueError if ``request`` could never be scheduled (its longest possible sequence needs
+        more KV blocks than the whole cache has). The one place that decides whether a request fits."""
+
+    @abc.abstractmethod
+    def get_request(self, request_id: str) -> Request | None:
+        """The queued (waiting or running) request with this id, else None."""
 
     @abc.abstractmethod
     def schedule(self) -> ScheduledBatch:
@@ -52,6 +66,22 @@ class Scheduler(abc.ABC):
     def has_unfinished(self) -> bool:
         """Whether any request is waiting or running."""
 
+    @abc.abstractmethod
+    def get_stats(self) -> SchedulerStats:
+        """Counts for monitoring: queue lengths, preemptions, prefix-cache lookups, KV blocks."""
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_prefilling: int  # running or waiting requests whose prompt is not fully computed
+    num_preemptions: int  # since start
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache at admission, since start
+    prefix_cache_hits: int  # of those, tokens found cached
+    num_free_blocks: int
+    num_blocks: int
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -68,6 +98,8 @@ class ContinuousBatchingScheduler(Scheduler):
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
         self.preemption_log = PreemptionLog()
         self._prompt_logprob_ids: set[str] = set()  # requests whose prompt logprobs are still to compute
 
@@ -80,10 +112,6 @@ class ContinuousBatchingScheduler(Scheduler):
             self._prompt_logprob_ids.add(request.request_id)
 
     def check_fits(self, request: Request) -> None:
-        """Raise ValueError if ``request`` could never be scheduled (its id is taken, or its longest
-        possible sequence needs more KV blocks than the whole cache has)."""
-        if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
         max_len = min(request.num_prompt_tokens + _max_tokens(request), self.config.max_model_len)
         needed = self.block_manager.num_blocks_for(max_len)
         if needed > self.block_manager.num_blocks:
@@ -92,8 +120,17 @@ class ContinuousBatchingScheduler(Scheduler):
                 f"{self.block_manager.block_size}) but the whole KV cache holds "
                 f"{self.block_manager.num_blocks} blocks; lower max_tokens or shorten the prompt")
 
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def get_stats(self) -> SchedulerStats:
+        prefilling = sum(r.num_computed_tokens < r.num_prompt_tokens for r in self.requests.values())
+        return SchedulerStats(len(self.running), len(self.waiting), prefilling, self.num_preemptions,
+                              self.prefix_cache_queries, self.prefix_cache_hits,
+                              self.block_manager.num_free_blocks, self.block_manager.num_blocks)
 
     # ------------------------------------------------------------------ the policy
     def schedule(self) -> ScheduledBatch:
@@ -147,6 +184,9 @@ class ContinuousBatchingScheduler(Scheduler):
             request.num_computed_tokens = num_cached_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_cached_tokens
+                if use_cache and self.block_manager.enable_prefix_caching:
+                    self.prefix_cache_queries += request.num_tokens
+                    self.prefix_cache_hits += num_cached_tokens
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -165,9 +205,13 @@ class ContinuousBatchingScheduler(Scheduler):
         start = request.num_computed_tokens
         end = start + num_new
         samples = end == request.num_tokens
+        num_pending = end - len(request.token_ids)  # inputs sampled on the device, not read back yet
+        if num_pending > 1:
+            raise RuntimeError(f"{request}: {num_pending} scheduled inputs are not read back (at most 1 can be)")
         return ScheduledSeq(
             request_id=request.request_id,
             input_token_ids=request.token_ids[start:end],
+            input_from_previous_sample=num_pending == 1,
             start_pos=start,
             block_table=list(request.block_table),
             sampling=_sampling_row(request) if samples else None,
@@ -265,7 +309,7 @@ def _new_row(request: Request, banned, penalized: bool) -> SamplingRow:
     params = request.params
     return SamplingRow(
         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-        seed=request.seed, position=request.num_tokens,
+        seed=request.seed,
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
         repetition_penalty=params.repetition_penalty, num_logprobs=params.logprobs,
         prompt_token_ids=request.prompt_token_ids if penalized else (),

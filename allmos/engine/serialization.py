@@ -11,14 +11,16 @@ requests of the previous message only, the block table and the sampling row last
 from a message is forgotten by both and sent in full if it comes back. Layout of a batch (positional
 lists, no per-field keys)::
 
-    [FORMAT_VERSION, [[request_id, input_token_ids, start_pos, [kept, *new_block_ids], row(, prompt)], ...]]
+    [FORMAT_VERSION, [[request_id, input_token_ids, start_pos, from_sample, [kept, *new_block_ids], row(, prompt)],
+     ...]]
 
-The block table is the first ``kept`` ids of the remembered table followed by the new ids; ``row`` is
-``null`` (nothing sampled), ``0`` (the same row object as last time) or the ``SamplingRow`` fields in
-declaration order (``ROW_FIELDS``). ``prompt``, present only when the sequence carries a
-``PromptLogprobsChunk``, is ``[num_logprobs, target_token_ids]``; the decoder sets the batch's
-``has_prompt_logprobs`` from it. ``serialize_batch`` / ``deserialize_batch`` are the stateless case
-(everything sent in full).
+``from_sample`` is 1 when the sequence's last input is the previous step's sample
+(``ScheduledSeq.input_from_previous_sample``), else 0. The block table is the first ``kept`` ids of the
+remembered table followed by the new ids; ``row`` is ``null`` (nothing sampled), ``0`` (the same row
+object as last time) or the ``SamplingRow`` fields in declaration order (``ROW_FIELDS``). ``prompt``,
+present only when the sequence carries a ``PromptLogprobsChunk``, is ``[num_logprobs, target_token_ids]``;
+the decoder sets the batch's ``has_prompt_logprobs`` from it. ``serialize_batch`` / ``deserialize_batch``
+are the stateless case (everything sent in full).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 from allmos.engine.batch import PromptLogprobsChunk, ScheduledBatch, ScheduledSeq
 from allmos.engine.sampler import SamplingRow
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 ROW_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SamplingRow))
 _LIST_FIELDS = ("prompt_token_ids", "output_token_ids", "banned_token_ids")
 _LIST_INDEX = tuple(ROW_FIELDS.index(name) for name in _LIST_FIELDS)
@@ -70,7 +72,8 @@ class BatchEncoder:
             old = self._sent.get(s.request_id)
             kept = len(old[0]) if old is not None and table[:len(old[0])] == old[0] else 0
             same_row = row is not None and old is not None and old[1] is row
-            entry = (s.request_id, _as_array(s.input_token_ids), s.start_pos, [kept, *table[kept:]],
+            entry = (s.request_id, _as_array(s.input_token_ids), s.start_pos, int(s.input_from_previous_sample),
+                     [kept, *table[kept:]],
                      0 if same_row else _row_to_list(row))
             if s.prompt_logprobs is not None:
                 entry += ([s.prompt_logprobs.num_logprobs, _as_array(s.prompt_logprobs.target_token_ids)],)
@@ -101,13 +104,13 @@ class BatchDecoder:
         out = []
         has_prompt_logprobs = False
         try:
-            for rid, ids, start, table_op, row_op, *prompt_op in seqs:
+            for rid, ids, start, from_sample, table_op, row_op, *prompt_op in seqs:
                 old = self._held.get(rid)
                 table, row = self._table(rid, old, table_op), self._row(rid, old, row_op)
                 held[rid] = (table, row)
                 prompt = _prompt_chunk(prompt_op)
                 has_prompt_logprobs |= prompt is not None
-                out.append(ScheduledSeq(str(rid), ids, int(start), table, row, prompt))
+                out.append(ScheduledSeq(str(rid), ids, int(start), table, row, prompt, bool(from_sample)))
         except (ValueError, TypeError, IndexError) as exc:
             raise ValueError(f"malformed ScheduledBatch in step message: {exc}") from exc
         self._held = held
@@ -166,7 +169,7 @@ def _row_to_list(row: SamplingRow | None) -> tuple | list | None:
 
 
 def _prompt_chunk(prompt_op: list[Any]) -> PromptLogprobsChunk | None:
-    """The optional sixth element of a sequence entry: ``[num_logprobs, target_token_ids]``."""
+    """The optional seventh element of a sequence entry: ``[num_logprobs, target_token_ids]``."""
     if not prompt_op:
         return None
     if len(prompt_op) != 1 or len(prompt_op[0]) != 2:

@@ -5,7 +5,7 @@ Invariant: every rank executes the same sequence of ``ScheduledBatch`` es, in th
 message over a CPU (gloo) group before it runs the step itself; ranks 1..N-1 receive, run and repeat.
 The model's collectives leave every rank with the same all-gathered logits, and the sampler is a pure
 function of (logits, seed, position), so every rank samples the same tokens and fills its own
-``PENDING_TOKEN`` inputs from its own previous step: no token travels between ranks.
+inputs taken from its own previous step's samples: no token travels between ranks.
 
 Process groups are built directly on a ``TCPStore`` (``torch.distributed``'s env:// recipe without the
 process-global default group), so one driver process can hold several engines, each with its own store,
