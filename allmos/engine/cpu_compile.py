@@ -81,3 +81,26 @@ class CompiledForward:
                                "(%s)", input_ids.shape[0], str(exc).splitlines()[0][:200])
                 self._warned = True
             return self.model(input_ids, positions)
+
+
+def compile_cpu_forward(model: nn.Module, device: torch.device,
+                        scratch_step: Callable[[Callable], Callable[[int], None]]) -> CompiledForward | None:
+    """The CPU forward compiled by inductor and warmed now (None: it stays eager, with the reason logged).
+
+    ``scratch_step(forward)`` returns ``run(n)``: one decode forward of ``n`` one-token sequences through
+    ``forward`` on a scratch cache."""
+    reason = compile_unsupported_reason(model, device)
+    if reason is not None:
+        if device.type == "cpu":
+            logger.info("CPU forward stays eager: %s", reason)
+        return None
+    compiled = CompiledForward(model)
+    logger.info("compiling the CPU forward (torch.compile, inductor; compilation_config=0 skips this) ...")
+    try:
+        seconds = compiled.warm_up(scratch_step(compiled))
+    except Exception as exc:  # no C++ compiler, an inductor limitation: serve eagerly rather than fail
+        logger.warning("torch.compile of the CPU forward failed, running eagerly: %s",
+                       str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+        return None
+    logger.info("compiled the CPU forward in %.1f s", seconds)
+    return compiled

@@ -10,6 +10,7 @@ import abc
 import gc
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +23,9 @@ from allmos.attention.context import ForwardContext, forward_context
 from allmos.attention.metadata import AttentionMetadata
 from allmos.attention.torch_backend import TorchAttentionBackend
 from allmos.config import EngineConfig
-from allmos.engine.batch import ScheduledBatch
+from allmos.engine.batch import ScheduledBatch, ScheduledSeq
 from allmos.engine.core_types import LogprobEntries, PromptLogprobsResult
-from allmos.engine.cpu_compile import CompiledForward, compile_unsupported_reason
+from allmos.engine.cpu_compile import compile_cpu_forward
 from allmos.engine.cuda_graphs import DecodeGraphs
 from allmos.engine.kv_cache import KVCacheSpec, cpu_num_blocks, gpu_num_blocks
 from allmos.engine.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors, raw_logprobs
@@ -177,39 +178,12 @@ class LocalModelRunner(ModelRunner):
         self.num_kv_blocks = self._min_over_ranks(self._decide_num_blocks())
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
         self.graphs = self._capture_graphs()
-        self.compiled = self._compile_cpu_forward()
+        self.compiled = compile_cpu_forward(self.model, self.device, self._scratch_decode) \
+            if config.compile_cpu_forward else None
 
-    def _compile_cpu_forward(self) -> CompiledForward | None:
-        """The CPU forward compiled by inductor and warmed now (None: eager; see ``engine.cpu_compile``)."""
-        if not self.config.compile_cpu_forward:
-            return None
-        reason = compile_unsupported_reason(self.model, self.device)
-        if reason is not None:
-            if self.device.type == "cpu":
-                logger.info("CPU forward stays eager: %s", reason)
-            return None
-        compiled = CompiledForward(self.model)
-        logger.info("compiling the CPU forward (torch.compile, inductor; compilation_config=0 skips this) ...")
-        try:
-            seconds = compiled.warm_up(self._warm_up_step(compiled))
-        except Exception as exc:  # no C++ compiler, an inductor limitation: serve eagerly rather than fail
-            logger.warning("torch.compile of the CPU forward failed, running eagerly: %s",
-                           str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
-            return None
-        logger.info("compiled the CPU forward in %.1f s", seconds)
-        return compiled
-
-    def _warm_up_step(self, forward):
-        """``run(n)``: one decode forward of ``n`` one-token sequences through ``forward``, on a scratch cache."""
-        def run(num_tokens: int) -> None:
-            from allmos.engine.batch import ScheduledSeq
-            caches = self._allocate_kv_cache(num_tokens)
-            batch = ScheduledBatch([ScheduledSeq(f"warm-up-{i}", [i], 0, [i], None) for i in range(num_tokens)])
-            input_ids, positions, metadata, rope_seq_lens = self._prepare(batch)
-            ctx = ForwardContext(self.backend.prepare(metadata), caches, self.backend, rope_seq_lens)
-            with torch.inference_mode(), forward_context(ctx):
-                forward(input_ids, positions)
-        return run
+    def _scratch_decode(self, forward) -> Callable[[int], None]:
+        """``run(n)``: one decode forward of ``n`` one-token sequences through ``forward`` (compile warm-up)."""
+        return lambda num_tokens: run_scratch_forward(self, [1] * num_tokens, forward)
 
     def _capture_graphs(self) -> DecodeGraphs | None:
         """Decode runner for CUDA: captured graphs, or (enforce_eager) the same padded shapes run eagerly."""
@@ -262,24 +236,10 @@ class LocalModelRunner(ModelRunner):
         return gpu_num_blocks(self.kv_spec, total, free, activation_peak, self.config.gpu_memory_utilization)
 
     def _profile_forward(self, num_tokens: int) -> None:
-        """One forward over ``num_tokens`` prompt tokens (in one sequence chunked by max_model_len)."""
+        """One forward over ``num_tokens`` prompt tokens (in sequences of at most max_model_len)."""
         per_seq = min(num_tokens, self.max_model_len)
-        seqs = [per_seq] * (num_tokens // per_seq) + ([num_tokens % per_seq] if num_tokens % per_seq else [])
-        blocks_needed = sum(-(-n // self.block_size) for n in seqs)
-        caches = self._allocate_kv_cache(blocks_needed)
-        from allmos.engine.batch import ScheduledSeq
-        next_block, batch_seqs = 0, []
-        for i, n in enumerate(seqs):
-            nb = -(-n // self.block_size)
-            batch_seqs.append(ScheduledSeq(str(i), [0] * n, 0, list(range(next_block, next_block + nb)), None))
-            next_block += nb
-        batch = ScheduledBatch(batch_seqs)
-        input_ids, positions, metadata, _ = self._prepare(batch)
-        logits_rows = torch.arange(len(seqs), device=self.device)
-        with torch.inference_mode(), forward_context(ForwardContext(metadata, caches, self.backend)):
-            hidden = self.model(input_ids, positions)
-            self.model.compute_logits(hidden[logits_rows])
-        del caches
+        seq_lens = [per_seq] * (num_tokens // per_seq) + ([num_tokens % per_seq] if num_tokens % per_seq else [])
+        run_scratch_forward(self, seq_lens, self.model, logits=True)
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self.kv_spec.allocate(num_blocks, self.device)
@@ -388,6 +348,25 @@ class LocalModelRunner(ModelRunner):
             query_start_loc_cpu=query_start_loc.tolist(), seq_lens_cpu=seq_lens.tolist(),
         )
         return input_ids_dev, positions_dev, metadata, rope_seq_lens
+
+
+def run_scratch_forward(runner: LocalModelRunner, seq_lens: list[int], forward: Callable,
+                        logits: bool = False) -> None:
+    """One forward of fresh sequences of ``seq_lens`` tokens on a scratch KV cache (memory profiling at
+    start-up, compile warm-up); ``logits``: also the LM head over one row per sequence."""
+    block_size = runner.block_size
+    caches = runner._allocate_kv_cache(sum(-(-n // block_size) for n in seq_lens))
+    seqs, next_block = [], 0
+    for i, n in enumerate(seq_lens):
+        num_blocks = -(-n // block_size)
+        seqs.append(ScheduledSeq(f"scratch-{i}", [0] * n, 0, list(range(next_block, next_block + num_blocks)), None))
+        next_block += num_blocks
+    input_ids, positions, metadata, rope_seq_lens = runner._prepare(ScheduledBatch(seqs))
+    ctx = ForwardContext(runner.backend.prepare(metadata), caches, runner.backend, rope_seq_lens)
+    with torch.inference_mode(), forward_context(ctx):
+        hidden = forward(input_ids, positions)  # [num_tokens, hidden]
+        if logits:
+            runner.model.compute_logits(hidden[:len(seq_lens)])
 
 
 def _pending_sources(last_sampled: tuple[torch.Tensor, dict[str, int]] | None, query_start_loc: np.ndarray,
