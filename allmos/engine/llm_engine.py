@@ -9,7 +9,7 @@ import itertools
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,6 +42,23 @@ class RuntimeInfo:
     dtype: torch.dtype
 
 
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot of the scheduler and KV cache (for a server's metrics)."""
+
+    num_running_reqs: int
+    num_waiting_reqs: int
+    num_free_blocks: int
+    num_kv_blocks: int
+    num_preemptions: int
+    num_generated_tokens: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of KV blocks held by requests (cached but unreferenced blocks count as free)."""
+        return 1.0 - self.num_free_blocks / self.num_kv_blocks
+
+
 @dataclass
 class _Group:
     """A user request: one prompt, ``n`` sequences."""
@@ -54,6 +71,9 @@ class _Group:
     detokenizers: list[IncrementalDetokenizer | None]
     arrival_time: float
     stream: bool = False  # report every step (not only the final output)
+    detokenize: bool = True  # False: no text at all (a server front end detokenizes)
+    delta: bool = False  # outputs carry only the tokens (and logprobs) new since the group's last output
+    num_sent: list[tuple[int, int]] = field(default_factory=list)  # per sequence: (tokens, chars) reported
 
     @property
     def finished(self) -> bool:
@@ -142,9 +162,16 @@ class LLMEngine:
         return list(prompt)
 
     def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
-                    *, stream: bool = False, arrival_time: float | None = None) -> str:
-        """Validate and queue a request; raises ValueError (and queues nothing) on bad input."""
+                    *, stream: bool = False, arrival_time: float | None = None, detokenize: bool = True,
+                    delta: bool = False) -> str:
+        """Validate and queue a request; raises ValueError (and queues nothing) on bad input.
+
+        ``detokenize=False``: outputs carry token ids only (``text`` stays empty; stop strings are then
+        not allowed). ``delta=True``: each output carries only the tokens and logprobs new since the
+        request's previous output (vLLM's ``RequestOutputKind.DELTA``)."""
         params = params or self.default_sampling_params()
+        if params.stop and not detokenize:
+            raise ValueError("SamplingParams.stop needs detokenize=True (stop strings are matched on text)")
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -157,10 +184,11 @@ class LLMEngine:
         if len(seqs) > 1:
             # siblings wait until the first one's prompt is in the KV cache, then share its full blocks
             self._deferred[request_id] = seqs[1:]
-        needs_stream_text = stream or bool(params.stop)
+        needs_stream_text = (stream or bool(params.stop)) and detokenize
         self._groups[request_id] = _Group(
             request_id, prompt if isinstance(prompt, str) else None, token_ids, params, seqs,
-            [self._detokenizer(token_ids, params) if needs_stream_text else None for _ in seqs], arrival, stream)
+            [self._detokenizer(token_ids, params) if needs_stream_text else None for _ in seqs], arrival, stream,
+            detokenize, delta, [(0, 0)] * len(seqs))
         if params.has_penalties:
             self._penalized.add(request_id)
         return request_id
@@ -211,6 +239,20 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return bool(self._groups) or bool(self._pending_outputs) or self._in_flight is not None
+
+    def get_stats(self) -> SchedulerStats:
+        scheduler, blocks = self.scheduler, self.block_manager
+        waiting = len(scheduler.waiting) + sum(len(seqs) for seqs in self._deferred.values())
+        return SchedulerStats(len(scheduler.running), waiting, blocks.num_free_blocks, blocks.num_blocks,
+                              scheduler.num_preemptions, self.num_generated_tokens)
+
+    def num_cached_tokens(self, request_id: str) -> int | None:
+        """Prompt tokens of ``request_id`` found in the prefix cache at its first scheduling; None while it
+        has not been scheduled yet (or is unknown)."""
+        group = self._groups.get(request_id)
+        if group is None or group.seqs[0].num_cached_tokens < 0:
+            return None
+        return group.seqs[0].num_cached_tokens
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
@@ -345,10 +387,12 @@ class LLMEngine:
                              max(0, group.seqs[0].num_cached_tokens), metrics)
 
     def _completion(self, group: _Group, index: int, seq: Request) -> CompletionOutput:
+        if group.delta:
+            return self._delta_completion(group, index, seq)
         detok = group.detokenizers[index]
         if detok is not None:
             text = detok.output_text
-        elif self.tokenizer is not None and seq.finish_reason is not None:
+        elif self.tokenizer is not None and seq.finish_reason is not None and group.detokenize:
             text = self.tokenizer.decode(_strip_eos(seq, self.info.eos_token_ids),
                                          skip_special_tokens=group.params.skip_special_tokens)
         else:
@@ -357,6 +401,20 @@ class LLMEngine:
                                cumulative_logprob=seq.cumulative_logprob if group.params.logprobs is not None else None,
                                logprobs=list(seq.output_logprobs) if group.params.logprobs is not None else None,
                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+
+    def _delta_completion(self, group: _Group, index: int, seq: Request) -> CompletionOutput:
+        """The tokens read back since the sequence's previous output (never the pending slot)."""
+        detok = group.detokenizers[index]
+        text = detok.output_text if detok is not None else ""
+        known = seq.num_output_tokens - int(seq.has_pending_token)
+        (start, text_start), group.num_sent[index] = group.num_sent[index], (known, len(text))
+        first = seq.num_prompt_tokens
+        wants_logprobs = group.params.logprobs is not None
+        return CompletionOutput(index=index, text=text[text_start:],
+                                token_ids=seq.token_ids[first + start:first + known],
+                                cumulative_logprob=seq.cumulative_logprob if wants_logprobs else None,
+                                logprobs=seq.output_logprobs[start:known] if wants_logprobs else None,
+                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
 
     def shutdown(self) -> None:
         self.runner.shutdown()
