@@ -113,16 +113,16 @@ def decode_body(body: bytes, kind: type):
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
-        match = _PATH.search(str(exc))
-        param = match.group(1) if match and match.group(1) else None
-        message = str(exc)
-        if "missing required field" in message:
-            field = re.search(r"`([^`]+)`", message)
-            param = field.group(1) if field else param
-        return _raise(bad_request(f"invalid request: {message}", param))
+        raise bad_request(f"invalid request: {exc}", _error_param(str(exc))) from None
     except msgspec.DecodeError as exc:
-        return _raise(bad_request(f"the request body is not valid JSON: {exc}"))
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
 
 
-def _raise(error: APIError):
-    raise error
+def _error_param(message: str) -> str | None:
+    """The field a msgspec validation message points at (``$.messages[0]`` + missing ``role``)."""
+    match = _PATH.search(message)
+    path = match.group(1) if match else ""
+    missing = re.search(r"missing required field `([^`]+)`", message)
+    if missing:
+        return f"{path}.{missing.group(1)}" if path else missing.group(1)
+    return path or None
