@@ -370,7 +370,10 @@ def test_openai_client_errors(server):
 
 
 def test_metrics(server, client):
-    client.completions.create(model=MODEL, prompt=PROMPTS[7], max_tokens=4, temperature=0)
+    long_prompt = " ".join(PROMPTS)  # more than one 16-token block: the second run hits the prefix cache
+    hits_before = metric_value(_metrics(server), "allmos:prefix_cache_hits_total")
+    for _ in range(2):
+        client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=4, temperature=0)
     text = _metrics(server)
     for name in ("allmos:num_requests_running", "allmos:num_requests_waiting", "allmos:kv_cache_usage_perc",
                  "allmos:prefix_cache_queries_total", "allmos:prefix_cache_hits_total",
@@ -379,6 +382,6 @@ def test_metrics(server, client):
                  "allmos:e2e_request_latency_seconds_count", "allmos:request_queue_time_seconds_count"):
         assert metric_value(text, name) is not None, name
     assert metric_value(text, "allmos:generation_tokens_total") >= 4
-    assert metric_value(text, "allmos:prefix_cache_hits_total") > 0  # the repeated chat above
+    assert metric_value(text, "allmos:prefix_cache_hits_total") - hits_before >= 16
     assert metric_value(text, "allmos:e2e_request_latency_seconds_count") >= 1
     assert metric_value(text, "allmos:request_success_total", finished_reason="length") >= 1
