@@ -305,6 +305,7 @@ async def start_state(args: ServerArgs) -> ServerState:
     metrics = ServerMetrics(names[0])
     engine_config = {"model": args.model, **args.engine}
     client = await EngineClient.start(engine_config, OutputProcessor(metrics), args.log_level)
+    metrics.watch_core_process(client.pid)
     tokenizer = _load_tokenizer(client.ready.model_folder)
     config = ServingConfig(names, client.ready.model_folder, args.engine.get("max_num_seqs", 512),
                            args.max_queued_requests, load_chat_template(args.chat_template))

@@ -61,6 +61,10 @@ class ServerMetrics:
         self.core = CoreStats()
         self.log_window = _LogWindow()
 
+    def watch_core_process(self, pid: int) -> None:
+        """Export the engine-core process's CPU time and memory too (``allmos_engine_core_process_*``)."""
+        ProcessCollector(namespace="allmos_engine_core", pid=lambda: pid, registry=self.registry)
+
     # ------------------------------------------------------------------ observations
     def observe_core_stats(self, stats: CoreStats) -> None:
         prev, self.core = self.core, stats
