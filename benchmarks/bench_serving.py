@@ -209,11 +209,22 @@ def run_offline(model: str | None, kwargs: dict, requests: list[Request], chat: 
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     tokens = sum(len(o.token_ids) for o in outs)
-    print(f"--- offline LLM.generate, same requests: {tokens} tokens in {seconds:.2f} s = "
-          f"{tokens / seconds:.1f} tok/s, CPU {1e6 * cpu / tokens:.0f} us per token")
     llm.shutdown()
     return {"seconds": seconds, "output_tokens": tokens, "output_tok_per_s": tokens / seconds,
             "cpu_us_per_token": 1e6 * cpu / tokens}
+
+
+def offline_in_subprocess(argv: list[str]) -> dict:
+    """The offline run in a fresh interpreter with the engine core's environment (OpenMP settings are read
+    once per process, so this one's would not compare)."""
+    from allmos.server.engine_client import core_environment
+
+    out = subprocess.run([sys.executable, __file__, *argv, "--offline-worker"], env=core_environment(),
+                         check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    offline = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"--- offline LLM.generate, same requests: {offline['output_tokens']} tokens in {offline['seconds']:.2f} s = "
+          f"{offline['output_tok_per_s']:.1f} tok/s, CPU {offline['cpu_us_per_token']:.0f} us per token")
+    return offline
 
 
 def parse_args(argv=None):
@@ -238,11 +249,19 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--offline", action="store_true", help="with --launch: also run the requests offline")
     p.add_argument("--json", default=None, help="write the results to this file")
+    p.add_argument("--offline-worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.offline_worker:  # the child of offline_in_subprocess
+        _, requests = build_requests(args, "offline")
+        result = run_offline(args.launch_model, engine_kwargs(shlex.split(args.server_args)), requests, args.chat,
+                             args.temperature)
+        print(json.dumps(result))
+        return
     server = None
     if args.launch:
         server = LaunchedServer(args.launch_model, shlex.split(args.server_args), args.port)
@@ -273,8 +292,7 @@ def main(argv=None) -> None:
         if server is not None:
             server.stop()
     if args.launch and args.offline:
-        offline = run_offline(args.launch_model, engine_kwargs(shlex.split(args.server_args)), requests, args.chat,
-                              args.temperature)
+        offline = offline_in_subprocess(argv)
         summaries["offline"] = offline
         for run in summaries["runs"]:
             if run["rate"] == float("inf") and run["output_tokens"]:
