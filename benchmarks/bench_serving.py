@@ -71,6 +71,16 @@ def build_requests(args, model: str) -> tuple[str, list[Request]]:
                                for p, m in zip(workload.prompts, workload.max_tokens)]
 
 
+async def sse_lines(response: httpx.Response):
+    """The stream's lines as the SSE format defines them (split at \\n only, whatever the text holds)."""
+    buffer = b""
+    async for data in response.aiter_bytes():
+        buffer += data
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r")
+
+
 async def send(http: httpx.AsyncClient, path: str, req: Request) -> Result:
     """One streaming request; token counts come from the per-chunk usage (exact even when chunks merge)."""
     start = time.perf_counter()
@@ -79,8 +89,8 @@ async def send(http: httpx.AsyncClient, path: str, req: Request) -> Result:
         async with http.stream("POST", path, json=req.body) as response:
             if response.status_code != 200:
                 return Result(ok=False, error=f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for line in sse_lines(response):
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:

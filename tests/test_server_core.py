@@ -54,6 +54,17 @@ def test_frames_round_trip():
         front.decode(front.frame(add)[4:])
 
 
+def test_sse_frames_have_no_raw_line_separators():
+    import json
+
+    from allmos.server.serving import sse
+
+    text = "a\u2028b\u2029c\x85d\u00e9\n"
+    frame = sse({"text": text}).decode()
+    assert frame.endswith("\n\n") and len(frame[:-2].splitlines()) == 1  # even str.splitlines() keeps it whole
+    assert json.loads(frame[len("data: "):])["text"] == text
+
+
 # ---------------------------------------------------------------------- engine delta outputs
 @pytest.fixture(scope="module")
 def tiny_engine(qwen3_dir):

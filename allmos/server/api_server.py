@@ -159,7 +159,19 @@ async def until_disconnected(request: Request, work):
 
 # ---------------------------------------------------------------------- the application
 def build_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="allmos", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        """The stats log line while serving; the engine core stops with the server (before uvicorn
+        re-raises a captured SIGTERM, which would end the process at once)."""
+        stats = asyncio.create_task(_log_stats(state.metrics, state.args.stats_interval_s))
+        try:
+            yield
+        finally:
+            stats.cancel()
+            await state.client.shutdown()
+
+    app = FastAPI(title="allmos", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
     app.state.server = state
     _add_error_handlers(app)
     _add_info_routes(app, state)
@@ -326,13 +338,11 @@ async def serve(args: ServerArgs) -> None:
     config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level=args.log_level.lower(),
                             access_log=args.log_level.lower() == "debug", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
-    stats = asyncio.create_task(_log_stats(state.metrics, args.stats_interval_s))
     logger.info("allmos %s serving %s on http://%s:%d (engine core pid %d)", __version__,
                 ", ".join(args.served_names()), args.host, args.port, state.client.pid)
     try:
         await server.serve()
-    finally:
-        stats.cancel()
+    finally:  # uvicorn never started (port taken): the lifespan did not run
         await state.client.shutdown()
 
 

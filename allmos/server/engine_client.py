@@ -46,6 +46,7 @@ class EngineClient:
         self._codec = Codec(FrontendMessage)
         self._incoming = Codec(CoreMessage)
         self._reader_task: asyncio.Task | None = None
+        self._stopping = False
 
     @classmethod
     async def start(cls, engine_config: dict, processor: OutputProcessor, log_level: str = "info") -> EngineClient:
@@ -125,7 +126,8 @@ class EngineClient:
         if self.dead_reason is not None:
             return
         self.dead_reason = reason
-        logger.error("engine core is gone (%s); failing %d open request(s)", reason, len(self.processor.states))
+        log = logger.info if self._stopping else logger.error
+        log("engine core is gone (%s); failing %d open request(s)", reason, len(self.processor.states))
         self.processor.fail_all(EngineDeadError(f"the engine stopped: {reason}"))
         if self.proc.returncode is None:
             try:
@@ -134,7 +136,8 @@ class EngineClient:
                 pass
 
     async def shutdown(self) -> None:
-        """Ask the core to stop, wait a little, then kill it."""
+        """Ask the core to stop, wait a little, then kill it. Idempotent."""
+        self._stopping = True
         if self.proc.returncode is None:
             try:
                 self._send(Shutdown())

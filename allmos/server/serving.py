@@ -213,8 +213,18 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+# Line separators that JSON leaves raw inside strings but line splitters such as str.splitlines() honour:
+# escaped, so no client can cut an event in two.
+_RAW_SEPARATORS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"), (b"\xc2\x85", b"\\u0085"))
+
+
 def sse(payload) -> bytes:
-    return b"data: " + _JSON.encode(payload) + b"\n\n"
+    """One server-sent event: ``data: <json>`` and a blank line."""
+    data = _JSON.encode(payload)
+    if b"\xe2\x80" in data or b"\xc2\x85" in data:
+        for raw, escaped in _RAW_SEPARATORS:
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"
