@@ -302,14 +302,14 @@ def load_chat_template(value: str | None) -> str | None:
     return value
 
 
-def _load_tokenizer(folder: str):
+def _load_tokenizer(ready) -> object | None:
+    """The model's tokenizer, from the folder the core resolved (None when the engine found none)."""
+    if not ready.has_tokenizer:
+        logger.warning("no tokenizer in %s: prompts must be token ids and outputs carry no text", ready.model_folder)
+        return None
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError):
-        logger.warning("no tokenizer in %s: prompts must be token ids and outputs carry no text", folder)
-        return None
+    return AutoTokenizer.from_pretrained(ready.model_folder, trust_remote_code=False)
 
 
 async def start_state(args: ServerArgs) -> ServerState:
@@ -318,7 +318,7 @@ async def start_state(args: ServerArgs) -> ServerState:
     engine_config = {"model": args.model, **args.engine}
     client = await EngineClient.start(engine_config, OutputProcessor(metrics), args.log_level)
     metrics.watch_core_process(client.pid)
-    tokenizer = _load_tokenizer(client.ready.model_folder)
+    tokenizer = _load_tokenizer(client.ready)
     config = ServingConfig(names, client.ready.model_folder, args.engine.get("max_num_seqs", 512),
                            args.max_queued_requests, load_chat_template(args.chat_template))
     serving = OpenAIServing(client, tokenizer, config, metrics)

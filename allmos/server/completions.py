@@ -103,6 +103,8 @@ class CompletionEndpoint:
         job_id = new_id("cmpl")
         echo = None
         if req.echo:
+            if s.tokenizer is None:
+                raise bad_request("echo needs a tokenizer, and this model has none", "echo")
             echo = [p if isinstance(p, str) else s.tokenizer.decode(p) for p in prompts]
         states = s.submit(token_lists, params, job_id, arrival)
         opts = req.stream_options
@@ -187,6 +189,9 @@ class ChatEndpoint:
                     continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> str:
         s = self.serving
         template = s.config.chat_template
+        if s.tokenizer is None:
+            raise bad_request("this model has no tokenizer, so it cannot chat; use /v1/completions with token ids",
+                              "messages")
         if template is None and not getattr(s.tokenizer, "chat_template", None):
             raise bad_request("the model has no chat template; start the server with --chat-template", "messages")
         try:

@@ -59,7 +59,8 @@ class EngineCore:
         engine = self.engine
         defaults = engine.default_sampling_params()
         return CoreReady(
-            model_folder=str(engine.source.folder), max_model_len=engine.info.max_model_len,
+            model_folder=str(engine.source.folder), has_tokenizer=engine.tokenizer is not None,
+            max_model_len=engine.info.max_model_len,
             vocab_size=engine.info.vocab_size, eos_token_ids=sorted(engine.info.eos_token_ids),
             num_kv_blocks=engine.info.num_kv_blocks, block_size=engine.config.kvcache_block_size,
             default_sampling={k: getattr(defaults, k) for k in _DEFAULT_SAMPLING_KEYS})

@@ -70,6 +70,7 @@ FrontendMessage = AddRequest | AbortRequests | Shutdown
 # ---------------------------------------------------------------------- core -> front end
 class CoreReady(msgspec.Struct, tag="ready", frozen=True):
     model_folder: str
+    has_tokenizer: bool
     max_model_len: int
     vocab_size: int
     eos_token_ids: list[int]

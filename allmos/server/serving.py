@@ -72,6 +72,8 @@ class OpenAIServing:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a prompt; a text that already starts with BOS (a chat template's) gets no second one."""
+        if self.tokenizer is None:
+            raise bad_request("this model has no tokenizer: send prompts as token ids", "prompt")
         bos = self.tokenizer.bos_token
         templated = bool(bos) and text.startswith(bos)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens and not templated)
@@ -90,6 +92,9 @@ class OpenAIServing:
                               "length of the input.", param)
 
     def token_text(self, token_id: int) -> str:
+        """A token's text for logprobs (``token_id:N`` without a tokenizer, as vLLM's token-id option)."""
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
         text = self._token_text.get(token_id)
         if text is None:
             text = self._token_text[token_id] = self.tokenizer.decode([token_id])
@@ -100,6 +105,8 @@ class OpenAIServing:
                         logprobs_param: str, prompt_len: int) -> SamplingParams:
         """SamplingParams for ``req``: unset fields take the model's generation_config defaults (as vLLM)."""
         _check_unsupported(req)
+        if req.stop and self.tokenizer is None:
+            raise bad_request("stop strings need a tokenizer, and this model has none; use stop_token_ids", "stop")
         if req.n > self.config.max_num_seqs:
             raise bad_request(f"n must be <= {self.config.max_num_seqs} (max_num_seqs), got {req.n}", "n")
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
