@@ -43,7 +43,7 @@ from allmos.server.openai_protocol import (
     decode_body,
 )
 from allmos.server.output_processor import OutputProcessor
-from allmos.server.serving import OpenAIServing, ServingConfig, chat_messages
+from allmos.server.serving import OpenAIServing, ServingConfig, chat_messages, to_api_error
 
 logger = logging.getLogger("allmos.server")
 
@@ -276,6 +276,8 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
                                      background=cleanup)
         try:
             result = await until_disconnected(request, endpoint.full(job))
+        except Exception as exc:  # rejected by the core (400), engine gone (503), ...
+            raise to_api_error(exc) from None
         finally:
             state.client.abort([s.request_id for s in job.states])
         if result is None:
