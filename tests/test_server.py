@@ -317,12 +317,12 @@ def _bad_request_matrix(server) -> list[tuple[str, str, object, dict, int, str |
 
 
 def test_bad_requests_while_a_stream_runs(server, client, offline):
-    reference = offline.generate(PROMPTS[6], greedy(40), use_tqdm=False)[0].text
+    reference = offline.generate(PROMPTS[6], greedy(64), use_tqdm=False)[0].text
     result: dict = {"text": "", "chunks": 0}
     started = threading.Event()
 
     def long_stream():
-        for chunk in client.completions.create(model=MODEL, prompt=PROMPTS[6], max_tokens=40, temperature=0,
+        for chunk in client.completions.create(model=MODEL, prompt=PROMPTS[6], max_tokens=64, temperature=0,
                                                stream=True):
             result["text"] += chunk.choices[0].text
             result["chunks"] += 1

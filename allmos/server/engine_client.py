@@ -112,7 +112,7 @@ class EngineClient:
                 if to_abort:
                     self._send(AbortRequests(to_abort))
         except asyncio.IncompleteReadError:
-            pass
+            reason = await self._exit_reason()
         except asyncio.CancelledError:
             reason = "the server is shutting down"
             raise
@@ -121,6 +121,15 @@ class EngineClient:
             reason = f"bad message from the engine core: {exc}"
         finally:
             self._mark_dead(reason)
+
+    async def _exit_reason(self) -> str:
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), 5.0)
+        except asyncio.TimeoutError:
+            return "the engine core process closed its output"
+        if code < 0:
+            return f"the engine core process was killed by signal {-code}"
+        return f"the engine core process exited with code {code}"
 
     def _mark_dead(self, reason: str) -> None:
         if self.dead_reason is not None:
