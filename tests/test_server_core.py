@@ -221,6 +221,27 @@ def _open_stream(http: httpx.Client, url: str):
     return response
 
 
+def test_non_streaming_disconnect_aborts(tiny_server):
+    from server_harness import metric_value
+
+    url = tiny_server.url
+    aborted = metric_value(httpx.get(url + "/metrics").text, "allmos:request_success_total", finished_reason="abort")
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.5))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = httpx.get(url + "/metrics").text
+        running = metric_value(text, "allmos:num_requests_running")
+        if running == 0 and metric_value(text, "allmos:kv_cache_usage_perc") == 0:
+            break
+        time.sleep(0.2)
+    assert metric_value(text, "allmos:num_requests_running") == 0
+    assert metric_value(text, "allmos:kv_cache_usage_perc") == 0
+    assert metric_value(text, "allmos:request_success_total", finished_reason="abort") == aborted + 1
+    assert metric_value(text, "allmos:generation_tokens_total") < 2000
+
+
 def test_overload_then_engine_death(tiny_server):
     openai = pytest.importorskip("openai")
     url = tiny_server.url
