@@ -321,7 +321,7 @@ async def start_state(args: ServerArgs) -> ServerState:
     client = await EngineClient.start(engine_config, OutputProcessor(metrics), args.log_level)
     metrics.watch_core_process(client.pid)
     tokenizer = _load_tokenizer(client.ready)
-    config = ServingConfig(names, client.ready.model_folder, args.engine.get("max_num_seqs", 512),
+    config = ServingConfig(names, args.engine.get("max_num_seqs", 512),
                            args.max_queued_requests, load_chat_template(args.chat_template))
     serving = OpenAIServing(client, tokenizer, config, metrics)
     return ServerState(args, client, serving, metrics)

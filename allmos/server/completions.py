@@ -144,37 +144,46 @@ class CompletionEndpoint:
         return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
                 "choices": body, "usage": job.usage(sum(c.num_tokens for c in choices))}
 
+    def _chunk(self, job: _Job, choices: list[dict]) -> dict:
+        return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
+                "choices": choices}
+
+    def _stream_choice(self, job: _Job, choice: _Choice, outs: list[SeqOutput]) -> dict | None:
+        """One choice's entry in a stream chunk for what ``outs`` added (None when they added nothing)."""
+        text = ""
+        if not choice.started:  # the first chunk of a choice carries the echoed prompt
+            text = self._echo(job, choice.index)
+            choice.text_offset, choice.started = len(text), True
+        entries = [e for o in outs for e in (o.logprobs or ())]
+        num_before = choice.num_tokens
+        for out in outs:
+            choice.add(out)
+        text += "".join(o.text for o in outs)
+        finished = outs[-1].finish_reason is not None
+        if not (text or choice.num_tokens > num_before or finished):
+            return None
+        logprobs = self._logprobs(choice, entries, job.num_logprobs) if job.num_logprobs is not None else None
+        return {"index": choice.index, "text": text, "logprobs": logprobs,
+                "finish_reason": choice.finish_reason if finished else None,
+                "stop_reason": choice.stop_reason if finished else None}
+
     async def stream(self, job: _Job) -> AsyncIterator[bytes]:
         choices = [_Choice(i) for i in range(len(job.states) * job.n)]
-        total = 0
         try:
             async for batch in self.serving.outputs(job.states):
                 for index, outs in _merge(job, batch).items():
-                    choice = choices[index]
-                    text = "" if choice.started else self._echo(job, index)
-                    if not choice.started:
-                        choice.text_offset, choice.started = len(text), True
-                    entries = [e for o in outs for e in (o.logprobs or ())]
-                    for out in outs:
-                        choice.add(out)
-                    num_new = sum(len(o.token_ids) for o in outs)
-                    total += num_new
-                    text += "".join(o.text for o in outs)
-                    finished = outs[-1].finish_reason is not None
-                    if not (text or num_new or finished):
+                    entry = self._stream_choice(job, choices[index], outs)
+                    if entry is None:
                         continue
-                    logprobs = self._logprobs(choice, entries, job.num_logprobs) if job.num_logprobs is not None \
-                        else None
-                    chunk = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
-                             "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                          "finish_reason": choice.finish_reason if finished else None,
-                                          "stop_reason": choice.stop_reason if finished else None}]}
+                    chunk = self._chunk(job, [entry])
                     if job.include_usage:
-                        chunk["usage"] = job.usage(total) if job.continuous_usage else None
+                        chunk["usage"] = job.usage(sum(c.num_tokens for c in choices)) if job.continuous_usage \
+                            else None
                     yield sse(chunk)
             if job.include_usage:
-                yield sse({"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
-                           "choices": [], "usage": job.usage(total)})
+                chunk = self._chunk(job, [])
+                chunk["usage"] = job.usage(sum(c.num_tokens for c in choices))
+                yield sse(chunk)
         except Exception as exc:  # after the headers: report in the stream, as OpenAI-compatible servers do
             yield sse_error(to_api_error(exc))
         yield SSE_DONE
@@ -259,38 +268,43 @@ class ChatEndpoint:
         return {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
                 "choices": body, "usage": job.usage(sum(c.num_tokens for c in choices))}
 
+    def _stream_choice(self, job: _Job, index: int, outs: list[SeqOutput]) -> dict | None:
+        """One choice's entry in a stream chunk: the content delta (None when ``outs`` added nothing)."""
+        text = "".join(o.text for o in outs)
+        last = outs[-1]
+        if not (text or any(o.token_ids for o in outs) or last.finish_reason):
+            return None
+        entries = [e for o in outs for e in (o.logprobs or ())]
+        logprobs = self._logprobs(entries, job.num_logprobs) if job.num_logprobs is not None else None
+        entry = {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                 "finish_reason": last.finish_reason}
+        if last.finish_reason is not None:
+            entry["stop_reason"] = last.stop_reason
+        return entry
+
     async def stream(self, job: _Job) -> AsyncIterator[bytes]:
         total = 0
+
+        def usage_field(chunk: dict) -> dict:
+            if job.include_usage:
+                chunk["usage"] = job.usage(total) if job.continuous_usage else None
+            return chunk
+
         try:
             for index in range(job.n):  # OpenAI's first chunk per choice: the role
-                chunk = self._chunk(job, [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                           "logprobs": None, "finish_reason": None}])
-                if job.include_usage:
-                    chunk["usage"] = job.usage(0) if job.continuous_usage else None
-                yield sse(chunk)
+                yield sse(usage_field(self._chunk(job, [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                                         "logprobs": None, "finish_reason": None}])))
             async for batch in self.serving.outputs(job.states):
                 for index, outs in _merge(job, batch).items():
-                    num_new = sum(len(o.token_ids) for o in outs)
-                    total += num_new
-                    text = "".join(o.text for o in outs)
-                    last = outs[-1]
-                    if not (text or num_new or last.finish_reason):
-                        continue
-                    entries = [e for o in outs for e in (o.logprobs or ())]
-                    logprobs = self._logprobs(entries, job.num_logprobs) if job.num_logprobs is not None else None
-                    choice = {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
-                              "finish_reason": last.finish_reason}
-                    if last.finish_reason is not None:
-                        choice["stop_reason"] = last.stop_reason
-                    chunk = self._chunk(job, [choice])
-                    if job.include_usage:
-                        chunk["usage"] = job.usage(total) if job.continuous_usage else None
-                    yield sse(chunk)
+                    total += sum(len(o.token_ids) for o in outs)
+                    entry = self._stream_choice(job, index, outs)
+                    if entry is not None:
+                        yield sse(usage_field(self._chunk(job, [entry])))
             if job.include_usage:
                 chunk = self._chunk(job, [])
                 chunk["usage"] = job.usage(total)
                 yield sse(chunk)
-        except Exception as exc:
+        except Exception as exc:  # after the headers: report in the stream, as OpenAI-compatible servers do
             yield sse_error(to_api_error(exc))
         yield SSE_DONE
 

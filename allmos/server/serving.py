@@ -36,13 +36,14 @@ _JSON = msgspec.json.Encoder()
 @dataclass(frozen=True)
 class ServingConfig:
     served_model_names: tuple[str, ...]
-    model_root: str
     max_num_seqs: int
     max_queued_requests: int
     chat_template: str | None = None
 
 
 class OpenAIServing:
+    """What the OpenAI endpoints share: validation, tokenization, submission to the core, output streams."""
+
     def __init__(self, client: EngineClient, tokenizer, config: ServingConfig, metrics=None) -> None:
         self.client = client
         self.metrics = metrics
@@ -103,28 +104,15 @@ class OpenAIServing:
     # ------------------------------------------------------------------ sampling parameters
     def sampling_params(self, req, *, max_tokens: int | None, max_tokens_param: str, logprobs: int | None,
                         logprobs_param: str, prompt_len: int) -> SamplingParams:
-        """SamplingParams for ``req``: unset fields take the model's generation_config defaults (as vLLM)."""
-        _check_unsupported(req)
-        if req.stop and self.tokenizer is None:
-            raise bad_request("stop strings need a tokenizer, and this model has none; use stop_token_ids", "stop")
-        if req.n > self.config.max_num_seqs:
-            raise bad_request(f"n must be <= {self.config.max_num_seqs} (max_num_seqs), got {req.n}", "n")
-        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-            raise bad_request(f"{logprobs_param} must be between 0 and {MAX_LOGPROBS}, got {logprobs}",
-                              logprobs_param)
-        max_len = self.info.max_model_len
-        if max_tokens is None:
-            max_tokens = max_len - prompt_len
-        elif isinstance(max_tokens, int) and max_tokens >= 1 and prompt_len + max_tokens > max_len:
-            raise bad_request(f"This model's maximum context length is {max_len} tokens. However, you requested "
-                              f"{prompt_len + max_tokens} tokens ({prompt_len} in the input, {max_tokens} in the "
-                              "completion). Please reduce the length of the input or completion.", max_tokens_param)
+        """SamplingParams for ``req`` (400 naming the field when a value is invalid). Unset fields take
+        the model's generation_config defaults, an unset ``max_tokens`` the rest of the context (as vLLM)."""
+        self._check_request_limits(req, logprobs, logprobs_param)
+        max_tokens = self._max_tokens(max_tokens, max_tokens_param, prompt_len)
         defaults = self.info.default_sampling
 
         def pick(value, key, fallback):
             return value if value is not None else defaults.get(key, fallback)
 
-        names = {"logprobs": logprobs_param, "max_tokens": max_tokens_param}
         try:
             params = SamplingParams(
                 n=req.n, temperature=pick(req.temperature, "temperature", 1.0), top_p=pick(req.top_p, "top_p", 1.0),
@@ -136,13 +124,34 @@ class OpenAIServing:
                 skip_special_tokens=req.skip_special_tokens)
             params.validate_for_vocab(self.info.vocab_size)
         except ValueError as exc:
-            match = _SAMPLING_FIELD.search(str(exc))
-            name = match.group(1) if match else None
-            param = names.get(name, name)
-            message = str(exc).replace(f"SamplingParams.{name}", param) if name else str(exc)
-            raise bad_request(message, param) from None
+            raise _field_error(exc, {"logprobs": logprobs_param, "max_tokens": max_tokens_param}) from None
         self._check_fits(prompt_len, params)
         return params
+
+    def _check_request_limits(self, req, logprobs: int | None, logprobs_param: str) -> None:
+        """What SamplingParams does not check: unsupported fields and the server's own limits."""
+        if req.logit_bias:
+            raise bad_request("logit_bias is not supported by this server", "logit_bias")
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("stream_options is only allowed together with stream=true", "stream_options")
+        if req.stop and self.tokenizer is None:
+            raise bad_request("stop strings need a tokenizer, and this model has none; use stop_token_ids", "stop")
+        if req.n > self.config.max_num_seqs:
+            raise bad_request(f"n must be <= {self.config.max_num_seqs} (max_num_seqs), got {req.n}", "n")
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"{logprobs_param} must be between 0 and {MAX_LOGPROBS}, got {logprobs}",
+                              logprobs_param)
+
+    def _max_tokens(self, max_tokens: int | None, param: str, prompt_len: int) -> int | None:
+        """The request's output limit; prompt + output beyond the context is a 400 (as vLLM), not a cut."""
+        max_len = self.info.max_model_len
+        if max_tokens is None:
+            return max_len - prompt_len
+        if isinstance(max_tokens, int) and max_tokens >= 1 and prompt_len + max_tokens > max_len:
+            raise bad_request(f"This model's maximum context length is {max_len} tokens. However, you requested "
+                              f"{prompt_len + max_tokens} tokens ({prompt_len} in the input, {max_tokens} in the "
+                              "completion). Please reduce the length of the input or completion.", param)
+        return max_tokens  # other bad values: SamplingParams names them
 
     def _check_fits(self, prompt_len: int, params: SamplingParams) -> None:
         info = self.info
@@ -200,11 +209,14 @@ class OpenAIServing:
 
 
 # ---------------------------------------------------------------------- helpers
-def _check_unsupported(req) -> None:
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported by this server", "logit_bias")
-    if req.stream_options is not None and not req.stream:
-        raise bad_request("stream_options is only allowed together with stream=true", "stream_options")
+def _field_error(exc: ValueError, api_names: dict[str, str]) -> APIError:
+    """A SamplingParams ValueError as a 400 naming the request's field (``max_completion_tokens``, ...)."""
+    match = _SAMPLING_FIELD.search(str(exc))
+    if match is None:
+        return bad_request(str(exc))
+    name = match.group(1)
+    param = api_names.get(name, name)
+    return bad_request(str(exc).replace(f"SamplingParams.{name}", param), param)
 
 
 def _core_settings(params: SamplingParams) -> SamplingSettings:
