@@ -98,7 +98,13 @@ def cmd_bench(a) -> None:
 def cmd_serve(a) -> None:
     import os
 
-    from allmos.server.api_server import ServerArgs, run_server
+    try:
+        from allmos.server.api_server import ServerArgs, run_server
+    except ImportError as exc:
+        if exc.name not in ("fastapi", "starlette", "uvicorn", "msgspec", "prometheus_client"):
+            raise
+        raise SystemExit(f"allmos serve needs the server's dependencies ({exc.name} is missing): "
+                         "pip install 'allmos[serve]'") from None
 
     engine = dict(max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                   max_num_batched_tokens=a.max_num_batched_tokens, kvcache_block_size=a.kvcache_block_size,
