@@ -1,36 +1,11 @@
-"""The standard throughput benchmark (shared bench/WORKLOAD.md): `python bench.py [MODEL]`.
+"""The standard throughput benchmark (benchmarks/README.md): `python bench.py [MODEL] [--bw TB/s]`.
 
-Without MODEL it builds random Qwen3-0.6B weights from benchmarks/qwen3-0.6b/config.json.
-Prints `Throughput: X tok/s` and, on a GPU, the fraction of the bandwidth ceiling.
+Without MODEL it builds random Qwen3-0.6B weights from benchmarks/qwen3-0.6b/config.json. Prints
+`Throughput: X tok/s` and, on a GPU (or with --bw), the fraction of the bandwidth ceiling;
+`python bench.py --ceiling --bw 4.3` prints the ceiling alone. `python bench.py --help` lists the options.
 """
 
-import sys
-
-from allmos.benchmark import (
-    ceiling_tokens_per_s,
-    measure_copy_bandwidth,
-    model_config_dict,
-    run_throughput,
-    standard_workload,
-)
-
-
-def main() -> None:
-    model = sys.argv[1] if len(sys.argv) > 1 else None
-    workload = standard_workload()
-    result = run_throughput(model, workload)
-    print(f"Total: {result.output_tokens}tok, Time: {result.seconds:.2f}s, Throughput: {result.tokens_per_s:.2f}tok/s")
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            bw = measure_copy_bandwidth()
-            ceiling = ceiling_tokens_per_s(model_config_dict(model), workload, bw)
-            print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw:.2f} TB/s, ceiling {ceiling:.0f} tok/s, "
-                  f"allmos at {result.tokens_per_s / ceiling:.0%} of it")
-    except FileNotFoundError:
-        pass
-
+from allmos.benchmark import main
 
 if __name__ == "__main__":
-    main()
+    main(prog="bench.py")

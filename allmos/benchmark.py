@@ -1,24 +1,46 @@
-"""The standard throughput workload (shared bench/WORKLOAD.md), its bandwidth ceiling, and a runner.
+"""The standard throughput workload (benchmarks/README.md), its bandwidth ceiling, and a runner.
 
-``bench.py`` and ``allmos bench`` both call ``run_throughput``; with the defaults the prompts, output
-lengths and calls are those of nano-vLLM's ``bench.py`` so the numbers compare.
+``bench.py``, ``allmos bench`` and ``python -m allmos.benchmark`` all call ``run_throughput``; with the
+defaults the prompts, output lengths and calls follow the standard workload, so figures compare with
+other engines measured on it. ``python -m allmos.benchmark --ceiling --bw 4.3`` prints the ceiling alone.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from allmos.models.model_config import ModelConfig
 
 DEFAULT_BENCH_MODEL = Path(__file__).resolve().parent.parent / "benchmarks" / "qwen3-0.6b"
+MODEL_HELP = ("model folder, .gguf file or hub id (default: Qwen3-0.6B with random weights, built from "
+              "benchmarks/qwen3-0.6b/config.json with load_format='dummy')")
 
 
 @dataclass(frozen=True)
 class Workload:
+    """Token-id prompts and, for each, the exact number of tokens to generate (EOS ignored)."""
+
     prompts: list[list[int]]
     max_tokens: list[int]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+    @property
+    def num_decode_steps(self) -> int:
+        """Steps after the prefill that produced every first token: the longest output, less one."""
+        return max(self.max_tokens) - 1
 
 
 def standard_workload(num_seqs: int = 256, min_input: int = 100, max_input: int = 1024, min_output: int = 100,
@@ -30,24 +52,53 @@ def standard_workload(num_seqs: int = 256, min_input: int = 100, max_input: int 
     return Workload(prompts, max_tokens)
 
 
-def ceiling_tokens_per_s(config: dict, workload: Workload, bandwidth_tb_s: float, tflops: float = 790.0,
-                         kv_bytes: float = 2.0, weight_bytes_per_param: float = 2.0) -> float:
-    """Output tok/s if every decode step moved only the bytes it must (weights once, each sequence's KV
-    once) at ``bandwidth_tb_s`` and prefill ran at ``tflops``."""
-    layers, hidden, inter = config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
-    vocab = config["vocab_size"]
+@dataclass(frozen=True)
+class Ceiling:
+    """The least time the workload could take: decode moves only the bytes it must, prefill runs at the
+    matrix rate, and nothing overlaps."""
+
+    weight_bytes: float  # read once per decode step
+    kv_bytes_read: float  # every decode step reads each running sequence's whole KV cache once
+    decode_s: float
+    prefill_s: float
+    output_tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / (self.decode_s + self.prefill_s)
+
+
+def ceiling(config: ModelConfig, workload: Workload, bandwidth_tb_s: float, tflops: float = 790.0,
+            kv_bytes: float = 2.0, weight_bytes_per_param: float = 2.0) -> Ceiling:
+    """The bandwidth ceiling of ``workload`` on a model of ``config``'s shapes.
+
+    Decode: ``num_decode_steps`` steps, each reading the weights (layers plus one vocab x hidden matrix)
+    once; a sequence with an n-token prompt reads n + j cached tokens at its j-th decode step, for j in
+    1 .. m - 1 where m is its output length. Prefill: 2 FLOPs per parameter per prompt token, causal
+    attention 2 * L^2 * head_dim per head and layer for an L-token prompt, and one LM-head row per
+    sequence, at ``tflops``. Norms, rotary and sampling are left out.
+    """
+    layers, hidden, inter = config.num_hidden_layers, config.hidden_size, config.intermediate_size
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    vocab = config.vocab_size
     attn_params = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
     layer_params = layers * (attn_params + 3 * hidden * inter)
     weights = weight_bytes_per_param * (layer_params + vocab * hidden)
     kv_per_token = layers * 2 * kv_heads * head_dim * kv_bytes
     lens, outs = [len(p) for p in workload.prompts], workload.max_tokens
     kv_reads = sum(n * (m - 1) + m * (m - 1) // 2 for n, m in zip(lens, outs))  # sum_{j=1}^{m-1} (n + j)
-    decode_s = ((max(outs) - 1) * weights + kv_reads * kv_per_token) / (bandwidth_tb_s * 1e12)
+    bandwidth = bandwidth_tb_s * 1e12  # bytes/s
+    decode_s = (workload.num_decode_steps * weights + kv_reads * kv_per_token) / bandwidth
     attn_flops = sum(2 * layers * heads * head_dim * L * L for L in lens)
     prefill_s = (2 * layer_params * sum(lens) + attn_flops + 2 * vocab * hidden * len(lens)) / (tflops * 1e12)
-    return sum(outs) / (decode_s + prefill_s)
+    return Ceiling(weights, kv_reads * kv_per_token, decode_s, prefill_s, workload.num_output_tokens)
+
+
+def ceiling_tokens_per_s(config: ModelConfig, workload: Workload, bandwidth_tb_s: float, tflops: float = 790.0,
+                         kv_bytes: float = 2.0, weight_bytes_per_param: float = 2.0) -> float:
+    """Output tok/s if every decode step moved only the bytes it must (weights once, each sequence's KV
+    once) at ``bandwidth_tb_s`` and prefill ran at ``tflops`` (see ``ceiling``)."""
+    return ceiling(config, workload, bandwidth_tb_s, tflops, kv_bytes, weight_bytes_per_param).tokens_per_s
 
 
 def measure_copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> float:
@@ -68,6 +119,8 @@ def measure_copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> float
 
 @dataclass
 class BenchResult:
+    """One timed ``generate``: its wall time and the tokens it actually produced and read."""
+
     seconds: float
     output_tokens: int
     prompt_tokens: int
@@ -92,10 +145,77 @@ def run_throughput(model: str | None = None, workload: Workload | None = None, *
     llm.generate(warmup, SamplingParams(), use_tqdm=False)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in workload.max_tokens]
     start = time.perf_counter()
-    llm.generate(workload.prompts, params, use_tqdm=False)
+    outputs = llm.generate(workload.prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    return BenchResult(seconds, sum(workload.max_tokens), sum(len(p) for p in workload.prompts))
+    generated = sum(len(c.token_ids) for out in outputs for c in out.outputs)
+    return BenchResult(seconds, generated, sum(len(out.prompt_token_ids) for out in outputs))
 
 
-def model_config_dict(model: str | None) -> dict:
-    return json.loads((Path(model or DEFAULT_BENCH_MODEL) / "config.json").read_text())
+def bench_model_config(model: str | None) -> ModelConfig:
+    """The ModelConfig of a model folder (the benchmark's Qwen3-0.6B shapes without ``model``)."""
+    from allmos.models.model_config import load_model_config
+
+    path = Path(model or DEFAULT_BENCH_MODEL)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"the ceiling needs a model folder with config.json; {path / 'config.json'} does not exist")
+    return load_model_config(path)
+
+
+def build_parser(prog: str = "python -m allmos.benchmark") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Time the standard throughput workload (benchmarks/README.md), or with --ceiling "
+                               "print its bandwidth ceiling without running anything.")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("--ceiling", action="store_true",
+                   help="print the ceiling for MODEL's shapes and exit (needs --bw without a GPU)")
+    p.add_argument("--bw", type=float, default=None,
+                   help="memory bandwidth in TB/s for the ceiling (default: the GPU's measured copy bandwidth)")
+    p.add_argument("--tflops", type=float, default=790.0, help="matrix rate for the prefill, TFLOP/s (default: 790)")
+    p.add_argument("--kv-bytes", type=float, default=2.0, help="bytes per cached K or V element (default: 2)")
+    p.add_argument("--weight-bytes", type=float, default=2.0, help="bytes per weight (default: 2)")
+    return p
+
+
+def _bandwidth(given: float | None) -> float | None:
+    """``given``, else the CUDA device's copy bandwidth, else None (no GPU)."""
+    if given is not None:
+        if given <= 0:
+            raise ValueError(f"--bw must be > 0 TB/s, got {given}")
+        return given
+    import torch
+
+    return measure_copy_bandwidth() if torch.cuda.is_available() else None
+
+
+def describe_ceiling(c: Ceiling, bandwidth_tb_s: float, workload: Workload) -> str:
+    return (f"ceiling {c.tokens_per_s:,.0f} tok/s at {bandwidth_tb_s:.2f} TB/s: {workload.num_decode_steps} decode "
+            f"steps x {c.weight_bytes / 1e9:.3f} GB of weights + {c.kv_bytes_read / 1e12:.2f} TB of KV reads = "
+            f"{c.decode_s:.2f} s, prefill {c.prefill_s:.2f} s; {c.output_tokens:,} output tokens")
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m allmos.benchmark") -> None:
+    parser = build_parser(prog)
+    a = parser.parse_args(argv)
+    workload = standard_workload()
+    try:
+        if a.ceiling:
+            config = bench_model_config(a.model)
+            bw = _bandwidth(a.bw)
+            if bw is None:
+                raise ValueError("no GPU to measure: give the bandwidth with --bw TB/s")
+            c = ceiling(config, workload, bw, a.tflops, a.kv_bytes, a.weight_bytes)
+            print(describe_ceiling(c, bw, workload))
+            return
+        result = run_throughput(a.model, workload)
+        print(f"Total: {result.output_tokens}tok, Time: {result.seconds:.2f}s, "
+              f"Throughput: {result.tokens_per_s:.2f}tok/s")
+        bw = _bandwidth(a.bw)
+        if bw is not None:
+            c = ceiling(bench_model_config(a.model), workload, bw, a.tflops, a.kv_bytes, a.weight_bytes)
+            print(f"{describe_ceiling(c, bw, workload)}; this run at {result.tokens_per_s / c.tokens_per_s:.0%} of it")
+    except ValueError as exc:
+        parser.exit(2, f"{prog}: error: {exc}\n")
+
+
+if __name__ == "__main__":
+    main()

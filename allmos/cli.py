@@ -1,81 +1,106 @@
-"""`allmos generate | chat | bench`: the command line over the offline API."""
+"""`allmos generate | chat | bench`: the command line over the offline API (docs/api.md).
+
+Invariant: building the parser and printing ``--help`` import neither torch nor the engine; a command
+imports them only when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+
+DEFAULT_MODEL_HELP = "model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)"
+BENCH_MODEL_HELP = ("model folder, .gguf file or hub id (default: Qwen3-0.6B with random weights, built from "
+                    "benchmarks/qwen3-0.6b/config.json with load_format='dummy')")
 
 
-def _engine_args(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
-    if model_positional:
-        p.add_argument("model", nargs="?", default=None, help="model folder, .gguf file or hub id")
-    else:
-        p.add_argument("--model", default=None, help="model folder, .gguf file or hub id (default: embedded SmolLM2)")
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--max-num-seqs", type=int, default=512)
-    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    p.add_argument("--kvcache-block-size", type=int, default=256)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--load-format", default="auto")
+def _engine_args(p: argparse.ArgumentParser, model_help: str = DEFAULT_MODEL_HELP) -> None:
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--max-model-len", type=int, default=4096, help="longest prompt + output (default: 4096)")
+    p.add_argument("--max-num-seqs", type=int, default=512, help="sequences in one batch (default: 512)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384,
+                   help="tokens in one forward pass (default: 16384)")
+    p.add_argument("--kvcache-block-size", type=int, default=256, help="tokens per KV block (default: 256)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks that split each layer (default: 1)")
+    p.add_argument("--load-format", default="auto", help="auto, safetensors, gguf or dummy (default: auto)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=-1, help="-1 or 0 is off (default: -1)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate per reply (default: 128)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: none)")
 
 
-def _engine_kwargs(a) -> dict:
+def _engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                 max_num_batched_tokens=a.max_num_batched_tokens, kvcache_block_size=a.kvcache_block_size,
                 dtype=a.dtype, device=a.device, enforce_eager=a.enforce_eager,
                 tensor_parallel_size=a.tensor_parallel_size, load_format=a.load_format)
 
 
-def _params(a):
+def _params(a: argparse.Namespace):
     from allmos import SamplingParams
 
     return SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_tokens=a.max_tokens,
                           seed=a.seed)
 
 
-def cmd_generate(a) -> None:
+def cmd_generate(a: argparse.Namespace) -> None:
+    prompts = a.prompt
+    if not prompts:
+        if sys.stdin.isatty():
+            raise ValueError("no prompt: give prompts as arguments or pipe them in, one per line")
+        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     from allmos import LLM
 
     llm = LLM(a.model, **_engine_kwargs(a))
-    prompts = a.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for out in llm.generate(prompts, _params(a), use_tqdm=False):
         print(out.text if len(prompts) == 1 else f"### {out.prompt}\n{out.text}\n")
 
 
-def cmd_chat(a) -> None:
-    from allmos import LLM
-
-    llm = LLM(a.model, **_engine_kwargs(a))
-    params = _params(a)
-    history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
-    turns = [a.message] if a.message else None
+def _user_turns(a: argparse.Namespace, interactive: bool) -> Iterator[str]:
+    """The user's turns: ``--message`` values, else terminal input (with a ``you>`` prompt), else one
+    turn per non-empty line of piped stdin (no prompt, nothing echoed). ``/exit`` or ``/quit`` ends."""
+    if a.message:
+        yield from a.message
+        return
     while True:
-        if turns is not None:
-            if not turns:
-                return
-            user = turns.pop(0)
-        else:
+        if interactive:
             try:
-                user = input("you> ")
+                line = input("you> ")
             except EOFError:
                 print()
                 return
-            if user.strip() in ("/exit", "/quit"):
+        else:
+            line = sys.stdin.readline()
+            if not line:
                 return
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+        if line.strip() in ("/exit", "/quit"):
+            return
+        yield line
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    from allmos import LLM
+
+    interactive = not a.message and sys.stdin.isatty()
+    llm = LLM(a.model, **_engine_kwargs(a))
+    params = _params(a)
+    history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
+    for user in _user_turns(a, interactive):
         history.append({"role": "user", "content": user})
         prompt = llm.apply_chat_template(history)
-        print("assistant> ", end="", flush=True)
+        if interactive:
+            print("assistant> ", end="", flush=True)
         text = ""
         for delta in llm.stream(prompt, params):
             text += delta["text"]
@@ -84,13 +109,13 @@ def cmd_chat(a) -> None:
         history.append({"role": "assistant", "content": text})
 
 
-def cmd_bench(a) -> None:
+def cmd_bench(a: argparse.Namespace) -> None:
     from allmos.benchmark import run_throughput, standard_workload
 
     workload = standard_workload(a.num_seqs, a.min_input_len, a.max_input_len, a.min_output_len, a.max_output_len)
     kwargs = _engine_kwargs(a)
     if a.load_format == "auto":
-        kwargs.pop("load_format")
+        kwargs.pop("load_format")  # run_throughput picks "dummy" for a folder without weights
     result = run_throughput(a.model, workload, **kwargs)
     print(f"Total: {result.output_tokens}tok, Time: {result.seconds:.2f}s, Throughput: {result.tokens_per_s:.2f}tok/s")
 
@@ -141,34 +166,44 @@ def _add_serve_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="allmos", description="allmos: fast LLM inference")
+    parser = argparse.ArgumentParser(prog="allmos", description="allmos: fast LLM inference (docs/api.md)")
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="complete prompts (arguments or one per stdin line)")
+    g = sub.add_parser("generate", help="complete prompts (arguments, or one per line of stdin)",
+                       description="Complete each prompt greedily (by default) and print the completions.")
     _engine_args(g)
     _sampling_args(g)
-    g.add_argument("prompt", nargs="*", help="prompt text (default: read lines from stdin)")
+    g.add_argument("prompt", nargs="*", help="prompt text (default: read one prompt per line from stdin)")
     g.set_defaults(func=cmd_generate)
-    c = sub.add_parser("chat", help="chat through the model's chat template (interactive, or --message)")
+    c = sub.add_parser("chat", help="chat through the model's chat template (interactive, piped, or --message)",
+                       description="Chat through the model's chat template. On a terminal it prompts 'you> '; "
+                                   "with piped stdin each non-empty line is a user turn and only the replies "
+                                   "are printed. /exit or /quit ends the chat.")
     _engine_args(c)
     _sampling_args(c)
     c.add_argument("--system", default=None, help="system prompt")
-    c.add_argument("--message", action="append", help="a user turn (repeatable); without it, read from the terminal")
+    c.add_argument("--message", action="append", help="a user turn (repeatable); without it, read from stdin")
     c.set_defaults(func=cmd_chat)
-    b = sub.add_parser("bench", help="throughput on the standard workload (random weights without --model)")
-    _engine_args(b)
-    b.add_argument("--num-seqs", type=int, default=256)
-    b.add_argument("--min-input-len", type=int, default=100)
-    b.add_argument("--max-input-len", type=int, default=1024)
-    b.add_argument("--min-output-len", type=int, default=100)
-    b.add_argument("--max-output-len", type=int, default=1024)
+    b = sub.add_parser("bench", help="throughput on the standard workload (random Qwen3-0.6B without --model)",
+                       description="Time one generate over the standard workload (benchmarks/README.md) "
+                                   "and print the output tokens per second.")
+    _engine_args(b, BENCH_MODEL_HELP)
+    b.add_argument("--num-seqs", type=int, default=256, help="requests (default: 256)")
+    b.add_argument("--min-input-len", type=int, default=100, help="shortest prompt in tokens (default: 100)")
+    b.add_argument("--max-input-len", type=int, default=1024, help="longest prompt in tokens (default: 1024)")
+    b.add_argument("--min-output-len", type=int, default=100, help="fewest output tokens (default: 100)")
+    b.add_argument("--max-output-len", type=int, default=1024, help="most output tokens (default: 1024)")
     b.set_defaults(func=cmd_bench)
     _add_serve_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as exc:  # bad input (model, option, prompt): a message, not a traceback
+        parser.exit(2, f"allmos {args.command}: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Engine configuration: user keys (API.md) plus the model's Hugging Face config, frozen and
+"""Engine configuration: user keys (docs/api.md) plus the model's Hugging Face config, frozen and
 validated once. Values discovered at run time (KV block count, EOS ids) live elsewhere."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ _BACKENDS = ("auto", "torch", "triton")
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """User-facing engine settings; names and defaults follow API.md."""
+    """User-facing engine settings; names, defaults and meanings in docs/api.md."""
 
     model: str | None = None
     max_model_len: int = 4096
@@ -39,6 +40,9 @@ class EngineConfig:
     attention_backend: str = "auto"
     seed: int = 0
     tokenizer: str | None = None
+    trust_remote_code: bool = False  # accepted for vLLM compatibility; True is refused (no remote code runs)
+    quantization: str | None = None  # None | "int8" | "int4": weight-only, CPU (allmos.layers.quantization)
+    compilation_config: int = 0  # 3: torch.compile the CPU forward at start-up (engine.cpu_compile); 0: eager
 
     @classmethod
     def from_kwargs(cls, model: str | None, **kwargs: Any) -> EngineConfig:
@@ -63,10 +67,21 @@ class EngineConfig:
             raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
         if self.attention_backend not in _BACKENDS:
             raise ValueError(f"attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.quantization is not None and str(self.device).startswith("cuda"):
+            raise ValueError(f"quantization={self.quantization!r} is implemented for the CPU only "
+                             f"(device={self.device!r}); leave quantization=None on a GPU")
+        _check_device(self.device)
+        from allmos.layers.quantization import check_quantization
+        check_quantization(self.quantization, self.resolved_device())
+        if self.trust_remote_code is not False:
+            raise ValueError(f"trust_remote_code={self.trust_remote_code!r} is not supported: allmos never runs code "
+                             "shipped with a model; it loads the architectures it implements itself "
+                             "(leave trust_remote_code unset or False)")
         if isinstance(self.dtype, str) and self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.compilation_config not in (0, 3):
+            raise ValueError(f"compilation_config must be 0 (eager) or 3 (compile the CPU forward at start-up), "
+                             f"got {self.compilation_config!r}")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -74,14 +89,34 @@ class EngineConfig:
         return torch.device(self.device)
 
     def resolved_dtype(self, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
-        """Explicit dtype wins; 'auto' is float32 on the CPU and the checkpoint's dtype on a GPU."""
-        if isinstance(self.dtype, torch.dtype):
-            return self.dtype
-        if self.dtype != "auto":
-            return _DTYPES[self.dtype]
+        """Explicit dtype wins; 'auto' on a GPU is the checkpoint's dtype, on the CPU see ``resolved_weight_format``."""
+        return self.resolved_weight_format(checkpoint_dtype, device).dtype
+
+    def resolved_weight_format(self, checkpoint_dtype: torch.dtype | None, device: torch.device):
+        """dtype and quantization the engine runs with (``allmos.layers.quantization.WeightFormat``)."""
+        from allmos.layers.quantization import WeightFormat, cpu_weight_format
+        requested = self.dtype if isinstance(self.dtype, torch.dtype) else _DTYPES.get(self.dtype)
         if device.type == "cpu":
-            return torch.float32
-        return checkpoint_dtype or torch.bfloat16
+            return cpu_weight_format(requested, self.quantization, checkpoint_dtype, self.gguf_source(),
+                                     cpu_has_native_bf16())
+        dtype = requested or checkpoint_dtype or torch.bfloat16
+        return WeightFormat(dtype, self.quantization, "dtype given" if requested else "checkpoint dtype")
+
+    def gguf_source(self) -> Path | None:
+        """The .gguf file the model comes from (the embedded default model included), else None."""
+        if self.model is None:
+            from allmos.models.default_model import default_gguf_path
+            try:
+                return default_gguf_path()
+            except RuntimeError:  # not installed: loading the model reports it
+                return None
+        path = Path(self.model).expanduser()
+        return path if path.suffix == ".gguf" and path.is_file() else None
+
+    @property
+    def compile_cpu_forward(self) -> bool:
+        """Whether the CPU forward is compiled at start-up (``compilation_config`` level 3, not enforce_eager)."""
+        return self.compilation_config == 3 and not self.enforce_eager
 
     def resolved_backend(self, device: torch.device) -> str:
         if self.attention_backend == "auto":
@@ -95,11 +130,40 @@ class EngineConfig:
         return self.enable_cuda_graphs and not self.enforce_eager
 
 
+def _check_device(device: object) -> None:
+    """'auto', 'cpu', 'cuda' or 'cuda:N' (or a torch.device); a CUDA device must exist here (checked before
+    anything loads)."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device in ("auto", "cpu"):
+        return
+    if not isinstance(device, str) or not (device == "cuda" or device.startswith("cuda:")):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    index_text = device.partition(":")[2]
+    if device != "cuda" and not index_text.isdigit():
+        raise ValueError(f"device {device!r}: the index after 'cuda:' must be a non-negative integer")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA device is available on this machine "
+                         "(use device='cpu' or 'auto')")
+    count = torch.cuda.device_count()
+    if index_text and int(index_text) >= count:
+        raise ValueError(f"device={device!r} but only {count} CUDA device(s) are available "
+                         f"(cuda:0..cuda:{count - 1})")
+
+
 def _positive(cfg: EngineConfig, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), as oneDNN and torch's packed
+    weight kernels use it; elsewhere bfloat16 is emulated and float32 is the faster CPU dtype."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
 def dtype_from_name(name: str | None) -> torch.dtype | None:

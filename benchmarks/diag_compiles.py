@@ -1,5 +1,5 @@
 """Which Triton kernel variants compile when, on the standard workload with an empty Triton cache:
-during ``LLM(...)``, during the spec's warm-up ``generate``, and inside the timed ``generate`` (the ones
+during ``LLM(...)``, during the workload's warm-up ``generate``, and inside the timed ``generate`` (the ones
 that make a cold run slower than a warm one). Usage: python benchmarks/diag_compiles.py"""
 
 from __future__ import annotations

@@ -20,8 +20,7 @@ def decode_ms(llm: LLM, batch: int, ctx: int, steps: int) -> float:
     for _ in range(batch):
         engine.add_request(None, [rng.randrange(10000) for _ in range(ctx)],
                            SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=steps + 40))
-    while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
-                                          for r in engine.scheduler.running):
+    while engine.get_stats().num_prefilling:
         engine.step()
     for _ in range(5):
         engine.step()

@@ -52,8 +52,7 @@ class GpuIdle:
         self.marks: list[tuple[torch.cuda.Event, torch.cuda.Event, bool, int, int]] = []
         self.bandwidth = measure_copy_bandwidth() * 1e12  # bytes/s
         self.weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-        s = runner.shape
-        self.kv_per_token = 2 * s.num_layers * s.num_kv_heads * s.head_dim * runner.dtype.itemsize
+        self.kv_per_token = runner.kv_spec.bytes_per_token
         fn = runner.execute
 
         @functools.wraps(fn)

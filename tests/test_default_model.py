@@ -13,7 +13,8 @@ QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Sa
 
 @pytest.fixture(scope="module")
 def llm(default_model_dir):
-    return LLM(max_model_len=1024)  # no model: the embedded default
+    # no model: the embedded default; float32 (the oracle), not the CPU's automatic quantized format
+    return LLM(max_model_len=1024, dtype="float32")
 
 
 @pytest.fixture(scope="module")

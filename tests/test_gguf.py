@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import sys
 import time
 from pathlib import Path
 
@@ -100,6 +102,13 @@ def test_default_model_folder_layout(converted: tuple[Path, Path, float]) -> Non
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
     assert "generation_config.json" in names
     assert [p.name for p in cache_dir.iterdir()] == [folder.name]  # no temporary folder left behind
+
+
+@requires_smollm2
+def test_default_model_folder_is_keyed_on_the_converter(converted: tuple[Path, Path, float], default_gguf: Path):
+    """The default model's conversion lives under the same key as any GGUF (which covers the converter's
+    source, see test_cache_key_follows_converter_source), so a converter change is never served stale."""
+    assert converted[0].name == gguf_loader.gguf_cache_key(default_gguf)
 
 
 @requires_smollm2
@@ -384,3 +393,114 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs(
     rope_freqs = (plain / scaled.double()).float().numpy()  # llama.cpp stores each frequency's divisor as F32
     assert llama3_rope_scaling_from_factors(rope_freqs, theta, head_dim) == scaling
     assert llama3_rope_scaling_from_factors(np.ones(head_dim // 2), theta, head_dim) is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The conversion cache follows the converter's code
+# ----------------------------------------------------------------------------------------------------
+
+
+def _load_converter_copy(source: str, folder: Path, name: str, monkeypatch: pytest.MonkeyPatch):
+    """The converter module loaded from a copy of its source (an edited converter, as after an upgrade)."""
+    path = folder / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"allmos_converter_copy_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cache_key_follows_converter_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gguf_path = _write_tiny_gguf(tmp_path / "tiny-llama.gguf", "llama", tied=True)
+    source = Path(gguf_loader.__file__).read_text()
+    same = _load_converter_copy(source, tmp_path, "same", monkeypatch)
+    edited_source = source.replace("_LLAMA3_ORIGINAL_CONTEXTS = (8192,", "_LLAMA3_ORIGINAL_CONTEXTS = (8192, 2048,")
+    edited = _load_converter_copy(edited_source, tmp_path, "edited", monkeypatch)
+    assert edited._LLAMA3_ORIGINAL_CONTEXTS != gguf_loader._LLAMA3_ORIGINAL_CONTEXTS  # the edit took effect
+    assert same.gguf_cache_key(gguf_path) == gguf_loader.gguf_cache_key(gguf_path)
+    assert edited.gguf_cache_key(gguf_path) != gguf_loader.gguf_cache_key(gguf_path)
+    comment_only = _load_converter_copy(source + "\n# a comment\n", tmp_path, "comment", monkeypatch)
+    assert comment_only.converter_fingerprint() != gguf_loader.converter_fingerprint()
+
+
+def test_converter_change_forces_reconversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gguf_path = _write_tiny_gguf(tmp_path / "tiny-llama.gguf", "llama", tied=True)
+    cache_dir = tmp_path / "cache"
+    first = resolve_gguf(gguf_path, cache_dir=cache_dir)
+    assert resolve_gguf(gguf_path, cache_dir=cache_dir) == first  # unchanged converter: cached
+    source = Path(gguf_loader.__file__).read_bytes()
+    monkeypatch.setattr(gguf_loader, "_converter_source", lambda: source + b"\n# converter edited\n")
+    second = resolve_gguf(gguf_path, cache_dir=cache_dir)
+    assert second != first and (second / "model.safetensors").is_file()
+    assert sorted(p.name for p in cache_dir.iterdir()) == sorted([first.name, second.name])
+
+
+def test_cache_key_follows_tokenizer_package_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gguf_path = _write_tiny_gguf(tmp_path / "tiny-llama.gguf", "llama", tied=True)
+    before = gguf_loader.gguf_cache_key(gguf_path)
+    real = gguf_loader._package_version
+    monkeypatch.setattr(gguf_loader, "_package_version",
+                        lambda package: "0.0.1" if package == "transformers" else real(package))
+    assert gguf_loader.gguf_cache_key(gguf_path) != before
+
+
+# ----------------------------------------------------------------------------------------------------
+# Damaged files: the error names the file and where it ends
+# ----------------------------------------------------------------------------------------------------
+
+
+def _cut_points(gguf_path: Path) -> dict[str, tuple[int, str]]:
+    """Cut offsets inside each part of a GGUF file, with the part the error must name."""
+    reader = gguf.GGUFReader(str(gguf_path))
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    first_tensor_info = reader.tensors[0].field.offset
+    last = max(reader.tensors, key=lambda t: int(t.data_offset))
+    first = min(reader.tensors, key=lambda t: int(t.data_offset))
+    return {
+        "magic": (2, "the GGUF magic number"),
+        "header": (12, "the header"),
+        "metadata": (int(tokens.offset) + 200, "the value of metadata key 'tokenizer.ggml.tokens'"),
+        # past the first tensor's name, inside its dimensions
+        "tensor_info": (int(first_tensor_info) + 8 + len(reader.tensors[0].name) + 6,
+                        f"the info of tensor '{reader.tensors[0].name}'"),
+        "data_start": (int(reader.data_offset) + 8, f"tensor '{first.name}'"),
+        "data_end": (gguf_path.stat().st_size - 1, f"tensor '{last.name}'"),
+    }
+
+
+@pytest.mark.parametrize("part", ["magic", "header", "metadata", "tensor_info", "data_start", "data_end"])
+def test_truncated_gguf_names_file_and_damage(tmp_path: Path, part: str) -> None:
+    intact = _write_tiny_gguf(tmp_path / "intact.gguf", "llama", tied=True)
+    cut, what = _cut_points(intact)[part]
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(intact.read_bytes()[:cut])
+    expected = (re.escape(f"GGUF file {damaged} is truncated: {what} needs bytes up to ") + r"\d+"
+                + re.escape(f" but the file has {cut}") + "$")
+    with pytest.raises(ValueError, match=expected) as error:
+        resolve_gguf(damaged, cache_dir=tmp_path / "cache")
+    needed = int(str(error.value).split("needs bytes up to ")[1].split()[0])
+    assert needed > cut
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
+
+
+def test_truncated_gguf_through_llm(tmp_path: Path) -> None:
+    from allmos import LLM
+
+    intact = _write_tiny_gguf(tmp_path / "intact.gguf", "llama", tied=True)
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(intact.read_bytes()[:-100])
+    expected = f"GGUF file {damaged} is truncated: tensor 'blk.1.ffn_down.weight'"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        LLM(str(damaged))
+
+
+def test_not_a_gguf_file(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"PK\x03\x04" + bytes(64))
+    with pytest.raises(ValueError, match=re.escape(f"{bogus} is not a GGUF file")):
+        resolve_gguf(bogus, cache_dir=tmp_path / "cache")
+
+
+def test_intact_gguf_layout_passes(tmp_path: Path) -> None:
+    gguf_loader.check_gguf_layout(_write_tiny_gguf(tmp_path / "intact.gguf", "qwen2", tied=True))

@@ -56,7 +56,7 @@ def test_n_returns_distinct_completions_sharing_prompt_blocks(llm):
     p = [t for t in prompts(3, seed=5) for t in t][:50]  # 50 tokens: three full blocks of 16
     engine = llm.engine
     rid = engine.add_request(None, p, SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=7, ignore_eos=True))
-    seqs = engine._groups[rid].seqs
+    seqs = engine.core.sequences(rid)
     out = None
     while out is None:
         out = next((o for o in engine.step() if o.request_id == rid), None)
@@ -112,11 +112,11 @@ def test_greedy_logprobs_match_transformers(llm, qwen3_dir):
     ref = torch.log_softmax(logits, dim=-1)
     total = 0.0
     for step, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
-        assert abs(entry[token] - ref[step, token].item()) < 1e-4
+        assert abs(entry[token].logprob - ref[step, token].item()) < 1e-4
         top = torch.topk(ref[step], 3)
         for tid, val in zip(top.indices.tolist(), top.values.tolist()):
-            assert abs(entry[tid] - val) < 1e-4
-        total += entry[token]
+            assert abs(entry[tid].logprob - val) < 1e-4
+        total += entry[token].logprob
     assert abs(completion.cumulative_logprob - total) < 1e-4
 
 

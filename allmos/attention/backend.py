@@ -14,6 +14,7 @@ class AttentionBackend(abc.ABC):
     """Stateless apart from preallocated workspaces; one instance serves every layer."""
 
     name: str = "abstract"
+    accepts_stored_kv: bool = False  # forward takes key = value = None: the caller stored them (fused kernel)
 
     def prepare(self, metadata: AttentionMetadata) -> AttentionMetadata:
         """Add backend-specific fields (split counts, workspaces) once per forward pass, before any

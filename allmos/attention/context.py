@@ -1,4 +1,5 @@
-"""Per-forward state, set by the model runner around a forward pass and read only by attention layers."""
+"""Per-forward state, set by the model runner around a forward pass; read by the attention layers (metadata,
+KV caches, backend) and by the decoder's reference RoPE path (``rope_seq_lens`` for dynamic NTK scaling)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,15 @@
-"""The reference attention backend in plain torch: runs on CPU and CUDA, and is the oracle."""
+"""The reference attention backend in plain torch: runs on CPU and CUDA, and is the oracle.
+
+Decode reads only the cache slots of each sequence's context: ``prepare`` turns the block tables into one
+flat slot index per context token, shared by every layer of the step, so a layer gathers
+``num_seqs * max_seq_len`` rows (never whole padded blocks) and runs one float32 SDPA over them (float32:
+the CPU's bfloat16 SDPA kernel is several times slower than the conversion plus a float32 SDPA).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -10,33 +19,73 @@ from allmos.attention.metadata import AttentionMetadata
 from allmos.attention.torch_ref import paged_attention_ref, store_kv_cache_ref
 
 
+@dataclass
+class TorchAttentionMetadata(AttentionMetadata):
+    """``AttentionMetadata`` plus per-step values this backend derives once and every layer reuses."""
+
+    slots_all_valid: bool = False  # no -1 in slot_mapping: stores need no masking
+    uniform_lengths: bool = False  # every sequence has max_seq_len tokens: decode needs no mask
+    token_slots: torch.Tensor | None = None  # [num_seqs * max_seq_len] int64, built by the first layer
+    context_mask: torch.Tensor | None = None  # [num_seqs, 1, 1, max_seq_len] bool (None: uniform_lengths)
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
+    def prepare(self, metadata: AttentionMetadata) -> TorchAttentionMetadata:
+        values = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(AttentionMetadata)}
+        slots_all_valid = metadata.slot_mapping.device.type == "cpu" and (
+            metadata.slot_mapping.numel() == 0 or int(metadata.slot_mapping.min()) >= 0)
+        lengths = metadata.seq_lens_cpu
+        uniform = lengths is not None and len(lengths) > 0 and min(lengths) == max(lengths)
+        return TorchAttentionMetadata(**values, slots_all_valid=slots_all_valid, uniform_lengths=uniform)
+
     def forward(self, query, key, value, k_cache, v_cache, metadata: AttentionMetadata, scale: float):
-        store_kv_cache_ref(key, value, k_cache, v_cache, metadata.slot_mapping)
+        if isinstance(metadata, TorchAttentionMetadata) and metadata.slots_all_valid:
+            _store_all(key, value, k_cache, v_cache, metadata.slot_mapping)
+        else:
+            store_kv_cache_ref(key, value, k_cache, v_cache, metadata.slot_mapping)
         if metadata.is_decode:
+            if not isinstance(metadata, TorchAttentionMetadata):
+                metadata = self.prepare(metadata)
             return _decode(query, k_cache, v_cache, metadata, scale)
         return paged_attention_ref(query, k_cache, v_cache, metadata.query_start_loc_cpu,
                                    metadata.seq_lens_cpu, metadata.block_tables, scale)
 
 
-def _decode(query, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-    """All sequences at once: gather each one's pages, mask past its length, one GQA SDPA call."""
-    num_seqs, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+def _store_all(key, value, k_cache, v_cache, slot_mapping: torch.Tensor) -> None:
+    """``store_kv_cache_ref`` when every slot is valid: two index copies, no boolean masks."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def _context_slots(metadata: TorchAttentionMetadata, block_size: int) -> None:
+    """Fill ``token_slots`` (cache slot of token t of sequence s at ``s * max_seq_len + t``; tokens past a
+    sequence's length point at a valid slot and are masked) and ``context_mask``."""
     max_len = metadata.max_seq_len
-    num_pages = -(-max_len // block_size)
-    pages = metadata.block_tables[:, :num_pages].long().flatten()  # [num_seqs * num_pages]
-    k = k_cache.index_select(0, pages).view(num_seqs, num_pages * block_size, num_kv_heads, head_dim)
-    v = v_cache.index_select(0, pages).view(num_seqs, num_pages * block_size, num_kv_heads, head_dim)
-    k = k[:, :max_len].transpose(1, 2).to(query.dtype)  # [num_seqs, num_kv_heads, max_len, head_dim]
-    v = v[:, :max_len].transpose(1, 2).to(query.dtype)
-    valid = torch.arange(max_len, device=query.device)[None, :] < metadata.seq_lens[:, None]  # [num_seqs, max_len]
-    q = query.unsqueeze(2)  # [num_seqs, num_heads, 1, head_dim]
-    # GQA inside SDPA (no repeated K/V copies). Slots past a sequence's length are masked; the runner
-    # zero-fills the cache at allocation so they never hold NaN bit patterns (a masked score still meets
-    # its V row in the weighted sum, and 0 * NaN = NaN).
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scale,
+    t = torch.arange(max_len, device=metadata.block_tables.device)  # [max_len]
+    blocks = metadata.block_tables[:, t // block_size].long()  # [num_seqs, max_len]
+    metadata.token_slots = (blocks * block_size + t % block_size).flatten()
+    if not metadata.uniform_lengths:
+        valid = t[None, :] < metadata.seq_lens[:, None]  # [num_seqs, max_len]
+        metadata.context_mask = valid[:, None, None, :]
+
+
+def _decode(query, k_cache, v_cache, metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
+    """All sequences at once: gather each one's context slots, mask past its length, one GQA SDPA call."""
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    if metadata.token_slots is None:
+        _context_slots(metadata, k_cache.shape[1])
+    shape = (num_seqs, metadata.max_seq_len, num_kv_heads, head_dim)
+    # float32 before the transpose: converting the strided view is several times slower
+    k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, metadata.token_slots).float().view(shape)
+    v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, metadata.token_slots).float().view(shape)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # [num_seqs, num_kv_heads, max_len, head_dim]
+    q = query.unsqueeze(2).float()  # [num_seqs, num_heads, 1, head_dim]
+    # GQA inside SDPA (no repeated K/V copies). Masked slots hold finite values (the runner zero-fills the
+    # cache at allocation; later they hold stale K/V): a masked score still meets its V row in the weighted
+    # sum, and 0 * NaN would be NaN.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=metadata.context_mask, scale=scale,
                                          enable_gqa=num_heads != num_kv_heads)
-    return out.squeeze(2)  # [num_seqs, num_heads, head_dim]
+    return out.squeeze(2).to(query.dtype)  # [num_seqs, num_heads, head_dim]

@@ -48,26 +48,27 @@ def paged_attention_ref(
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each sequence's new queries over its whole paged context.
 
-    Computed per sequence with float32 softmax; GQA by repeating KV heads.
+    Computed per sequence in float32, reading only the blocks that hold the sequence's context; GQA
+    inside SDPA (no repeated K/V copies).
     """
     out = torch.empty_like(query)
     num_heads, num_kv_heads = query.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
     for s, seq_len in enumerate(seq_lens):
         start, end = query_start_loc[s], query_start_loc[s + 1]
         q_len = end - start
         if q_len == 0:
             continue
-        k = gather_kv(k_cache, block_tables[s], seq_len).repeat_interleave(group, dim=1)
-        v = gather_kv(v_cache, block_tables[s], seq_len).repeat_interleave(group, dim=1)
-        q = query[start:end]
-        # Query i (absolute position seq_len - q_len + i) sees keys 0 .. seq_len - q_len + i.
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
-        k_pos = torch.arange(seq_len, device=query.device)[None, :]
-        mask = k_pos <= q_pos  # [q_len, seq_len]
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(),
-            attn_mask=mask, scale=scale,
-        )  # [num_heads, q_len, head_dim]
+        k = gather_kv(k_cache, block_tables[s], seq_len).transpose(0, 1).float()  # [num_kv_heads, seq_len, d]
+        v = gather_kv(v_cache, block_tables[s], seq_len).transpose(0, 1).float()
+        q = query[start:end].transpose(0, 1).float()  # [num_heads, q_len, head_dim]
+        if q_len == seq_len:  # no cached context: the plain causal mask
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                               enable_gqa=num_heads != num_kv_heads)
+        else:
+            # Query i (absolute position seq_len - q_len + i) sees keys 0 .. seq_len - q_len + i.
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
+            k_pos = torch.arange(seq_len, device=query.device)[None, :]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos, scale=scale,
+                                               enable_gqa=num_heads != num_kv_heads)  # [num_heads, q_len, d]
         out[start:end] = o.transpose(0, 1).to(query.dtype)
     return out

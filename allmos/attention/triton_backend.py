@@ -11,24 +11,32 @@ from allmos.attention.metadata import AttentionMetadata
 from allmos.kernels.decode_attention import DecodeWorkspace, choose_num_splits, paged_decode_attention
 from allmos.kernels.prefill_attention import paged_prefill_attention
 from allmos.kernels.store_kv import store_kv_cache
+from allmos.models.model_config import ModelConfig
 
 
 class TritonAttentionBackend(AttentionBackend):
     """Store K/V, then paged prefill (varlen, causal with offset) or paged decode (GQA-grouped, split-KV).
 
     Decode split counts depend only on the batch size and ``max_model_len`` (host-known), so a captured
-    CUDA graph stays valid whatever the sequences' current lengths.
+    CUDA graph stays valid whatever the sequences' current lengths. ``fold_split_merge`` (set with the
+    decode kernels, before capture) merges split decode inside the attention launch instead of a second one.
     """
 
     name = "triton"
+    accepts_stored_kv = True  # the decoder's fused q/k-norm + RoPE + K/V store kernel stores them
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, max_num_seqs: int, max_model_len: int,
+    def __init__(self, model_config: ModelConfig, tp_size: int, max_num_seqs: int, max_model_len: int,
                  device: torch.device) -> None:
-        self.num_kv_heads = num_kv_heads
+        """Workspaces for ``max_num_seqs`` decode rows of this rank's heads (``tp_size`` ranks in all)."""
+        num_heads = model_config.num_heads_per_rank(tp_size)
+        self.num_kv_heads = model_config.num_kv_heads_per_rank(tp_size)
         self.max_model_len = max_model_len
-        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-        max_splits = choose_num_splits(1, num_kv_heads, max_model_len, self.num_sms)
-        self.workspace = DecodeWorkspace.allocate(max_num_seqs, num_heads, head_dim, max_splits, device)
+        # the CPU (Triton interpreter, tests) gets an H100's count
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        max_splits = choose_num_splits(1, self.num_kv_heads, max_model_len, self.num_sms)
+        self.workspace = DecodeWorkspace.allocate(max_num_seqs, num_heads, model_config.head_dim, max_splits, device,
+                                                  num_kv_heads=self.num_kv_heads)
+        self.fold_split_merge = False
 
     def splits_for(self, num_seqs: int) -> int:
         """Split count for a decode batch; small batches are rounded up to a power of two (the CUDA-graph
@@ -42,10 +50,12 @@ class TritonAttentionBackend(AttentionBackend):
         return dataclasses.replace(metadata, num_splits=self.splits_for(metadata.num_seqs))
 
     def forward(self, query, key, value, k_cache, v_cache, metadata: AttentionMetadata, scale: float):
-        store_kv_cache(key, value, k_cache, v_cache, metadata.slot_mapping)
+        if key is not None:  # None: already stored by the caller (accepts_stored_kv)
+            store_kv_cache(key, value, k_cache, v_cache, metadata.slot_mapping)
         if metadata.is_decode:
             return paged_decode_attention(query, k_cache, v_cache, metadata.seq_lens, metadata.block_tables, scale,
-                                          num_splits=metadata.num_splits, workspace=self.workspace)
+                                          num_splits=metadata.num_splits, workspace=self.workspace,
+                                          fold_merge=self.fold_split_merge)
         return paged_prefill_attention(query, k_cache, v_cache, metadata.query_start_loc, metadata.seq_lens,
                                        metadata.block_tables, scale, metadata.max_query_len)
 

@@ -6,9 +6,18 @@ and pads rows ``n..bs`` as no-ops (slot -1: nothing stored; seq_len 0: attention
 attention backend's decode launch depends only on ``bs`` (never on sequence lengths), so a graph stays
 valid for every later step of that size. With ``capture=False`` (``enforce_eager``) the same padded
 forward runs eagerly, so eager and captured decode compute exactly the same thing.
+
+With ``ALLMOS_DECODE_KERNELS=1`` the decode kernels are switched on before capturing
+(``enable_decode_kernels``): small-batch Triton GEMVs chosen per captured size from timings on this device,
+the fused q/k-norm + RoPE + K/V store, and split decode attention that merges its splits in the same launch.
+They are off by default: on an H200 they cut the kernels per step (348 -> 208 at batch 1) but not the GPU
+time (1.23 -> 1.43 ms at batch 1; docs/benchmarks.md), so cuBLAS and the separate kernels stay the path.
 """
 
 from __future__ import annotations
+
+import logging
+import os
 
 import torch
 
@@ -16,7 +25,38 @@ from allmos.attention.backend import AttentionBackend
 from allmos.attention.context import ForwardContext, forward_context
 from allmos.attention.metadata import AttentionMetadata
 
+logger = logging.getLogger("allmos")
+
 MAX_CAPTURE_SIZE = 512
+DECODE_KERNELS_ENV = "ALLMOS_DECODE_KERNELS"
+
+
+def decode_kernels_enabled() -> bool:
+    """Off unless the environment sets ``ALLMOS_DECODE_KERNELS=1`` (an experimental path; see the module)."""
+    value = os.environ.get(DECODE_KERNELS_ENV, "0").strip().lower()
+    if value not in ("0", "1", "false", "true", "off", "on"):
+        raise ValueError(f"{DECODE_KERNELS_ENV} must be 0 or 1, got {value!r}")
+    return value in ("1", "true", "on")
+
+
+def enable_decode_kernels(model: torch.nn.Module, backend: AttentionBackend, sizes: list[int],
+                          device: torch.device) -> None:
+    """Time and choose each projection's small-batch kernel at ``sizes`` and switch the model over, and let
+    the backend fold its split-decode merge into the attention launch; a model without ``gemv_sites`` (or
+    an install without Triton) keeps its path."""
+    from allmos.kernels import gemv
+
+    if hasattr(backend, "fold_split_merge"):
+        backend.fold_split_merge = True
+    if gemv is None or not hasattr(model, "gemv_sites"):
+        return
+    from allmos.kernels.gemv_tuning import tune_gemv, tuning_sizes
+
+    timed = tuning_sizes(sizes)
+    tables = {role: tune_gemv(sig, timed, device) for role, (sig, _) in model.gemv_sites().items()}
+    for role, table in tables.items():
+        logger.info("decode GEMV %s: %s", role, table.describe())
+    model.use_decode_kernels(tables)
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -45,6 +85,8 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         self.max_seq_len = max_blocks_per_seq * kv_caches[0][0].shape[1]
         self.capture = capture
+        if decode_kernels_enabled():
+            enable_decode_kernels(model, backend, self.sizes, device)
         if capture:
             self._capture_all()
 

@@ -1,24 +1,23 @@
-"""``LLM``: the offline API of API.md (generate, chat, stream) over an ``LLMEngine``."""
+"""``LLM``: the offline API of docs/api.md (generate, chat, stream) over an ``LLMEngine``."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from allmos.config import EngineConfig
 from allmos.engine.llm_engine import LLMEngine
+from allmos.inputs import ParsedPrompt, PromptType, parse_prompt, parse_prompts, parse_token_id_prompts
 from allmos.outputs import RequestOutput
 from allmos.sampling_params import SamplingParams
 
-PromptType = str | list[int]
-
 
 class LLM:
-    """Offline inference: ``LLM(model=None, **config)``; see API.md for the keys."""
+    """Offline inference: ``LLM(model=None, **config)``; docs/api.md lists the keys."""
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         _default_logging()
@@ -38,6 +37,11 @@ class LLM:
             pass
 
     @property
+    def llm_engine(self) -> LLMEngine:
+        """The engine (vLLM's name; the same object as ``engine``)."""
+        return self.engine
+
+    @property
     def tokenizer(self):
         return self.engine.tokenizer
 
@@ -45,27 +49,44 @@ class LLM:
         return self.engine.tokenizer
 
     # ------------------------------------------------------------------ generate
-    def generate(self, prompts: PromptType | Sequence[PromptType],
+    def generate(self, prompts: PromptType | Sequence[PromptType] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in input order."""
-        prompt_list = _normalize_prompts(prompts)
+                 use_tqdm: bool = True, *, prompt_token_ids: list[int] | list[list[int]] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order.
+
+        ``prompts``: a text, a list of token ids, ``{"prompt": text}``, ``{"prompt_token_ids": ids}``, or a
+        list of any of these. ``prompt_token_ids`` (vLLM's older keyword) instead: one list of token ids or
+        a list of them. Anything else raises ``ValueError``."""
+        prompt_list = _generate_prompts(prompts, prompt_token_ids)
         params = self._normalize_params(sampling_params, len(prompt_list))
         ids = self._add_all(prompt_list, params)
         return self._run(ids, use_tqdm)
+
+    def abort(self, request_id: str | Iterable[str]) -> list[RequestOutput]:
+        """Abort one request or several (ids as ``add_request`` / ``RequestOutput.request_id`` give them).
+
+        As in vLLM, ids that are unknown or already finished are ignored. Returns the final outputs
+        (``finish_reason="abort"``) of the requests that were actually aborted; the engine's next ``step``
+        delivers them too, so a ``stream`` of an aborted request ends with that output."""
+        return self.engine.abort_request(request_id)
 
     def _normalize_params(self, sampling_params, num_prompts: int) -> list[SamplingParams]:
         if sampling_params is None:
             return [self.engine.default_sampling_params()] * num_prompts
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * num_prompts
+        if not isinstance(sampling_params, (list, tuple)) or not all(
+                isinstance(p, SamplingParams) for p in sampling_params):
+            raise ValueError("sampling_params must be a SamplingParams or a list of them, got "
+                             f"{type(sampling_params).__name__}")
         params = list(sampling_params)
         if len(params) != num_prompts:
             raise ValueError(f"got {len(params)} SamplingParams for {num_prompts} prompts; "
                              "give one for all or one per prompt")
         return params
 
-    def _add_all(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[str]:
+    def _add_all(self, prompts: list[ParsedPrompt], params: list[SamplingParams]) -> list[str]:
         """Queue every prompt, or none: a bad prompt removes the ones already queued and re-raises."""
         ids: list[str] = []
         try:
@@ -118,23 +139,17 @@ class LLM:
     def apply_chat_template(self, conversation: list[dict], *, chat_template: str | None = None,
                             add_generation_prompt: bool = True, **kwargs: Any) -> str:
         """The prompt text for one conversation."""
-        tokenizer = self.engine.tokenizer
-        if tokenizer is None:
-            raise ValueError("this model has no tokenizer, so chat() cannot apply a chat template")
-        if chat_template is None and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template; pass chat_template='...' (a Jinja template) "
-                             "or use generate() with a plain prompt")
-        for message in conversation:
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise ValueError(f"each chat message must be a dict with 'role' and 'content', got {message!r}")
-        return tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.engine.input_processor.apply_chat_template(
+            conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt, **kwargs)
 
     # ------------------------------------------------------------------ stream
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[dict]:
         """Yield ``{"text": delta, "token_ids": new_ids, "finished": bool, "output": RequestOutput}``
-        as tokens arrive (single sequence, ``outputs[0]``). The deltas concatenate to the final text."""
-        request_id = self.engine.add_request(None, prompt, sampling_params, stream=True)
+        as tokens arrive (single sequence, ``outputs[0]``). The deltas concatenate to the final text.
+
+        ``prompt`` is one prompt in any form ``generate`` accepts for one prompt; several prompts raise
+        ``ValueError`` (call ``stream`` once per prompt, or use ``generate``)."""
+        request_id = self.engine.add_request(None, _one_prompt(prompt), sampling_params, stream=True)
         sent_text, sent_tokens = "", 0
         try:
             while True:
@@ -163,16 +178,22 @@ def _default_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
-def _normalize_prompts(prompts) -> list[PromptType]:
-    if isinstance(prompts, str):
-        return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]  # one tokenized prompt
-    for p in prompts:
-        if not isinstance(p, (str, list, tuple)):
-            raise ValueError(f"each prompt must be a str or a list of token ids, got {type(p).__name__}")
-    return [p if isinstance(p, str) else list(p) for p in prompts]
+def _generate_prompts(prompts, prompt_token_ids) -> list[ParsedPrompt]:
+    if prompt_token_ids is not None:
+        if prompts is not None:
+            raise ValueError("give prompts or prompt_token_ids, not both")
+        return parse_token_id_prompts(prompt_token_ids)
+    if prompts is None:
+        raise ValueError("generate() needs prompts (or prompt_token_ids)")
+    return parse_prompts(prompts)
+
+
+def _one_prompt(prompt) -> ParsedPrompt:
+    """``stream``'s single prompt; a list of prompts (texts, dicts, token lists) is refused."""
+    if isinstance(prompt, (list, tuple)) and any(isinstance(p, (str, dict, list, tuple)) for p in prompt):
+        raise ValueError(f"stream() takes one prompt, got a list of {len(prompt)} prompts; call stream() once "
+                         "per prompt, or use generate()")
+    return parse_prompt(prompt)
 
 
 __all__ = ["LLM", "EngineConfig"]

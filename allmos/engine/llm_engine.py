@@ -1,33 +1,36 @@
-"""The engine loop: admission and validation, one scheduler + runner step, stop checks, outputs.
+"""``LLMEngine``: input processing, the engine core and output processing, composed.
 
-Usable online: ``add_request`` / ``step`` / ``abort`` / ``has_unfinished`` (a server drives this loop).
+    prompt, SamplingParams --InputProcessor--> EngineCoreRequest --EngineCore.step--> CoreOutput
+        --OutputProcessor--> RequestOutput   (stop strings flow back: OutputProcessor -> core aborts)
+
+Usable online: ``add_request`` / ``step`` / ``abort`` / ``has_unfinished`` (``LLM``, ``LLM.stream`` and the
+CLI drive this loop). Each part's contract is in its module's docstring.
 """
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import logging
-import random
-import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
 from allmos.config import EngineConfig
-from allmos.engine.batch import ScheduledBatch
-from allmos.engine.detokenizer import IncrementalDetokenizer
-from allmos.engine.model_runner import LocalModelRunner, ModelRunner
-from allmos.engine.request import PENDING_TOKEN, Request, RequestStatus
-from allmos.engine.scheduler import ContinuousBatchingScheduler, SchedulerConfig
+from allmos.engine.core import EngineCore, kv_cache_summary, make_runner
+from allmos.engine.core_types import CoreOutput, EngineCoreStats
+from allmos.engine.input_processor import InputProcessor, eos_token_ids, load_tokenizer
+from allmos.engine.output_processor import OutputProcessor
 from allmos.engine.warmup import warm_up
-from allmos.memory.block_manager import BlockManager
-from allmos.models.decoder import effective_max_model_len
+from allmos.inputs import ParsedPrompt, PromptType
 from allmos.models.resolve import ModelSource, load_model_source
-from allmos.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from allmos.outputs import RequestOutput
 from allmos.sampling_params import SamplingParams
 from allmos.utils.heap import freeze_startup_heap
 
 logger = logging.getLogger("allmos")
+
+__all__ = ["LLMEngine", "RuntimeInfo", "kv_cache_summary"]
 
 
 @dataclass(frozen=True)
@@ -42,393 +45,123 @@ class RuntimeInfo:
     dtype: torch.dtype
 
 
-@dataclass(frozen=True)
-class SchedulerStats:
-    """A snapshot of the scheduler and KV cache (for a server's metrics)."""
-
-    num_running_reqs: int
-    num_waiting_reqs: int
-    num_free_blocks: int
-    num_kv_blocks: int
-    num_preemptions: int
-    num_generated_tokens: int
-
-    @property
-    def kv_cache_usage(self) -> float:
-        """Fraction of KV blocks held by requests (cached but unreferenced blocks count as free)."""
-        return 1.0 - self.num_free_blocks / self.num_kv_blocks
-
-
-@dataclass
-class _Group:
-    """A user request: one prompt, ``n`` sequences."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Request]
-    detokenizers: list[IncrementalDetokenizer | None]
-    arrival_time: float
-    stream: bool = False  # report every step (not only the final output)
-    detokenize: bool = True  # False: no text at all (a server front end detokenizes)
-    delta: bool = False  # outputs carry only the tokens (and logprobs) new since the group's last output
-    num_sent: list[tuple[int, int]] = field(default_factory=list)  # per sequence: (tokens, chars) reported
-
-    @property
-    def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.seqs)
-
-
 class LLMEngine:
-    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
+    def __init__(self, config: EngineConfig, runner=None) -> None:
         self.config = config
         self.source: ModelSource = load_model_source(config.model)
-        self.tokenizer = self._load_tokenizer()
+        self.tokenizer = load_tokenizer(config, self.source)
         device = config.resolved_device()
-        hf_config = self.source.hf_config
-        dtype = config.resolved_dtype(self.source.checkpoint_dtype, device)
-        self.runner = runner or self._make_runner(device, dtype)
-        self.info = RuntimeInfo(
-            max_model_len=effective_max_model_len(config.max_model_len, hf_config),
-            vocab_size=hf_config.vocab_size,
-            eos_token_ids=frozenset(self._eos_ids()),
-            num_kv_blocks=self.runner.num_kv_blocks,
-            device=device, dtype=dtype,
-        )
-        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.kvcache_block_size,
-                                          config.enable_prefix_caching)
-        self.scheduler = ContinuousBatchingScheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.info.max_model_len),
-            self.block_manager)
-        self._groups: dict[str, _Group] = {}
-        self._pending_outputs: list[RequestOutput] = []
-        self._in_flight = None  # (PendingStep, reserved token slots) of the last launched step
-        self._penalized: set[str] = set()  # requests whose sampling needs their real output tokens
-        self._deferred: dict[str, list[Request]] = {}  # n > 1 siblings waiting for the shared prompt
-        self._rng = random.Random(config.seed)
-        self._ids = itertools.count()
-        self.num_generated_tokens = 0
-        logger.info("KV cache: %d blocks of %d tokens, room for %d sequences of max_model_len=%d; %s %s",
-                    self.info.num_kv_blocks, config.kvcache_block_size,
-                    self.info.num_kv_blocks * config.kvcache_block_size // self.info.max_model_len,
-                    self.info.max_model_len, device, dtype)
+        model_config = self.source.model_config
+        fmt = config.resolved_weight_format(self.source.checkpoint_dtype, device)
+        dtype = fmt.dtype
+        logger.info("weights: dtype %s, quantization %s (%s)", dtype, fmt.quantization, fmt.reason)
+        runner_config = dataclasses.replace(config, quantization=fmt.quantization)  # the resolved format
+        runner = runner or make_runner(runner_config, self.source, device, dtype)
+        max_model_len = model_config.effective_max_model_len(config.max_model_len)
+        eos = eos_token_ids(self.source, self.tokenizer)
+        self.info = RuntimeInfo(max_model_len, model_config.vocab_size, eos, runner.num_kv_blocks, device, dtype)
+        self.input_processor = InputProcessor(config, self.source, self.tokenizer, max_model_len,
+                                              model_config.vocab_size)
+        self.core = EngineCore(config, runner, max_model_len, eos)
+        self.output_processor = OutputProcessor(self.tokenizer, eos)
+        self._pending_outputs: list[RequestOutput] = []  # abort outputs the next step delivers
+        logger.info(kv_cache_summary(runner.num_kv_blocks, config.kvcache_block_size, max_model_len)
+                    + f"; {device} {dtype}")
         if device.type == "cuda":  # Triton compiles kernel variants on first use: do it now, not mid-request
             warm_up(self)
         freeze_startup_heap()
 
-    # ------------------------------------------------------------------ set-up
-    def _make_runner(self, device: torch.device, dtype: torch.dtype) -> ModelRunner:
-        if self.config.tensor_parallel_size > 1:
-            from allmos.engine.tp_runner import MultiprocessRunner
-            return MultiprocessRunner(self.config, self.source, device, dtype)
-        return LocalModelRunner(self.config, self.source.hf_config, self.source.folder, device, dtype)
+    # ------------------------------------------------------------------ the parts, for inspection
+    @property
+    def runner(self):
+        return self.core.runner
 
-    def _load_tokenizer(self):
-        if not self.source.has_tokenizer:
-            return None
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(self.config.tokenizer or self.source.folder, trust_remote_code=False)
+    @property
+    def scheduler(self):
+        return self.core.scheduler
 
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for value in (self.source.generation_config.get("eos_token_id"),
-                      getattr(self.source.hf_config, "eos_token_id", None)):
-            ids.update(_as_list(value))
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
+    @property
+    def block_manager(self):
+        return self.core.block_manager
 
-    def default_sampling_params(self) -> SamplingParams:
-        """SamplingParams() with the model's generation_config.json defaults applied (as vLLM does)."""
-        gen = self.source.generation_config
-        keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # same names in both
-        kwargs = {key: gen[key] for key in keys if gen.get(key) is not None}
-        if gen.get("do_sample") is False:
-            kwargs["temperature"] = 0.0
-        if gen.get("max_new_tokens"):
-            kwargs["max_tokens"] = int(gen["max_new_tokens"])
-        return SamplingParams(**kwargs)
+    @property
+    def num_generated_tokens(self) -> int:
+        return self.core.num_generated_tokens
+
+    @num_generated_tokens.setter
+    def num_generated_tokens(self, value: int) -> None:
+        self.core.num_generated_tokens = value
 
     # ------------------------------------------------------------------ requests
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer (e.g. load_format='dummy' from a bare config.json): "
-                                 "pass prompts as lists of token ids")
-            # a chat template already carries its special tokens; a plain prompt gets the usual BOS
-            templated = bool(self.tokenizer.bos_token) and prompt.startswith(self.tokenizer.bos_token)
-            return self.tokenizer.encode(prompt, add_special_tokens=not templated)
-        return list(prompt)
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config.json defaults applied (as vLLM does)."""
+        return self.input_processor.default_sampling_params()
 
-    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
-                    *, stream: bool = False, arrival_time: float | None = None, detokenize: bool = True,
-                    delta: bool = False) -> str:
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        return self.input_processor.tokenize(prompt)
+
+    def add_request(self, request_id: str | None, prompt: PromptType | ParsedPrompt,
+                    params: SamplingParams | None = None, *, stream: bool = False,
+                    arrival_time: float | None = None, detokenize: bool = True, delta: bool = False) -> str:
         """Validate and queue a request; raises ValueError (and queues nothing) on bad input.
 
-        ``detokenize=False``: outputs carry token ids only (``text`` stays empty; stop strings are then
-        not allowed). ``delta=True``: each output carries only the tokens and logprobs new since the
-        request's previous output (vLLM's ``RequestOutputKind.DELTA``)."""
-        params = params or self.default_sampling_params()
-        if params.stop and not detokenize:
-            raise ValueError("SamplingParams.stop needs detokenize=True (stop strings are matched on text)")
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        if request_id in self._groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        token_ids = self.tokenize(prompt)
-        self._validate_prompt(token_ids, params)
-        arrival = arrival_time or time.time()
-        seqs = [self._make_seq(request_id, i, token_ids, params, arrival) for i in range(params.n)]
-        self.scheduler.check_fits(seqs[0])
-        self.scheduler.add(seqs[0])
-        if len(seqs) > 1:
-            # siblings wait until the first one's prompt is in the KV cache, then share its full blocks
-            self._deferred[request_id] = seqs[1:]
-        needs_stream_text = (stream or bool(params.stop)) and detokenize
-        self._groups[request_id] = _Group(
-            request_id, prompt if isinstance(prompt, str) else None, token_ids, params, seqs,
-            [self._detokenizer(token_ids, params) if needs_stream_text else None for _ in seqs], arrival, stream,
-            detokenize, delta, [(0, 0)] * len(seqs))
-        if params.has_penalties:
-            self._penalized.add(request_id)
-        return request_id
-
-    def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
-        if not token_ids:
-            raise ValueError("The prompt is empty: give at least one token")
-        max_len = self.info.max_model_len
-        if len(token_ids) >= max_len:
-            raise ValueError(f"This model's maximum context length is {max_len} tokens. However, your request has "
-                             f"{len(token_ids)} input tokens, which leaves no room for output. Please reduce "
-                             "the length of the prompt (or raise max_model_len).")
-        bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < self.info.vocab_size)]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.info.vocab_size})")
-        params.validate_for_vocab(self.info.vocab_size)
-
-    def _make_seq(self, request_id: str, index: int, token_ids: list[int], params: SamplingParams,
-                  arrival: float) -> Request:
-        seq_id = request_id if params.n == 1 else f"{request_id}#{index}"
-        seed = self._rng.getrandbits(63) if params.seed is None else (params.seed + 0x9E3779B97F4A7C15 * index) % 2**63
-        seq = Request(seq_id, token_ids, params, seed, arrival, group_id=request_id, index=index)
-        if params.min_tokens > 0:
-            seq.banned_token_ids = tuple(sorted(set(params.stop_token_ids) | (
-                set() if params.ignore_eos else set(self.info.eos_token_ids))))
-        return seq
-
-    def _detokenizer(self, token_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
-        if self.tokenizer is None:
-            return None
-        return IncrementalDetokenizer(self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens,
-                                      stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
+        ``prompt``: a text, a list of token ids, ``{"prompt": text}`` or ``{"prompt_token_ids": ids}``.
+        ``stream``: an output every step (cumulative); ``delta``: an output every step with only what is new;
+        ``detokenize=False``: no text in the outputs."""
+        request, text = self.input_processor.process(request_id, prompt, params, arrival_time)
+        self.core.add_request(request)
+        self.output_processor.add_request(request, text, stream=stream, delta=delta, detokenize=detokenize)
+        return request.request_id
 
     def abort(self, request_id: str, *, emit_output: bool = True) -> RequestOutput | None:
         """Stop a request now and free its blocks; its final output (``finish_reason='abort'``) is returned
-        and, with ``emit_output``, also delivered by the next ``step``."""
-        group = self._remove(request_id)
-        if group is None:
-            return None
-        for seq in group.seqs:
-            if seq.finish_reason is None:
-                seq.drop_pending_tail()
-                self.scheduler.finish(seq, "abort")
-        out = self._make_output(group)
-        if emit_output:
+        and, with ``emit_output``, also delivered by the next ``step``. An unknown or already finished id
+        changes nothing and returns None."""
+        core_outputs = self.core.abort_requests([request_id])
+        out = self.output_processor.abort(request_id, core_outputs)
+        if out is not None and emit_output:
             self._pending_outputs.append(out)
         return out
 
+    def abort_request(self, request_id: str | Iterable[str]) -> list[RequestOutput]:
+        """vLLM's name: abort one request id or an iterable of them. Unknown or already finished ids are
+        ignored (as in vLLM); returns the final outputs of the requests actually aborted, which the next
+        ``step`` also delivers."""
+        ids = [request_id] if isinstance(request_id, str) else request_id
+        if not isinstance(ids, Iterable):
+            raise ValueError(f"request_id must be a str or an iterable of str, got {type(request_id).__name__}")
+        ids = list(ids)
+        bad = [i for i in ids if not isinstance(i, str)]
+        if bad:
+            raise ValueError(f"request ids are strings, got {type(bad[0]).__name__} {bad[0]!r}")
+        return [out for out in map(self.abort, ids) if out is not None]
+
     def has_unfinished(self) -> bool:
-        return bool(self._groups) or bool(self._pending_outputs) or self._in_flight is not None
+        return self.output_processor.has_unfinished() or bool(self._pending_outputs) or self.core.has_unfinished()
 
-    def get_stats(self) -> SchedulerStats:
-        scheduler, blocks = self.scheduler, self.block_manager
-        waiting = len(scheduler.waiting) + sum(len(seqs) for seqs in self._deferred.values())
-        return SchedulerStats(len(scheduler.running), waiting, blocks.num_free_blocks, blocks.num_blocks,
-                              scheduler.num_preemptions, self.num_generated_tokens)
+    def get_stats(self) -> EngineCoreStats:
+        return self.core.get_stats()
 
-    def num_cached_tokens(self, request_id: str) -> int | None:
-        """Prompt tokens of ``request_id`` found in the prefix cache at its first scheduling; None while it
-        has not been scheduled yet (or is unknown)."""
-        group = self._groups.get(request_id)
-        if group is None or group.seqs[0].num_cached_tokens < 0:
-            return None
-        return group.seqs[0].num_cached_tokens
+    def num_cached_tokens(self, request_id: str) -> int:
+        return self.core.num_cached_tokens(request_id)
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
-        """Launch one forward pass, then read back the previous one; returns an output for every request
-        that finished, and for every streaming request that advanced, in the step read back.
-
-        Overlap: tokens sampled in step N stay on the device and feed step N+1 directly; the host appends
-        ``PENDING_TOKEN`` for them, schedules and launches N+1, and only then waits for N's tokens (stop
-        checks, detokenization). A request that stopped at N wastes its slot in N+1, which is dropped.
-        Requests with penalties need their real output tokens, so their presence makes a step synchronous.
-        """
+        """One core step (launch one forward pass, read back the previous one, see ``allmos.engine.core``);
+        returns an output for every request that finished, and for every streaming request that advanced,
+        in the step read back."""
         outputs, self._pending_outputs = self._pending_outputs, []
-        self._release_deferred()
-        if self._in_flight is not None and self._needs_sync():
-            outputs += self._read_back(self._in_flight)
-            self._in_flight = None
-        batch = self.scheduler.schedule()
-        launched = None
-        if not batch.is_empty:
-            pending = self.runner.execute(batch)
-            self.scheduler.on_step_done(batch)
-            launched = (pending, self._append_pending(batch))
-        if self._in_flight is not None:
-            outputs += self._read_back(self._in_flight)
-        self._in_flight = launched
+        outputs += self._process(self.core.read_back_if_sync())  # stop strings end sequences before scheduling
+        outputs += self._process(self.core.step())
         return outputs
 
-    def _release_deferred(self) -> None:
-        """Queue the n > 1 siblings whose first sequence has computed its prompt (they then start from
-        its cached prompt blocks instead of computing the prompt again)."""
-        for request_id in list(self._deferred):
-            first = self._groups[request_id].seqs[0]
-            if first.finish_reason is not None or first.num_computed_tokens >= first.num_prompt_tokens - 1:
-                for seq in self._deferred.pop(request_id):
-                    self.scheduler.add(seq)
-
-    def _needs_sync(self) -> bool:
-        return bool(self._penalized)
-
-    def _append_pending(self, batch: ScheduledBatch) -> list[tuple[Request, int]]:
-        """Reserve each sampled token's slot; requests that reached their length limit leave the scheduler
-        now (their last token is still read back and reported)."""
-        slots = []
-        for seq_info in batch.sampled_seqs:
-            seq = self.scheduler.requests.get(seq_info.request_id)
-            if seq is None:
-                continue
-            slots.append((seq, seq.append_token(PENDING_TOKEN)))
-            if self._hit_length_limit(seq):
-                self.scheduler.finish(seq, None)  # no more compute; the reason is set once read back
-        return slots
-
-    def _hit_length_limit(self, seq: Request) -> bool:
-        max_tokens = seq.params.max_tokens
-        return (max_tokens is not None and seq.num_output_tokens >= max_tokens) or \
-            seq.num_tokens >= self.info.max_model_len
-
-    def _read_back(self, in_flight) -> list[RequestOutput]:
-        pending, slots = in_flight
-        result = pending.result()
-        touched: dict[str, _Group] = {}
-        now = time.time()
-        for row, (seq, index) in enumerate(slots):
-            group = self._groups.get(seq.group_id)
-            if group is None or seq.finish_reason is not None:
-                continue  # aborted, or stopped in an earlier step: this token is dropped
-            token = result.token_ids[row]
-            seq.token_ids[index] = token
-            self.num_generated_tokens += 1
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            if result.logprobs is not None and group.params.logprobs is not None:
-                entries = result.logprobs[row]
-                seq.cumulative_logprob += entries[0][1]
-                seq.output_logprobs.append(dict(entries))
-            self._check_stop(group, seq, token)
-            touched[group.request_id] = group
-        outputs = []
-        for group in touched.values():
-            finished = group.finished
-            if finished or group.stream:
-                outputs.append(self._make_output(group))
-            if finished:
-                self._remove(group.request_id)
+    def _process(self, core_outputs: list[CoreOutput]) -> list[RequestOutput]:
+        if not core_outputs:
+            return []
+        outputs, to_abort = self.output_processor.process(core_outputs)
+        if to_abort:
+            self.core.abort_sequences(to_abort)
         return outputs
-
-    def _remove(self, request_id: str) -> _Group | None:
-        self._penalized.discard(request_id)
-        self._deferred.pop(request_id, None)
-        return self._groups.pop(request_id, None)
-
-    def _check_stop(self, group: _Group, seq: Request, token: int) -> None:
-        """Decide whether ``token`` (just read back) ends ``seq``; vLLM's order: EOS / stop ids, stop
-        strings, then length. Below ``min_tokens`` only the length can end it (stop ids and EOS are also
-        banned in the sampler; a stop string must end after the ``min_tokens``-th token)."""
-        params = group.params
-        detok = group.detokenizers[seq.index]
-        produced = self._num_known_outputs(seq)
-        update = detok.update([token], check_stops=produced > params.min_tokens) if detok is not None else None
-        stop_string = update.stop_string if update is not None else None
-        reason, stop_reason = None, None
-        if produced >= params.min_tokens:
-            if token in params.stop_token_ids:
-                reason, stop_reason = "stop", token
-            elif not params.ignore_eos and token in self.info.eos_token_ids:
-                reason = "stop"
-        if reason is None and stop_string is not None:
-            reason, stop_reason = "stop", stop_string
-        if reason is None and seq.status is RequestStatus.FINISHED and not seq.has_pending_token:
-            reason = "length"  # left the scheduler when its last slot was reserved
-        if reason is None:
-            return
-        seq.drop_pending_tail()
-        seq.stop_reason = stop_reason
-        if detok is not None:
-            detok.finish()
-        self.scheduler.finish(seq, reason)
-
-    @staticmethod
-    def _num_known_outputs(seq: Request) -> int:
-        """Output tokens up to the one just read back (a later slot may still be pending)."""
-        return seq.num_output_tokens - int(seq.has_pending_token)
-
-    # ------------------------------------------------------------------ outputs
-    def _make_output(self, group: _Group) -> RequestOutput:
-        completions = [self._completion(group, i, seq) for i, seq in enumerate(group.seqs)]
-        first = [s.first_token_time for s in group.seqs if s.first_token_time is not None]
-        finished = group.finished
-        metrics = RequestMetrics(group.arrival_time, min(first) if first else None,
-                                 time.time() if finished else None)
-        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions, finished,
-                             max(0, group.seqs[0].num_cached_tokens), metrics)
-
-    def _completion(self, group: _Group, index: int, seq: Request) -> CompletionOutput:
-        if group.delta:
-            return self._delta_completion(group, index, seq)
-        detok = group.detokenizers[index]
-        if detok is not None:
-            text = detok.output_text
-        elif self.tokenizer is not None and seq.finish_reason is not None and group.detokenize:
-            text = self.tokenizer.decode(_strip_eos(seq, self.info.eos_token_ids),
-                                         skip_special_tokens=group.params.skip_special_tokens)
-        else:
-            text = ""
-        return CompletionOutput(index=index, text=text, token_ids=list(seq.output_token_ids),
-                               cumulative_logprob=seq.cumulative_logprob if group.params.logprobs is not None else None,
-                               logprobs=list(seq.output_logprobs) if group.params.logprobs is not None else None,
-                               finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
-
-    def _delta_completion(self, group: _Group, index: int, seq: Request) -> CompletionOutput:
-        """The tokens read back since the sequence's previous output (never the pending slot)."""
-        detok = group.detokenizers[index]
-        text = detok.output_text if detok is not None else ""
-        known = seq.num_output_tokens - int(seq.has_pending_token)
-        (start, text_start), group.num_sent[index] = group.num_sent[index], (known, len(text))
-        first = seq.num_prompt_tokens
-        wants_logprobs = group.params.logprobs is not None
-        return CompletionOutput(index=index, text=text[text_start:],
-                                token_ids=seq.token_ids[first + start:first + known],
-                                cumulative_logprob=seq.cumulative_logprob if wants_logprobs else None,
-                                logprobs=seq.output_logprobs[start:known] if wants_logprobs else None,
-                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
 
     def shutdown(self) -> None:
-        self.runner.shutdown()
-
-
-def _strip_eos(seq: Request, eos_ids: frozenset[int]) -> list[int]:
-    ids = seq.output_token_ids
-    if seq.finish_reason == "stop" and seq.stop_reason is None and ids and ids[-1] in eos_ids:
-        return ids[:-1]
-    return ids
-
-
-def _as_list(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-
+        self.core.shutdown()

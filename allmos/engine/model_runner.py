@@ -10,7 +10,7 @@ import abc
 import gc
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,42 +23,67 @@ from allmos.attention.metadata import AttentionMetadata
 from allmos.attention.torch_backend import TorchAttentionBackend
 from allmos.config import EngineConfig
 from allmos.engine.batch import ScheduledBatch
+from allmos.engine.core_types import LogprobEntries, PromptLogprobsResult
+from allmos.engine.cpu_compile import CompiledForward, compile_unsupported_reason
 from allmos.engine.cuda_graphs import DecodeGraphs
-from allmos.engine.request import PENDING_TOKEN
-from allmos.engine.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors
+from allmos.engine.kv_cache import KVCacheSpec, cpu_num_blocks, gpu_num_blocks
+from allmos.engine.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors, raw_logprobs
+from allmos.layers.quantization import quantize_model
 from allmos.layers.tp import SINGLE, TPGroup
-from allmos.models.decoder import effective_max_model_len
 from allmos.models.loader import build_model, init_dummy_weights, load_weights, safetensors_files
+from allmos.models.model_config import ModelConfig
 from allmos.utils.transfer import pack_aligned, split_packed, to_device
 
 logger = logging.getLogger("allmos")
 
-CPU_KV_CACHE_BYTES = 1 << 30  # KV budget on the CPU when num_kvcache_blocks is not given
+PROMPT_LOGPROBS_ROWS = 256  # prompt positions per LM-head call (bounds the [rows, vocab] float32 temporaries)
 
 
 @dataclass
 class StepResult:
-    """Sampled tokens of ``batch.sampled_seqs``, in that order."""
+    """Sampled tokens of ``batch.sampled_seqs``, in that order, and the logprobs asked for."""
 
     token_ids: list[int]
-    logprobs: list[list[tuple[int, float]]] | None = None  # per row: (token, logprob) sampled first, then top-k
+    logprobs: list[LogprobEntries] | None = None  # per sampled row (empty list for rows that asked none)
+    prompt_logprobs: list[PromptLogprobsResult] = field(default_factory=list)
+
+
+@dataclass
+class PromptLogprobsOutput:
+    """Device tensors of a step's prompt logprobs (the positions of every chunk, concatenated)."""
+
+    logprobs: torch.Tensor  # [num_positions, 1 + max_k] float32, column 0 = the next prompt token
+    token_ids: torch.Tensor  # [num_positions, 1 + max_k] int64
+    ranks: torch.Tensor  # [num_positions] int64, rank of the next prompt token
+    chunks: list[tuple[str, int, int, int]]  # (request_id, start_pos, num_positions, num_logprobs)
 
 
 class PendingStep:
-    """A launched step whose sampled tokens are being copied to the host; ``result()`` waits for them.
+    """A launched step whose sampled tokens (and logprobs) are being copied to the host; ``result()``
+    waits for them.
 
     The copies are non-blocking into pinned memory, so the host can schedule and launch the next step
     while the device still works on this one.
     """
 
-    def __init__(self, out: SamplerOutput | None, num_logprobs: list[int | None]) -> None:
+    def __init__(self, out: SamplerOutput | None, num_logprobs: list[int | None],
+                 prompt: PromptLogprobsOutput | None = None) -> None:
         self._num_logprobs = num_logprobs
+        self._prompt_chunks = prompt.chunks if prompt is not None else []
+        self._has_tokens = out is not None
+        self._has_logprobs = out is not None and out.logprobs is not None
         self._event = None
         self._host = None
-        if out is None:
+        tensors = []
+        if out is not None:
+            tensors.append(out.token_ids)
+            if out.logprobs is not None:
+                tensors += [out.logprobs, out.logprob_token_ids, out.sampled_ranks]
+        if prompt is not None:
+            tensors += [prompt.logprobs, prompt.token_ids, prompt.ranks]
+        if not tensors:
             return
-        tensors = [out.token_ids] + ([out.logprobs, out.logprob_token_ids] if out.logprobs is not None else [])
-        if out.token_ids.device.type == "cuda":
+        if tensors[0].device.type == "cuda":
             self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
             for host, dev in zip(self._host, tensors):
                 host.copy_(dev, non_blocking=True)
@@ -76,23 +101,32 @@ class PendingStep:
             return StepResult([])
         if self._event is not None:
             self._event.synchronize()
-        token_ids = self._host[0].tolist()
-        if len(self._host) == 1:
-            return StepResult(token_ids)
-        values, ids = self._host[1].tolist(), self._host[2].tolist()
-        logprobs = []
-        for row, k in enumerate(self._num_logprobs):
-            n = 0 if k is None else 1 + k
-            logprobs.append(list(zip(ids[row][:n], values[row][:n])))
-        return StepResult(token_ids, logprobs)
+        host = list(self._host)
+        token_ids = host.pop(0).tolist() if self._has_tokens else []
+        logprobs = None
+        if self._has_logprobs:
+            values, ids, ranks = (t.tolist() for t in host[:3])
+            del host[:3]
+            logprobs = [_entries(ids[row], values[row], ranks[row], k) if k is not None else []
+                        for row, k in enumerate(self._num_logprobs)]
+        return StepResult(token_ids, logprobs, self._prompt_results(host))
+
+    def _prompt_results(self, host: list[torch.Tensor]) -> list[PromptLogprobsResult]:
+        if not self._prompt_chunks:
+            return []
+        values, ids, ranks = (t.tolist() for t in host)
+        results, first = [], 0
+        for request_id, start_pos, count, k in self._prompt_chunks:
+            rows = range(first, first + count)
+            results.append(PromptLogprobsResult(request_id, start_pos,
+                                                [_entries(ids[i], values[i], ranks[i], k) for i in rows]))
+            first += count
+        return results
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    num_layers: int
-    num_kv_heads: int  # on this rank
-    head_dim: int
-    vocab_size: int
+def _entries(ids: list[int], values: list[float], rank: int, k: int) -> LogprobEntries:
+    """One position's (token, logprob, rank) triples: the chosen token, then the top ``k`` (ranks 1..k)."""
+    return [(ids[0], values[0], rank)] + [(ids[j], values[j], j) for j in range(1, k + 1)]
 
 
 class ModelRunner(abc.ABC):
@@ -104,43 +138,78 @@ class ModelRunner(abc.ABC):
     def execute(self, batch: ScheduledBatch) -> PendingStep:
         """Launch the step: compute KV for every scheduled token and sample the sequences that ask for it.
 
-        An input token equal to ``PENDING_TOKEN`` is the token this runner sampled for that request in the
-        previous ``execute`` call; it is filled in on the device, without waiting for the host copy."""
+        A sequence with ``input_from_previous_sample`` takes as its last input the token this runner sampled
+        for it in the previous ``execute`` call; it is filled in on the device, without waiting for the host
+        copy."""
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release devices and workers."""
 
 
-def make_backend(name: str, model: torch.nn.Module, config: EngineConfig, device: torch.device) -> AttentionBackend:
+def make_backend(name: str, model_config: ModelConfig, tp_size: int, config: EngineConfig,
+                 device: torch.device) -> AttentionBackend:
     if name == "torch":
         return TorchAttentionBackend()
     from allmos.attention.triton_backend import TritonAttentionBackend
-    attn = model.model.layers[0].self_attn
-    return TritonAttentionBackend(attn.num_heads, attn.head_dim, attn.num_kv_heads, config.max_num_seqs,
-                                  config.max_model_len, device)
+    return TritonAttentionBackend(model_config, tp_size, config.max_num_seqs, config.max_model_len, device)
 
 
 class LocalModelRunner(ModelRunner):
-    def __init__(self, config: EngineConfig, hf_config, model_path: Path | None, device: torch.device,
-                 dtype: torch.dtype, tp: TPGroup = SINGLE) -> None:
-        self.config = config
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model_path: Path | None,
+                 device: torch.device, dtype: torch.dtype, tp: TPGroup = SINGLE) -> None:
+        self.config, self.model_config = config, model_config
         self.device, self.dtype, self.tp = device, dtype, tp
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None  # previous step's device tokens
         self._last_sampling: tuple[list[SamplingRow], SamplingTensors] | None = None  # rows -> their tensors
-        self.model = build_model(hf_config, dtype, device, tp)
+        self.model = build_model(model_config, dtype, device, tp)
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
         else:
             load_weights(self.model, safetensors_files(model_path))
-        attn = self.model.model.layers[0].self_attn
-        self.shape = ModelShape(len(self.model.model.layers), attn.num_kv_heads, attn.head_dim, hf_config.vocab_size)
+        if config.quantization is not None:
+            logger.info("quantization=%s: %s layers", config.quantization,
+                        quantize_model(self.model, config.quantization))
+        self.kv_spec = KVCacheSpec.for_model(model_config, config.kvcache_block_size, dtype, tp.size)
         self.block_size = config.kvcache_block_size
-        self.max_model_len = effective_max_model_len(config.max_model_len, hf_config)
-        self.backend = make_backend(config.resolved_backend(device), self.model, config, device)
+        self.max_model_len = model_config.effective_max_model_len(config.max_model_len)
+        self.backend = make_backend(config.resolved_backend(device), model_config, tp.size, config, device)
         self.sampler = Sampler()
         self.num_kv_blocks = self._min_over_ranks(self._decide_num_blocks())
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
         self.graphs = self._capture_graphs()
+        self.compiled = self._compile_cpu_forward()
+
+    def _compile_cpu_forward(self) -> CompiledForward | None:
+        """The CPU forward compiled by inductor and warmed now (None: eager; see ``engine.cpu_compile``)."""
+        if not self.config.compile_cpu_forward:
+            return None
+        reason = compile_unsupported_reason(self.model, self.device)
+        if reason is not None:
+            if self.device.type == "cpu":
+                logger.info("CPU forward stays eager: %s", reason)
+            return None
+        compiled = CompiledForward(self.model)
+        logger.info("compiling the CPU forward (torch.compile, inductor; compilation_config=0 skips this) ...")
+        try:
+            seconds = compiled.warm_up(self._warm_up_step(compiled))
+        except Exception as exc:  # no C++ compiler, an inductor limitation: serve eagerly rather than fail
+            logger.warning("torch.compile of the CPU forward failed, running eagerly: %s",
+                           str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+            return None
+        logger.info("compiled the CPU forward in %.1f s", seconds)
+        return compiled
+
+    def _warm_up_step(self, forward):
+        """``run(n)``: one decode forward of ``n`` one-token sequences through ``forward``, on a scratch cache."""
+        def run(num_tokens: int) -> None:
+            from allmos.engine.batch import ScheduledSeq
+            caches = self._allocate_kv_cache(num_tokens)
+            batch = ScheduledBatch([ScheduledSeq(f"warm-up-{i}", [i], 0, [i], None) for i in range(num_tokens)])
+            input_ids, positions, metadata, rope_seq_lens = self._prepare(batch)
+            ctx = ForwardContext(self.backend.prepare(metadata), caches, self.backend, rope_seq_lens)
+            with torch.inference_mode(), forward_context(ctx):
+                forward(input_ids, positions)
+        return run
 
     def _capture_graphs(self) -> DecodeGraphs | None:
         """Decode runner for CUDA: captured graphs, or (enforce_eager) the same padded shapes run eagerly."""
@@ -159,11 +228,7 @@ class LocalModelRunner(ModelRunner):
         self.graphs = None
         gc.collect()
 
-    # ------------------------------------------------------------------ KV cache
-    def block_bytes(self) -> int:
-        s = self.shape
-        return 2 * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * self.dtype.itemsize
-
+    # ------------------------------------------------------------------ KV cache (sizes: allmos.engine.kv_cache)
     def _min_over_ranks(self, value: int) -> int:
         """The smallest ``value`` of all tensor-parallel ranks (one block manager serves them all)."""
         if self.tp.size == 1:
@@ -175,10 +240,8 @@ class LocalModelRunner(ModelRunner):
     def _decide_num_blocks(self) -> int:
         if self.config.num_kvcache_blocks is not None:
             return self.config.num_kvcache_blocks
-        per_seq = -(-self.max_model_len // self.block_size)
         if self.device.type == "cpu":
-            budget_blocks = max(per_seq, CPU_KV_CACHE_BYTES // self.block_bytes())
-            return min(budget_blocks, per_seq * self.config.max_num_seqs)
+            return cpu_num_blocks(self.kv_spec, self.max_model_len, self.config.max_num_seqs)
         return self._profile_num_blocks()
 
     def _profile_num_blocks(self) -> int:
@@ -196,13 +259,7 @@ class LocalModelRunner(ModelRunner):
         activation_peak = torch.cuda.max_memory_allocated(self.device) - base
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        available = total * self.config.gpu_memory_utilization - (total - free) - activation_peak
-        num_blocks = int(available // self.block_bytes())
-        if num_blocks < 1:
-            raise ValueError(f"no GPU memory left for the KV cache ({(total - free) / 2**30:.1f} GiB in use, "
-                             f"{activation_peak / 2**30:.1f} GiB activation peak, {total / 2**30:.1f} GiB card); "
-                             "raise gpu_memory_utilization or lower max_num_batched_tokens")
-        return num_blocks
+        return gpu_num_blocks(self.kv_spec, total, free, activation_peak, self.config.gpu_memory_utilization)
 
     def _profile_forward(self, num_tokens: int) -> None:
         """One forward over ``num_tokens`` prompt tokens (in one sequence chunked by max_model_len)."""
@@ -225,12 +282,7 @@ class LocalModelRunner(ModelRunner):
         del caches
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        s = self.shape
-        # zeros: the torch decode path reads (masked) slots past each sequence's length, which must not
-        # hold NaN bit patterns; the Triton kernels never read them
-        cache = torch.zeros(2, s.num_layers, num_blocks, self.block_size, s.num_kv_heads, s.head_dim,
-                            dtype=self.dtype, device=self.device)
-        return [(cache[0, i], cache[1, i]) for i in range(s.num_layers)]
+        return self.kv_spec.allocate(num_blocks, self.device)
 
     # ------------------------------------------------------------------ one step
     def execute(self, batch: ScheduledBatch) -> PendingStep:
@@ -238,21 +290,54 @@ class LocalModelRunner(ModelRunner):
             return PendingStep(None, [])
         input_ids, positions, metadata, rope_seq_lens = self._prepare(batch)
         sampled = batch.sampled_seqs
+        prompt = None
         with torch.inference_mode():
-            if self.graphs is not None and metadata.is_decode and metadata.num_seqs <= self.graphs.max_batch_size:
+            if (self.graphs is not None and metadata.is_decode and metadata.num_seqs <= self.graphs.max_batch_size
+                    and not batch.has_prompt_logprobs):
                 logits = self.graphs.run(input_ids, positions, metadata)  # [num_seqs, vocab]; all of them sample
             else:
                 ctx = ForwardContext(self.backend.prepare(metadata), self.kv_caches, self.backend, rope_seq_lens)
                 with forward_context(ctx):
-                    hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
+                    hidden = (self.compiled or self.model)(input_ids, positions)  # [num_tokens, hidden]
+                if batch.has_prompt_logprobs:
+                    prompt = self._prompt_logprobs(batch, metadata, hidden)
                 if not sampled:
                     self._last_sampled = None
-                    return PendingStep(None, [])
-                logits = self.model.compute_logits(hidden[self._sample_rows(batch, metadata)])  # [num_sampled, vocab]
+                    return PendingStep(None, [], prompt)
+                rows = _sample_rows(batch, metadata, self.device)  # [num_sampled]
+                logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab]
             tensors = self._sampling_tensors([s.sampling for s in sampled], [s.seq_len for s in sampled])
             out = self.sampler(logits, tensors)
         self._last_sampled = (out.token_ids, {s.request_id: row for row, s in enumerate(sampled)})
-        return PendingStep(out, [s.sampling.num_logprobs for s in sampled])
+        return PendingStep(out, [s.sampling.num_logprobs for s in sampled], prompt)
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, metadata: AttentionMetadata,
+                         hidden: torch.Tensor) -> PromptLogprobsOutput | None:
+        """Raw logprobs (and ranks) of the next prompt token at every position of the chunks that ask,
+        plus their top-k; the LM head runs on ``PROMPT_LOGPROBS_ROWS`` positions at a time. Every
+        tensor-parallel rank runs this (the LM head gathers over ranks); only the driver's copy is read."""
+        starts = metadata.query_start_loc_cpu
+        rows, targets, chunks = [], [], []
+        for i, s in enumerate(batch.seqs):
+            chunk = s.prompt_logprobs
+            if chunk is None or not chunk.target_token_ids:
+                continue
+            count = len(chunk.target_token_ids)
+            rows.append(np.arange(starts[i], starts[i] + count, dtype=np.int64))
+            targets.append(np.asarray(chunk.target_token_ids, dtype=np.int64))
+            chunks.append((s.request_id, s.start_pos, count, chunk.num_logprobs))
+        if not chunks:
+            return None
+        max_k = max(c[3] for c in chunks)
+        rows_dev = to_device(np.concatenate(rows), self.device)  # [num_positions]
+        targets_dev = to_device(np.concatenate(targets), self.device)  # [num_positions]
+        parts = []
+        for first in range(0, rows_dev.numel(), PROMPT_LOGPROBS_ROWS):
+            part = slice(first, first + PROMPT_LOGPROBS_ROWS)
+            logits = self.model.compute_logits(hidden[rows_dev[part]])  # [rows, vocab]
+            parts.append(raw_logprobs(logits, targets_dev[part], max_k))
+        values, ids, ranks = (torch.cat(column) for column in zip(*parts, strict=True))
+        return PromptLogprobsOutput(values, ids, ranks, chunks)
 
     def _sampling_tensors(self, rows: list[SamplingRow], positions: list[int]) -> SamplingTensors:
         """The step's sampling tensors. Rows come from validated SamplingParams; the token being sampled
@@ -263,36 +348,29 @@ class LocalModelRunner(ModelRunner):
                 a is b for a, b in zip(previous[0], rows, strict=True)):
             tensors = previous[1].at_positions(positions)
         else:
-            tensors = SamplingTensors.build(rows, self.shape.vocab_size, self.device, validate=False,
+            tensors = SamplingTensors.build(rows, self.model_config.vocab_size, self.device, validate=False,
                                             positions=positions)
         self._last_sampling = (rows, tensors)
         return tensors
-
-    def _sample_rows(self, batch: ScheduledBatch, metadata: AttentionMetadata) -> torch.Tensor:
-        """Index of each sampling sequence's last token in the step's flat token list."""
-        ends = metadata.query_start_loc_cpu[1:]
-        rows = np.array([end - 1 for end, s in zip(ends, batch.seqs, strict=True) if s.sampling is not None],
-                        dtype=np.int64)
-        return to_device(rows, self.device)
 
     def _prepare(self, batch: ScheduledBatch):
         """Host lists -> device tensors (token ids, positions, attention metadata) in two packed copies."""
         seqs = batch.seqs
         n = len(seqs)
-        q_lens = np.fromiter((len(s.input_token_ids) for s in seqs), dtype=np.int64, count=n)
-        seq_lens = np.fromiter((s.start_pos + len(s.input_token_ids) for s in seqs), dtype=np.int64, count=n)
+        q_lens = np.fromiter((s.num_new_tokens for s in seqs), dtype=np.int64, count=n)
+        seq_lens = np.fromiter((s.start_pos + s.num_new_tokens for s in seqs), dtype=np.int64, count=n)
         query_start_loc = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(q_lens, out=query_start_loc[1:])
         num_tokens = int(query_start_loc[-1])
-        input_ids = np.fromiter(itertools.chain.from_iterable(s.input_token_ids for s in seqs), dtype=np.int64,
-                                count=num_tokens)
+        input_ids = np.fromiter(itertools.chain.from_iterable(_known_inputs(s) for s in seqs), dtype=np.int64,
+                                count=num_tokens)  # a previous step's sample is a 0 here, filled on the device
         # absolute position of every new token: start_pos of its sequence + index within the step
         seq_of_token = np.repeat(np.arange(n), q_lens)
         positions = np.arange(num_tokens) - query_start_loc[seq_of_token] + (seq_lens - q_lens)[seq_of_token]
         block_tables = _pad_block_tables([s.block_table for s in seqs])  # [n, max_blocks] int32
         slot_mapping = (block_tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size
                         + positions % self.block_size)
-        pending, pending_rows = self._pending_sources(input_ids, seq_of_token, seqs)
+        pending, pending_rows = _pending_sources(self._last_sampled, query_start_loc, seqs)
         i64_parts = [input_ids, positions, slot_mapping, seq_lens[seq_of_token], pending, pending_rows]
         i32_parts = [query_start_loc, seq_lens, block_tables.ravel()]
         i64, i64_starts = pack_aligned(i64_parts, np.int64)
@@ -311,21 +389,37 @@ class LocalModelRunner(ModelRunner):
         )
         return input_ids_dev, positions_dev, metadata, rope_seq_lens
 
-    def _pending_sources(self, input_ids: np.ndarray, seq_of_token: np.ndarray, seqs) -> tuple[np.ndarray, np.ndarray]:
-        """Where ``PENDING_TOKEN`` inputs sit, and the row of the previous step's sampled tokens that holds
-        each one (they are filled on the device, without waiting for the host copy)."""
-        pending = np.flatnonzero(input_ids == PENDING_TOKEN)
-        if pending.size == 0:
-            return pending, pending
-        if self._last_sampled is None:
-            raise RuntimeError("a scheduled token is pending but the previous step sampled nothing")
-        row_of = self._last_sampled[1]
-        try:
-            rows = np.fromiter((row_of[seqs[i].request_id] for i in seq_of_token[pending].tolist()),
-                               dtype=np.int64, count=pending.size)  # Python ints: numpy scalars index lists slowly
-        except KeyError as exc:
-            raise RuntimeError(f"pending token of request {exc} was not sampled in the previous step") from exc
-        return pending, rows
+
+def _pending_sources(last_sampled: tuple[torch.Tensor, dict[str, int]] | None, query_start_loc: np.ndarray,
+                     seqs) -> tuple[np.ndarray, np.ndarray]:
+    """The flat index of every input that is the previous step's sample (the last input of a sequence with
+    ``input_from_previous_sample``), and the row of the previous step's sampled tokens that holds it (they
+    are filled on the device, without waiting for the host copy)."""
+    from_sample = [i for i, s in enumerate(seqs) if s.input_from_previous_sample]
+    if not from_sample:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    if last_sampled is None:
+        raise RuntimeError("a scheduled input is the previous step's sample but that step sampled nothing")
+    row_of = last_sampled[1]
+    try:
+        rows = np.fromiter((row_of[seqs[i].request_id] for i in from_sample), dtype=np.int64, count=len(from_sample))
+    except KeyError as exc:
+        raise RuntimeError(f"request {exc} takes an input it did not sample in the previous step") from exc
+    return query_start_loc[1:][from_sample] - 1, rows
+
+
+def _sample_rows(batch: ScheduledBatch, metadata: AttentionMetadata, device: torch.device) -> torch.Tensor:
+    """Index of each sampling sequence's last token in the step's flat token list."""
+    ends = metadata.query_start_loc_cpu[1:]
+    rows = np.array([end - 1 for end, s in zip(ends, batch.seqs, strict=True) if s.sampling is not None],
+                    dtype=np.int64)
+    return to_device(rows, device)
+
+
+def _known_inputs(seq) -> list[int]:
+    """``seq``'s input ids with a 0 standing for an input taken from the previous step's sample."""
+    return [*seq.input_token_ids, 0] if seq.input_from_previous_sample else seq.input_token_ids
 
 
 def _pad_block_tables(tables: list[list[int]]) -> np.ndarray:

@@ -40,18 +40,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from allmos.engine.sampling_row import GREEDY_TEMPERATURE_EPS, SamplingRow
 from allmos.utils.transfer import pack_aligned, split_packed, to_device
 
 try:  # Triton is optional: the torch path is the complete reference.
-    import triton
-    import triton.language as tl
+    from allmos.kernels.sampling import gumbel_argmax as triton_gumbel_argmax
 
     _HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the installation
     _HAS_TRITON = False
 
-# Temperatures below this are greedy (vLLM's _SAMPLING_EPS).
-GREEDY_TEMPERATURE_EPS = 1e-5
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -67,65 +65,6 @@ _UNIFORM_SCALE = 2.0**-24
 # Triton draw kernel tiling: a fixed chunk per program (independent of the batch).
 _DRAW_CHUNK = 8192
 _DRAW_BLOCK = 1024
-
-
-# --------------------------------------------------------------------------- rows
-
-
-@dataclass(frozen=True)
-class SamplingRow:
-    """One request's sampling state at this step (plain Python, built by the engine). Immutable: the
-    engine reuses one row per request across steps, and the tensor-parallel channel sends a row again only
-    when it is a different object.
-
-    Penalties follow vLLM: presence/frequency count OUTPUT tokens only; repetition
-    covers prompt + output tokens (logit > 0 -> logit / r, else logit * r).
-    `banned_token_ids` get -inf (the engine bans EOS/stop ids until min_tokens).
-    """
-
-    temperature: float = 1.0  # < 1e-5 = greedy
-    top_k: int = -1  # -1 or 0 = off
-    top_p: float = 1.0  # (0, 1]; 1 = off
-    min_p: float = 0.0  # [0, 1]; 0 = off
-    seed: int = 0  # 0 <= seed < 2**63
-    position: int = 0  # index of the token being sampled in prompt + output
-    presence_penalty: float = 0.0  # [-2, 2]
-    frequency_penalty: float = 0.0  # [-2, 2]
-    repetition_penalty: float = 1.0  # > 0
-    num_logprobs: int | None = None  # None = none; k >= 0 -> sampled + top-k logprobs
-    prompt_token_ids: Sequence[int] = ()  # read only when repetition_penalty != 1
-    output_token_ids: Sequence[int] = ()  # read only when a penalty is active
-    banned_token_ids: Sequence[int] = ()
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature < GREEDY_TEMPERATURE_EPS
-
-    @property
-    def has_output_penalty(self) -> bool:
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-
-    @property
-    def has_repetition_penalty(self) -> bool:
-        return self.repetition_penalty != 1.0
-
-    def validate(self, vocab_size: int) -> None:
-        """Raise ValueError naming the first field that is out of range."""
-        checks = (
-            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0.0),
-            ("top_p", 0.0 < self.top_p <= 1.0),
-            ("min_p", 0.0 <= self.min_p <= 1.0),
-            ("seed", 0 <= self.seed < 2**63),
-            ("position", 0 <= self.position < 2**63),
-            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0),
-            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0),
-            ("repetition_penalty", 0.0 < self.repetition_penalty < math.inf),
-            ("top_k", self.top_k >= -1),
-            ("num_logprobs", self.num_logprobs is None or 0 <= self.num_logprobs <= vocab_size),
-        )
-        for field, ok in checks:
-            if not ok:
-                raise ValueError(f"SamplingRow.{field} is out of range: {getattr(self, field)!r}")
 
 
 # --------------------------------------------------------------------------- hash
@@ -396,12 +335,14 @@ class SamplerOutput:
 
     logprobs / logprob_token_ids: [B, 1 + max_num_logprobs]; column 0 is the sampled
     token, then the top-k of the raw distribution in descending order. Rows that asked
-    for fewer (or none) are sliced by the engine.
+    for fewer (or none) are sliced by the engine. sampled_ranks: the sampled token's
+    1-based rank in the raw distribution (tokens with a strictly greater logprob + 1).
     """
 
     token_ids: torch.Tensor  # [B] int64
     logprobs: torch.Tensor | None  # [B, 1 + max_k] float32
     logprob_token_ids: torch.Tensor | None  # [B, 1 + max_k] int64
+    sampled_ranks: torch.Tensor | None = None  # [B] int64, set with logprobs
 
 
 # --------------------------------------------------------------------------- steps
@@ -488,17 +429,22 @@ def gumbel_argmax_torch(x: torch.Tensor, t: SamplingTensors, threshold: torch.Te
 
 def raw_logprobs(
     logits: torch.Tensor, token_ids: torch.Tensor, max_k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled-token logprob then top-`max_k` of log_softmax(raw logits, float32).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The given token's logprob then the top-`max_k` of log_softmax(raw logits, float32), and the given
+    token's 1-based rank (count of strictly greater logprobs + 1). Used for sampled tokens and, with the
+    next prompt token as `token_ids`, for prompt positions.
 
-    Returns (logprobs float32 [B, 1 + max_k], token ids int64 [B, 1 + max_k]).
+    logits: [B, V]; token_ids: [B] int64. Returns (logprobs float32 [B, 1 + max_k], token ids int64
+    [B, 1 + max_k], ranks int64 [B]).
     """
     lp = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
-    sampled = token_ids[:, None]  # [B, 1]
+    chosen = token_ids[:, None]  # [B, 1]
+    chosen_lp = lp.gather(1, chosen)  # [B, 1]
+    ranks = (lp > chosen_lp).sum(dim=-1) + 1  # [B]
     if max_k == 0:
-        return lp.gather(1, sampled), sampled
+        return chosen_lp, chosen, ranks
     top = lp.topk(max_k, dim=-1)  # sorted descending
-    return torch.cat([lp.gather(1, sampled), top.values], 1), torch.cat([sampled, top.indices], 1)
+    return torch.cat([chosen_lp, top.values], 1), torch.cat([chosen, top.indices], 1), ranks
 
 
 # --------------------------------------------------------------------------- module
@@ -525,8 +471,8 @@ class Sampler(torch.nn.Module):
         token_ids = x.argmax(dim=-1) if t.all_greedy else self._draw(x, t)  # [B]
         if t.max_num_logprobs is None:
             return SamplerOutput(token_ids, None, None)
-        logprobs, logprob_ids = raw_logprobs(logits, token_ids, t.max_num_logprobs)
-        return SamplerOutput(token_ids, logprobs, logprob_ids)
+        logprobs, logprob_ids, ranks = raw_logprobs(logits, token_ids, t.max_num_logprobs)
+        return SamplerOutput(token_ids, logprobs, logprob_ids, ranks)
 
     def _processed_logits(self, logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         """Penalties and banned ids applied; the input itself when neither is active."""
@@ -553,91 +499,14 @@ class Sampler(torch.nn.Module):
 
 # --------------------------------------------------------------------------- triton
 
-if _HAS_TRITON:
-
-    @triton.jit
-    def _fmix32(x):
-        x = x ^ (x >> 16)
-        x = x * 0x85EBCA6B
-        x = x ^ (x >> 13)
-        x = x * 0xC2B2AE35
-        return x ^ (x >> 16)
-
-    @triton.jit
-    def _gumbel(idx, key_lo, key_hi):
-        x = idx.to(tl.uint32) * 0x9E3779B1 + key_lo
-        x = _fmix32(x)
-        x = _fmix32(x ^ key_hi)
-        u = ((x >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08
-        return -tl.log(-tl.log(u))
-
-    @triton.jit
-    def _gumbel_argmax_kernel(
-        logits_ptr, row_stride, inv_t_ptr, noise_ptr, thr_ptr, key_lo_ptr, key_hi_ptr,
-        best_val_ptr, best_idx_ptr, vocab_size, num_chunks,
-        CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALL_RANDOM: tl.constexpr,
-    ):
-        """Per (row, chunk): max and first argmax of where(z >= thr, z, -inf) + noise * g.
-
-        The threshold select always runs (thr = -inf when no filter is on): it keeps
-        the compiler from contracting x * inv_t + g into one FMA, whose rounding would
-        differ from the filtered case and from the torch path.
-        """
-        row = tl.program_id(0)
-        chunk = tl.program_id(1)
-        row_ptr = logits_ptr + row.to(tl.int64) * row_stride
-        inv_t = tl.load(inv_t_ptr + row)
-        thr = tl.load(thr_ptr + row)
-        key_lo = tl.load(key_lo_ptr + row).to(tl.uint32, bitcast=True)
-        key_hi = tl.load(key_hi_ptr + row).to(tl.uint32, bitcast=True)
-        best_val = tl.full([BLOCK], float("-inf"), tl.float32)
-        best_idx = tl.zeros([BLOCK], tl.int32)
-        chunk_len = tl.minimum(vocab_size - chunk * CHUNK, CHUNK)
-        for start in range(0, chunk_len, BLOCK):
-            idx = chunk * CHUNK + start + tl.arange(0, BLOCK)
-            x = tl.load(row_ptr + idx, mask=idx < vocab_size, other=float("-inf")).to(tl.float32)
-            z = x * inv_t
-            z = tl.where(z >= thr, z, float("-inf"))
-            g = _gumbel(idx, key_lo, key_hi)
-            if not ALL_RANDOM:
-                g = g * tl.load(noise_ptr + row)
-            z = z + g
-            better = z > best_val  # strict: each lane keeps its first maximum
-            best_val = tl.where(better, z, best_val)
-            best_idx = tl.where(better, idx, best_idx)
-        top = tl.max(best_val, axis=0)
-        first = tl.min(tl.where(best_val == top, best_idx, 2147483647), axis=0)
-        tl.store(best_val_ptr + row * num_chunks + chunk, top)
-        tl.store(best_idx_ptr + row * num_chunks + chunk, first)
-
 
 def gumbel_argmax_triton(
     x: torch.Tensor, t: SamplingTensors, threshold: torch.Tensor | None,
     chunk_size: int = _DRAW_CHUNK, block_size: int = _DRAW_BLOCK,
 ) -> torch.Tensor:
-    """Fused Triton version of `gumbel_argmax_torch` (same noise bits): one read of x. [B] int64.
-
-    Each program reduces `chunk_size` logits of one row (a fixed size, never derived
-    from the batch); partial results combine to the first maximum of the row, the
-    same index torch.argmax returns, whatever the chunk size.
-    """
+    """The fused Triton draw (``allmos.kernels.sampling``) on ``t``'s tensors: the same tokens as
+    `gumbel_argmax_torch`, [B] int64."""
     if not _HAS_TRITON:
         raise RuntimeError("Sampler(use_triton=True) needs the triton package")
-    batch, vocab = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if chunk_size % block_size:
-        raise ValueError(f"chunk_size {chunk_size} must be a multiple of block_size {block_size}")
-    num_chunks = triton.cdiv(vocab, chunk_size)
-    best_val = torch.empty(batch, num_chunks, dtype=torch.float32, device=x.device)  # [B, C]
-    best_idx = torch.empty(batch, num_chunks, dtype=torch.int32, device=x.device)  # [B, C]
-    if threshold is None:
-        threshold = torch.full((batch,), -math.inf, dtype=torch.float32, device=x.device)
-    if batch:
-        _gumbel_argmax_kernel[(batch, num_chunks)](
-            x, x.stride(0), t.inv_temperature, t.noise_scale, threshold,
-            t.noise_key_lo, t.noise_key_hi, best_val, best_idx, vocab, num_chunks,
-            CHUNK=chunk_size, BLOCK=block_size, ALL_RANDOM=t.all_random, num_warps=4,
-        )
-    chunk = best_val.argmax(dim=-1, keepdim=True)  # [B, 1], first chunk on ties
-    return best_idx.gather(1, chunk).squeeze(1).long()
+    return triton_gumbel_argmax(x, t.inv_temperature, t.noise_scale, threshold, t.noise_key_lo, t.noise_key_hi,
+                                all_random=t.all_random, chunk_size=chunk_size, block_size=block_size)

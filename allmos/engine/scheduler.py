@@ -6,20 +6,30 @@ Policy per step (see ``ContinuousBatchingScheduler.schedule``):
    running sequence is preempted (blocks freed, ``num_computed_tokens`` reset) and goes to the front
    of the waiting queue, so it is re-admitted before new work.
 2. Waiting sequences next, if nothing was preempted this step, while ``max_num_seqs`` and the budget
-   allow; admission starts from the longest cached prefix.
+   allow; admission starts from the longest cached prefix (except for a request that still needs its
+   prompt logprobs: those need the logits of every prompt position, so it computes its whole prompt).
 Requests that could never fit the KV cache are rejected in ``add`` so every step makes progress.
+
+Tokens not yet read back (``Request.num_pending_tokens``) are scheduled like any other token; the batch marks
+them with ``ScheduledSeq.input_from_previous_sample`` (see ``allmos.engine.batch``). This module imports no
+torch or Triton module.
 """
 
 from __future__ import annotations
 
 import abc
+import logging
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from allmos.engine.batch import ScheduledBatch, ScheduledSeq
+from allmos.engine.batch import PromptLogprobsChunk, ScheduledBatch, ScheduledSeq
 from allmos.engine.request import Request, RequestStatus
-from allmos.engine.sampler import SamplingRow
+from allmos.engine.sampling_row import SamplingRow
 from allmos.memory.block_manager import BlockManager
+
+logger = logging.getLogger("allmos")
 
 
 class Scheduler(abc.ABC):
@@ -27,7 +37,17 @@ class Scheduler(abc.ABC):
 
     @abc.abstractmethod
     def add(self, request: Request) -> None:
-        """Queue a request; raises ValueError if it can never be scheduled."""
+        """Queue a request; raises ValueError if it can never be scheduled (``check_fits``). Request ids
+        are unique: the caller (the engine core) checks them."""
+
+    @abc.abstractmethod
+    def check_fits(self, request: Request) -> None:
+        """Raise ValueError if ``request`` could never be scheduled (its longest possible sequence needs
+        more KV blocks than the whole cache has). The one place that decides whether a request fits."""
+
+    @abc.abstractmethod
+    def get_request(self, request_id: str) -> Request | None:
+        """The queued (waiting or running) request with this id, else None."""
 
     @abc.abstractmethod
     def schedule(self) -> ScheduledBatch:
@@ -46,6 +66,22 @@ class Scheduler(abc.ABC):
     def has_unfinished(self) -> bool:
         """Whether any request is waiting or running."""
 
+    @abc.abstractmethod
+    def get_stats(self) -> SchedulerStats:
+        """Counts for monitoring: queue lengths, preemptions, prefix-cache lookups, KV blocks."""
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_prefilling: int  # running or waiting requests whose prompt is not fully computed
+    num_preemptions: int  # since start
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache at admission, since start
+    prefix_cache_hits: int  # of those, tokens found cached
+    num_free_blocks: int
+    num_blocks: int
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -62,18 +98,20 @@ class ContinuousBatchingScheduler(Scheduler):
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        self.preemption_log = PreemptionLog()
+        self._prompt_logprob_ids: set[str] = set()  # requests whose prompt logprobs are still to compute
 
     # ------------------------------------------------------------------ admission
     def add(self, request: Request) -> None:
         self.check_fits(request)
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if request.num_prompt_logprobs is not None:
+            self._prompt_logprob_ids.add(request.request_id)
 
     def check_fits(self, request: Request) -> None:
-        """Raise ValueError if ``request`` could never be scheduled (its id is taken, or its longest
-        possible sequence needs more KV blocks than the whole cache has)."""
-        if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
         max_len = min(request.num_prompt_tokens + _max_tokens(request), self.config.max_model_len)
         needed = self.block_manager.num_blocks_for(max_len)
         if needed > self.block_manager.num_blocks:
@@ -82,8 +120,17 @@ class ContinuousBatchingScheduler(Scheduler):
                 f"{self.block_manager.block_size}) but the whole KV cache holds "
                 f"{self.block_manager.num_blocks} blocks; lower max_tokens or shorten the prompt")
 
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def get_stats(self) -> SchedulerStats:
+        prefilling = sum(r.num_computed_tokens < r.num_prompt_tokens for r in self.requests.values())
+        return SchedulerStats(len(self.running), len(self.waiting), prefilling, self.num_preemptions,
+                              self.prefix_cache_queries, self.prefix_cache_hits,
+                              self.block_manager.num_free_blocks, self.block_manager.num_blocks)
 
     # ------------------------------------------------------------------ the policy
     def schedule(self) -> ScheduledBatch:
@@ -92,7 +139,9 @@ class ContinuousBatchingScheduler(Scheduler):
         budget, preempted = self._schedule_running(budget, scheduled)
         if not preempted:
             self._schedule_waiting(budget, scheduled)
-        return ScheduledBatch([self._to_scheduled_seq(r, n) for r, n in scheduled])
+        seqs = [self._to_scheduled_seq(r, n) for r, n in scheduled]
+        has_prompt_logprobs = bool(self._prompt_logprob_ids) and any(s.prompt_logprobs is not None for s in seqs)
+        return ScheduledBatch(seqs, has_prompt_logprobs)
 
     def _schedule_running(self, budget: int, out: list[tuple[Request, int]]) -> tuple[int, bool]:
         """Schedule running requests first; returns the budget left and whether anything was preempted."""
@@ -126,7 +175,8 @@ class ContinuousBatchingScheduler(Scheduler):
     def _schedule_waiting(self, budget: int, out: list[tuple[Request, int]]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            cached = self.block_manager.find_cached_prefix(request) if request.num_computed_tokens == 0 else []
+            use_cache = request.num_computed_tokens == 0 and request.num_prompt_logprobs is None
+            cached = self.block_manager.find_cached_prefix(request) if use_cache else []
             num_cached_tokens = len(cached) * self.block_manager.block_size
             num_new = min(request.num_tokens - num_cached_tokens, budget)
             if not self.block_manager.allocate(request, num_new, cached):
@@ -134,6 +184,9 @@ class ContinuousBatchingScheduler(Scheduler):
             request.num_computed_tokens = num_cached_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_cached_tokens
+                if use_cache and self.block_manager.enable_prefix_caching:
+                    self.prefix_cache_queries += request.num_tokens
+                    self.prefix_cache_hits += num_cached_tokens
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -146,17 +199,24 @@ class ContinuousBatchingScheduler(Scheduler):
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         self.num_preemptions += 1
+        self.preemption_log.record(self.num_preemptions)
 
     def _to_scheduled_seq(self, request: Request, num_new: int) -> ScheduledSeq:
         start = request.num_computed_tokens
         end = start + num_new
         samples = end == request.num_tokens
+        num_pending = end - len(request.token_ids)  # inputs sampled on the device, not read back yet
+        if num_pending > 1:
+            raise RuntimeError(f"{request}: {num_pending} scheduled inputs are not read back (at most 1 can be)")
         return ScheduledSeq(
             request_id=request.request_id,
             input_token_ids=request.token_ids[start:end],
+            input_from_previous_sample=num_pending == 1,
             start_pos=start,
             block_table=list(request.block_table),
             sampling=_sampling_row(request) if samples else None,
+            prompt_logprobs=_prompt_logprobs_chunk(request, start, end) if request.num_prompt_logprobs is not None
+            else None,
         )
 
     # ------------------------------------------------------------------ after the forward pass
@@ -167,6 +227,14 @@ class ContinuousBatchingScheduler(Scheduler):
                 continue
             request.num_computed_tokens = seq.seq_len
             self.block_manager.cache_full_blocks(request)
+            if seq.prompt_logprobs is not None and seq.seq_len >= request.num_prompt_tokens - 1:
+                self._prompt_logprobs_launched(request)
+
+    def _prompt_logprobs_launched(self, request: Request) -> None:
+        """Every prompt position's logprobs has been launched (results come back with the steps): the
+        request stops asking, and a recompute after preemption may start from cached blocks again."""
+        request.num_prompt_logprobs = None
+        self._prompt_logprob_ids.discard(request.request_id)
 
     def finish(self, request: Request, reason: str | None) -> None:
         if self.requests.get(request.request_id) is request:  # else: never queued, or already removed
@@ -176,6 +244,7 @@ class ContinuousBatchingScheduler(Scheduler):
                 self.waiting.remove(request)
             self.block_manager.free(request)
             del self.requests[request.request_id]
+            self._prompt_logprob_ids.discard(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 
@@ -187,8 +256,40 @@ class ContinuousBatchingScheduler(Scheduler):
                 raise RuntimeError(f"{request}: num_computed_tokens out of range")
 
 
+@dataclass
+class PreemptionLog:
+    """Preemptions as WARNING lines, at most one every ``interval_s`` seconds: each line counts the
+    preemptions since the previous line (the first preemption is reported at once)."""
+
+    interval_s: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    last_line: float | None = None  # clock() of the last line
+    unreported: int = 0
+
+    def record(self, total: int) -> None:
+        """Count one preemption (``total`` so far) and log if the last line is ``interval_s`` old."""
+        self.unreported += 1
+        now = self.clock()
+        if self.last_line is not None and now - self.last_line < self.interval_s:
+            return
+        since = "" if self.last_line is None else f" in the last {now - self.last_line:.0f} s"
+        logger.warning("KV cache full: preempted %d sequence(s)%s (%d since start); they are recomputed, which "
+                       "costs throughput. Give the KV cache more room (gpu_memory_utilization, num_kvcache_blocks) "
+                       "or batch fewer sequences (max_num_seqs).", self.unreported, since, total)
+        self.last_line, self.unreported = now, 0
+
+
 def _max_tokens(request: Request) -> int:
     return request.params.max_tokens if request.params.max_tokens is not None else 1 << 62
+
+
+def _prompt_logprobs_chunk(request: Request, start: int, end: int) -> PromptLogprobsChunk | None:
+    """The prompt tokens that positions ``[start, end)`` predict (the logits at position j give token
+    j + 1's logprob); None when the chunk predicts no prompt token."""
+    last = min(end, request.num_prompt_tokens - 1)
+    if start >= last:
+        return None
+    return PromptLogprobsChunk(request.num_prompt_logprobs, request.token_ids[start + 1:last + 1])
 
 
 def _sampling_row(request: Request) -> SamplingRow:
@@ -208,7 +309,7 @@ def _new_row(request: Request, banned, penalized: bool) -> SamplingRow:
     params = request.params
     return SamplingRow(
         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-        seed=request.seed, position=request.num_tokens,
+        seed=request.seed,
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
         repetition_penalty=params.repetition_penalty, num_logprobs=params.logprobs,
         prompt_token_ids=request.prompt_token_ids if penalized else (),

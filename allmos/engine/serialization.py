@@ -11,12 +11,16 @@ requests of the previous message only, the block table and the sampling row last
 from a message is forgotten by both and sent in full if it comes back. Layout of a batch (positional
 lists, no per-field keys)::
 
-    [FORMAT_VERSION, [[request_id, input_token_ids, start_pos, [kept, *new_block_ids], row], ...]]
+    [FORMAT_VERSION, [[request_id, input_token_ids, start_pos, from_sample, [kept, *new_block_ids], row(, prompt)],
+     ...]]
 
-The block table is the first ``kept`` ids of the remembered table followed by the new ids; ``row`` is
-``null`` (nothing sampled), ``0`` (the same row object as last time) or the ``SamplingRow`` fields in
-declaration order (``ROW_FIELDS``). ``serialize_batch`` / ``deserialize_batch`` are the stateless case
-(everything sent in full).
+``from_sample`` is 1 when the sequence's last input is the previous step's sample
+(``ScheduledSeq.input_from_previous_sample``), else 0. The block table is the first ``kept`` ids of the
+remembered table followed by the new ids; ``row`` is ``null`` (nothing sampled), ``0`` (the same row
+object as last time) or the ``SamplingRow`` fields in declaration order (``ROW_FIELDS``). ``prompt``,
+present only when the sequence carries a ``PromptLogprobsChunk``, is ``[num_logprobs, target_token_ids]``;
+the decoder sets the batch's ``has_prompt_logprobs`` from it. ``serialize_batch`` / ``deserialize_batch``
+are the stateless case (everything sent in full).
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
-from allmos.engine.batch import ScheduledBatch, ScheduledSeq
+from allmos.engine.batch import PromptLogprobsChunk, ScheduledBatch, ScheduledSeq
 from allmos.engine.sampler import SamplingRow
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 4
 ROW_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SamplingRow))
 _LIST_FIELDS = ("prompt_token_ids", "output_token_ids", "banned_token_ids")
 _LIST_INDEX = tuple(ROW_FIELDS.index(name) for name in _LIST_FIELDS)
@@ -68,8 +72,12 @@ class BatchEncoder:
             old = self._sent.get(s.request_id)
             kept = len(old[0]) if old is not None and table[:len(old[0])] == old[0] else 0
             same_row = row is not None and old is not None and old[1] is row
-            seqs.append((s.request_id, _as_array(s.input_token_ids), s.start_pos, [kept, *table[kept:]],
-                         0 if same_row else _row_to_list(row)))
+            entry = (s.request_id, _as_array(s.input_token_ids), s.start_pos, int(s.input_from_previous_sample),
+                     [kept, *table[kept:]],
+                     0 if same_row else _row_to_list(row))
+            if s.prompt_logprobs is not None:
+                entry += ([s.prompt_logprobs.num_logprobs, _as_array(s.prompt_logprobs.target_token_ids)],)
+            seqs.append(entry)
             sent[s.request_id] = (table, row)  # the scheduler builds every step's tables afresh
         data = json.dumps([FORMAT_VERSION, seqs], separators=(",", ":"), allow_nan=True).encode()
         self._sent = sent  # only once the message exists: a failed encode changes nothing
@@ -94,16 +102,19 @@ class BatchDecoder:
                              "(driver and workers must run the same allmos)")
         held: dict[str, tuple[list[int], SamplingRow | None]] = {}
         out = []
+        has_prompt_logprobs = False
         try:
-            for rid, ids, start, table_op, row_op in seqs:
+            for rid, ids, start, from_sample, table_op, row_op, *prompt_op in seqs:
                 old = self._held.get(rid)
                 table, row = self._table(rid, old, table_op), self._row(rid, old, row_op)
                 held[rid] = (table, row)
-                out.append(ScheduledSeq(str(rid), ids, int(start), table, row))
+                prompt = _prompt_chunk(prompt_op)
+                has_prompt_logprobs |= prompt is not None
+                out.append(ScheduledSeq(str(rid), ids, int(start), table, row, prompt, bool(from_sample)))
         except (ValueError, TypeError, IndexError) as exc:
             raise ValueError(f"malformed ScheduledBatch in step message: {exc}") from exc
         self._held = held
-        return ScheduledBatch(out)
+        return ScheduledBatch(out, has_prompt_logprobs)
 
     @staticmethod
     def _table(rid: str, old: tuple | None, table_op: list[int]) -> list[int]:
@@ -155,6 +166,16 @@ def _row_to_list(row: SamplingRow | None) -> tuple | list | None:
     for i in _LIST_INDEX:
         values[i] = list(values[i])
     return values
+
+
+def _prompt_chunk(prompt_op: list[Any]) -> PromptLogprobsChunk | None:
+    """The optional seventh element of a sequence entry: ``[num_logprobs, target_token_ids]``."""
+    if not prompt_op:
+        return None
+    if len(prompt_op) != 1 or len(prompt_op[0]) != 2:
+        raise ValueError(f"prompt logprobs entry {prompt_op!r} is not [num_logprobs, target_token_ids]")
+    num_logprobs, targets = prompt_op[0]
+    return PromptLogprobsChunk(int(num_logprobs), targets)
 
 
 def _row_from_list(values: list[Any] | None) -> SamplingRow | None:

@@ -5,19 +5,21 @@ by the driver over a gloo group before it runs its own shard; every rank then ru
 ``LocalModelRunner.execute`` and samples the same tokens (see ``allmos.engine.worker``). Only the
 driver's ``PendingStep`` is read by the engine.
 
-Failure handling: a watchdog thread in the driver waits on the workers' error pipes and process
-sentinels. A worker that raises sends its formatted traceback and exits; the driver then aborts its
-NCCL group (gloo notices the closed sockets by itself), stops the other workers, and the engine call
-in progress raises ``WorkerError`` carrying that traceback. Workers exit when the driver dies (they
-poll their parent pid) and ignore Ctrl-C, which the driver turns into an orderly stop.
+Failure handling: a watchdog thread in the driver waits on the workers' error pipes (a worker's exit
+closes its pipe, so exits wake it too). A worker that raises sends its formatted traceback and exits;
+the driver then aborts its NCCL group (gloo notices the closed sockets by itself), stops the other
+workers, and the engine call in progress raises ``WorkerError`` carrying that traceback. Workers exit
+when the driver dies (they poll their parent pid) and ignore Ctrl-C, which the driver turns into an
+orderly stop.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import multiprocessing.connection
 import os
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -41,8 +43,8 @@ from allmos.engine.worker import (
     connect_store,
     init_rank_groups,
     set_nccl_env,
-    worker_main,
 )
+from allmos.models.model_config import ModelConfig
 from allmos.models.resolve import ModelSource
 
 logger = logging.getLogger("allmos")
@@ -56,19 +58,10 @@ class WorkerError(RuntimeError):
     """A tensor-parallel worker failed; the message carries its traceback."""
 
 
-def validate_tp(config: EngineConfig, hf_config: Any, device: torch.device) -> None:
+def validate_tp(config: EngineConfig, model_config: ModelConfig, device: torch.device) -> None:
     """Raise ValueError naming the field when ``tensor_parallel_size`` cannot shard this model here."""
     tp = config.tensor_parallel_size
-    heads = hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    if heads % tp:
-        raise ValueError(f"tensor_parallel_size={tp} must divide the model's num_attention_heads={heads}")
-    if kv_heads % tp and tp % kv_heads:
-        raise ValueError(f"tensor_parallel_size={tp} and the model's num_key_value_heads={kv_heads}: "
-                         "one must divide the other")
-    inter = getattr(hf_config, "intermediate_size", None)
-    if inter is not None and inter % tp:
-        raise ValueError(f"tensor_parallel_size={tp} must divide the model's intermediate_size={inter}")
+    model_config.verify_tensor_parallel_size(tp)
     if device.type == "cuda":
         first = device.index or 0
         available = torch.cuda.device_count()
@@ -112,13 +105,61 @@ def _timeout_from_env() -> float:
 # --------------------------------------------------------------------------- workers
 
 
+class WorkerProcess:
+    """One worker: a fresh interpreter running ``python -m allmos.engine.worker`` (never the user's main
+    module), its spec sent as JSON on standard input, and the read end of its error pipe."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        read_fd, write_fd = os.pipe()
+        try:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "allmos.engine.worker", str(write_fd)], stdin=subprocess.PIPE,
+                pass_fds=(write_fd,), env=_worker_env())
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)  # the child holds the write end now; EOF here means it is gone
+        self.conn = multiprocessing.connection.Connection(read_fd, writable=False)
+        self.popen.stdin.write((spec.to_json() + "\n").encode())
+        self.popen.stdin.close()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: float) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def terminate(self) -> None:
+        self.popen.terminate()
+
+    def kill(self) -> None:
+        self.popen.kill()
+
+
+def _worker_env() -> dict[str, str]:
+    """The driver's environment, with the folder that holds this ``allmos`` first on the import path."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+
+
 class WorkerPool:
     """Worker processes of one engine, their error pipes, and the watchdog that reports failures."""
 
     def __init__(self, specs: list[WorkerSpec]) -> None:
-        ctx = mp.get_context("spawn")
-        self.processes: list[Any] = []
-        self._conns: list[Any] = []
+        self.processes: list[WorkerProcess] = []
         self.failure: str | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -129,16 +170,14 @@ class WorkerPool:
         self.stopped = False
         try:
             for spec in specs:
-                recv, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=worker_main, args=(spec, send), name=f"allmos-tp-rank{spec.rank}",
-                                   daemon=True)
-                proc.start()
-                send.close()  # the child holds the write end now; EOF here means it is gone
-                self.processes.append(proc)
-                self._conns.append(recv)
+                self.processes.append(WorkerProcess(spec))
         except BaseException:
             self.stop()
             raise
+
+    @property
+    def _conns(self) -> list[Any]:
+        return [proc.conn for proc in self.processes]
 
     # ------------------------------------------------------------------ failure detection
     def poll(self) -> str | None:
@@ -184,7 +223,7 @@ class WorkerPool:
         self._watchdog.start()
 
     def _watch(self) -> None:
-        waitables = list(self._conns) + [p.sentinel for p in self.processes]
+        waitables = list(self._conns)  # a worker's exit closes its pipe: EOF wakes this wait too
         while not self._stopping.is_set():
             try:
                 multiprocessing.connection.wait(waitables, timeout=WATCH_INTERVAL_S)
@@ -313,8 +352,8 @@ class MultiprocessRunner(ModelRunner):
     """``ModelRunner`` over ``config.tensor_parallel_size`` processes; this process is rank 0.
 
     Rendezvous: ``MASTER_ADDR`` / ``MASTER_PORT`` when set (one engine per port), otherwise a free port
-    on 127.0.0.1. Workers are spawned (``multiprocessing`` 'spawn'), so scripts that build an engine at
-    import time need the usual ``if __name__ == "__main__":`` guard.
+    on 127.0.0.1. Workers are fresh interpreters running ``allmos.engine.worker`` (see ``WorkerProcess``),
+    so any script can build an engine, with or without a ``__main__`` guard.
     """
 
     def __init__(self, config: EngineConfig, source: ModelSource, device: torch.device, dtype: torch.dtype,
@@ -322,7 +361,7 @@ class MultiprocessRunner(ModelRunner):
         world = config.tensor_parallel_size
         if world < 2:
             raise ValueError(f"tensor_parallel_size must be >= 2 for MultiprocessRunner, got {world}")
-        validate_tp(config, source.hf_config, device)
+        validate_tp(config, source.model_config, device)
         self.config, self.world_size = config, world
         self.debug = debug or DebugOptions.from_env()
         self.device = rank_device(device, 0)
@@ -345,7 +384,7 @@ class MultiprocessRunner(ModelRunner):
             groups = init_rank_groups(store, 0, world, self.device, self.timeout_s)
             self._dist.attach(groups)
             pool.start_watchdog(self._dist.abort)
-            self.local = LocalModelRunner(config, source.hf_config, source.folder, self.device, dtype, groups.tp)
+            self.local = LocalModelRunner(config, source.model_config, source.folder, self.device, dtype, groups.tp)
             self._dist.local = self.local
         except BaseException as exc:
             self._fail(exc)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from allmos.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from allmos.engine.batch import ScheduledBatch
     from allmos.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger("allmos")
@@ -28,6 +29,7 @@ FIRST_WAVE = ((1, 0.0), (16, 0.6), (37, 1.0), (64, 0.6), (300, 0.0))
 SECOND_WAVE = ((300, 0.6), (33, 0.6), (48, 0.6))
 THIRD_WAVE = ((4, 1.0),)
 MAX_TOKENS = 4
+REQUEST_PREFIX = "allmos-warmup-"
 
 
 def warm_up(engine: LLMEngine) -> None:
@@ -35,11 +37,16 @@ def warm_up(engine: LLMEngine) -> None:
     start = time.perf_counter()
     for wave, plan in enumerate((FIRST_WAVE, SECOND_WAVE, THIRD_WAVE)):
         for index, (length, temperature) in enumerate(plan):
-            _add(engine, f"allmos-warmup-{wave}-{index}", length, temperature)
+            _add(engine, f"{REQUEST_PREFIX}{wave}-{index}", length, temperature)
         while engine.has_unfinished():
             engine.step()
     engine.num_generated_tokens = 0
     logger.info("warm-up (kernel compilation) took %.1f s", time.perf_counter() - start)
+
+
+def is_warmup_batch(batch: ScheduledBatch | None) -> bool:
+    """Whether every sequence of ``batch`` belongs to the warm-up (such steps are not user steps)."""
+    return batch is not None and all(seq.request_id.startswith(REQUEST_PREFIX) for seq in batch.seqs)
 
 
 def _add(engine: LLMEngine, request_id: str, length: int, temperature: float) -> None:

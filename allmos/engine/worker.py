@@ -5,7 +5,7 @@ Invariant: every rank executes the same sequence of ``ScheduledBatch`` es, in th
 message over a CPU (gloo) group before it runs the step itself; ranks 1..N-1 receive, run and repeat.
 The model's collectives leave every rank with the same all-gathered logits, and the sampler is a pure
 function of (logits, seed, position), so every rank samples the same tokens and fills its own
-``PENDING_TOKEN`` inputs from its own previous step: no token travels between ranks.
+inputs taken from its own previous step's samples: no token travels between ranks.
 
 Process groups are built directly on a ``TCPStore`` (``torch.distributed``'s env:// recipe without the
 process-global default group), so one driver process can hold several engines, each with its own store,
@@ -14,7 +14,9 @@ port and workers.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
 import os
 import signal
 import sys
@@ -37,6 +39,7 @@ from allmos.engine.serialization import (
     decode_message,
     encode_message,
 )
+from allmos.engine.warmup import is_warmup_batch
 from allmos.layers.tp import TPGroup
 from allmos.utils.heap import freeze_startup_heap
 
@@ -57,7 +60,7 @@ class DebugOptions:
 
     verify_tokens: bool = False
     fail_rank: int | None = None
-    fail_at_step: int | None = None
+    fail_at_step: int | None = None  # counts steps that carry user requests (the start-up warm-up's do not)
 
     @classmethod
     def from_env(cls) -> DebugOptions:
@@ -87,6 +90,28 @@ class WorkerSpec:
     timeout_s: float = DEFAULT_TIMEOUT_S
     num_threads: int = 1  # intra-op threads on the CPU
     debug: DebugOptions = field(default_factory=DebugOptions)
+
+    def to_json(self) -> str:
+        """The spec as JSON (plain values only: no pickle crosses the process boundary)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["config"] = {f.name: _json_value(getattr(self.config, f.name))
+                            for f in dataclasses.fields(self.config)}
+        fields["dtype"] = _json_value(self.dtype)
+        fields["debug"] = dataclasses.asdict(self.debug)
+        return json.dumps(fields)
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        fields = json.loads(text)
+        fields["config"] = EngineConfig(**fields["config"])
+        fields["dtype"] = getattr(torch, fields["dtype"])
+        fields["debug"] = DebugOptions(**fields["debug"])
+        return cls(**fields)
+
+
+def _json_value(value: Any) -> Any:
+    """torch dtypes as their names ("bfloat16"); everything else in a spec is already plain."""
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
 
 
 # --------------------------------------------------------------------------- groups
@@ -208,7 +233,7 @@ def set_nccl_env() -> None:
 
 
 def worker_main(spec: WorkerSpec, error_conn: Any) -> None:
-    """Process entry of ranks 1..N-1. Never returns: exits 0 after SHUTDOWN, 1 after sending its
+    """Run ranks 1..N-1 of one engine. Never returns: exits 0 after SHUTDOWN, 1 after sending its
     formatted traceback through ``error_conn``, and at once when the driver process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it stops us
     _exit_when_orphaned(os.getppid())
@@ -229,6 +254,21 @@ def worker_main(spec: WorkerSpec, error_conn: Any) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)  # skip interpreter teardown: nothing left to clean, and NCCL teardown could block
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m allmos.engine.worker ERROR_FD``: the worker process's own entry point.
+
+    The driver starts workers as fresh interpreters running this module (never re-importing the user's
+    main script, so any script works: no ``__main__`` guard needed, standard input scripts too). The
+    ``WorkerSpec`` arrives as JSON on standard input; a failure's traceback goes back through the
+    inherited pipe ``ERROR_FD`` (length-prefixed bytes)."""
+    from multiprocessing.connection import Connection
+
+    args = sys.argv[1:] if argv is None else argv
+    error_conn = Connection(int(args[0]), readable=False)
+    spec = WorkerSpec.from_json(sys.stdin.readline())
+    worker_main(spec, error_conn)
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:
@@ -258,7 +298,7 @@ def _run_worker(spec: WorkerSpec) -> None:
     if spec.debug.fail_rank == spec.rank and spec.debug.fail_at_step == 0:
         raise RuntimeError(f"injected failure on rank {spec.rank} at start-up (ALLMOS_TP_FAIL_AT)")
     source = load_model_source(spec.model_folder)
-    runner = LocalModelRunner(spec.config, source.hf_config, Path(spec.model_folder), device, spec.dtype, groups.tp)
+    runner = LocalModelRunner(spec.config, source.model_config, Path(spec.model_folder), device, spec.dtype, groups.tp)
     freeze_startup_heap()  # a full collection in one rank stalls every rank's collectives
     serve(runner, StepChannel(groups.control), groups, spec)
     if device.type == "cuda":
@@ -272,9 +312,13 @@ def serve(runner: Any, channel: StepChannel, groups: RankGroups, spec: WorkerSpe
         message = channel.receive()
         if message.kind is MessageKind.SHUTDOWN:
             return
-        step += 1
+        step += not is_warmup_batch(message.batch)
         if spec.debug.fail_rank == spec.rank and spec.debug.fail_at_step == step:
             raise RuntimeError(f"injected failure on rank {spec.rank} at step {step} (ALLMOS_TP_FAIL_AT)")
         pending = runner.execute(message.batch)
         if spec.debug.verify_tokens and message.batch.sampled_seqs:
             check_same_tokens(groups.control, spec.world_size, pending.result().token_ids)
+
+
+if __name__ == "__main__":
+    main()

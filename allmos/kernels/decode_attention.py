@@ -9,7 +9,11 @@ Invariants (cache layout and causal offset: see ``allmos.attention.metadata``):
   ``BLOCK_N // block_size`` whole pages (one vector load gathers each token's block id; block_size 16
   with 64-token tiles ran as fast as 256-token pages on H100).
 - With ``num_splits > 1`` split ``k`` handles a contiguous run of tiles and writes a float32 partial output
-  plus its log-sum-exp (base 2) to a ``DecodeWorkspace``; a second kernel merges the splits.
+  plus its log-sum-exp (base 2) to a ``DecodeWorkspace``; a second kernel merges the splits, or, with
+  ``fold_merge``, the last split of each (sequence, KV head) to finish merges them itself: each split
+  counts its arrival on that pair's semaphore (an atomic add, acquire-release, after a barrier that
+  orders all of the program's partial stores before it); the one that sees ``num_splits - 1`` reads the
+  partials back from L2 and resets the semaphore to 0 for the next launch. One launch instead of two.
 - No host synchronization: grids come from host-known sizes, so the launches can be captured in a CUDA
   graph (preallocate the workspace for that).
 
@@ -47,16 +51,32 @@ class DecodeWorkspace:
 
     partial_out: torch.Tensor  # [max_num_seqs, num_heads, max_num_splits, head_dim] float32
     lse: torch.Tensor  # [max_num_seqs, num_heads, max_num_splits] float32, log2 of the softmax denominator
+    # [max_num_seqs, num_kv_heads] int32, all 0 between launches: arrivals of the splits (fold_merge only)
+    semaphores: torch.Tensor | None = None
 
     @classmethod
     def allocate(
-        cls, max_num_seqs: int, num_heads: int, head_dim: int, max_num_splits: int, device: torch.device | str
+        cls, max_num_seqs: int, num_heads: int, head_dim: int, max_num_splits: int, device: torch.device | str,
+        num_kv_heads: int | None = None,
     ) -> DecodeWorkspace:
+        """Buffers for calls up to the given sizes; with ``num_kv_heads``, also the semaphores of
+        ``fold_merge`` (zeroed once here; each launch leaves them at zero)."""
         partial_out = torch.empty(
             max_num_seqs, num_heads, max_num_splits, head_dim, dtype=torch.float32, device=device
         )
         lse = torch.empty(max_num_seqs, num_heads, max_num_splits, dtype=torch.float32, device=device)
-        return cls(partial_out, lse)
+        semaphores = None
+        if num_kv_heads is not None:
+            semaphores = torch.zeros(max_num_seqs, num_kv_heads, dtype=torch.int32, device=device)
+        return cls(partial_out, lse, semaphores)
+
+    def check_semaphores(self, num_seqs: int, num_kv_heads: int) -> None:
+        """Raise ValueError unless this workspace has semaphores for ``fold_merge`` at these sizes."""
+        sem = self.semaphores
+        if sem is None or sem.dtype != torch.int32 or sem.shape[0] < num_seqs or sem.shape[1] != num_kv_heads \
+                or sem.stride(1) != 1:
+            raise ValueError(f"fold_merge needs workspace.semaphores int32 [>= {num_seqs}, {num_kv_heads}] "
+                             "(DecodeWorkspace.allocate(..., num_kv_heads=...))")
 
     def check_fits(self, num_seqs: int, num_heads: int, head_dim: int, num_splits: int) -> None:
         """Raise ValueError unless this workspace can hold a call of the given sizes."""
@@ -123,12 +143,13 @@ def attend_kv_tile(
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr, out_ptr, part_ptr, lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr, out_ptr, part_ptr, lse_ptr, sem_ptr,
     scale_log2, num_splits,
     stride_qs, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
-    stride_os, stride_oh, stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_lk,
+    stride_os, stride_oh, stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_lk, stride_ss,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FOLD_MERGE: tl.constexpr, SPLITS_P2: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -177,9 +198,42 @@ def _decode_kernel(
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
         lse_ptrs = lse_ptr + seq.to(tl.int64) * stride_ls + heads * stride_lh + split * stride_lk
         tl.store(lse_ptrs, lse, mask=row_valid)
+        if FOLD_MERGE:
+            tl.debug_barrier()  # all of this program's partial stores precede its arrival
+            counter = sem_ptr + seq.to(tl.int64) * stride_ss + kv_head
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")  # one atomic per program
+            if arrived == num_splits - 1:  # the last split of this (sequence, KV head): merge, then reset
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+                for r in tl.static_range(GROUP):
+                    _merge_head(part_ptr, lse_ptr, out_ptr, seq.to(tl.int64), kv_head * GROUP + r, num_splits,
+                                stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_lk, stride_os,
+                                stride_oh, HEAD_DIM, SPLITS_P2)
     else:
         out_ptrs = out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + dims[None, :]
         tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit
+def _merge_head(
+    part_ptr, lse_ptr, out_ptr, seq, head, num_splits,
+    stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_lk, stride_os, stride_oh,
+    HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr,
+):
+    """Merge one (sequence, query head)'s split partials into ``out``. Loads bypass L1 (``.cg``): with
+    ``fold_merge`` other programs of the same launch wrote the partials."""
+    splits = tl.arange(0, SPLITS_P2)
+    dims = tl.arange(0, HEAD_DIM)
+    split_valid = splits < num_splits
+    lse_ptrs = lse_ptr + seq * stride_ls + head * stride_lh + splits * stride_lk
+    lse = tl.load(lse_ptrs, mask=split_valid, other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    weights = tl.exp2(lse - m)  # [SPLITS_P2]; empty splits weigh 0
+    part_ptrs = part_ptr + seq * stride_ps + head * stride_ph + splits[:, None] * stride_pk + dims[None, :]
+    parts = tl.load(part_ptrs, mask=split_valid[:, None], other=0.0, cache_modifier=".cg")  # [SPLITS_P2, HEAD_DIM]
+    total = tl.sum(weights, 0)
+    o = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -188,21 +242,9 @@ def _merge_splits_kernel(
     stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_lk, stride_os, stride_oh,
     HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr,
 ):
-    seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    splits = tl.arange(0, SPLITS_P2)
-    dims = tl.arange(0, HEAD_DIM)
-    split_valid = splits < num_splits
-    lse_ptrs = lse_ptr + seq * stride_ls + head * stride_lh + splits * stride_lk
-    lse = tl.load(lse_ptrs, mask=split_valid, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    weights = tl.exp2(lse - m)  # [SPLITS_P2]; empty splits weigh 0
-    part_ptrs = part_ptr + seq * stride_ps + head * stride_ph + splits[:, None] * stride_pk + dims[None, :]
-    parts = tl.load(part_ptrs, mask=split_valid[:, None], other=0.0)  # [SPLITS_P2, HEAD_DIM]
-    total = tl.sum(weights, 0)
-    o = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(out_ptr + seq * stride_os + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
+    _merge_head(part_ptr, lse_ptr, out_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), num_splits,
+                stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_lk, stride_os, stride_oh,
+                HEAD_DIM, SPLITS_P2)
 
 
 def max_shared_memory(device: torch.device) -> int:
@@ -313,12 +355,14 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,  # [num_seqs, num_heads, head_dim]
     workspace: DecodeWorkspace | None = None,
     config: DecodeConfig | None = None,
+    fold_merge: bool = False,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     """Attention of each sequence's single new query over its ``seq_lens[s]`` cached keys.
 
     The new token's K/V must already be in the cache. ``num_splits > 1`` splits every sequence's keys
     into that many contiguous runs (see ``choose_num_splits``) and needs a workspace; one is allocated
-    when none is given. A sequence with ``seq_lens == 0`` (a padded graph row) gets zeros.
+    when none is given. ``fold_merge`` merges the splits inside the one launch (the workspace then needs
+    semaphores). A sequence with ``seq_lens == 0`` (a padded graph row) gets zeros.
     """
     _check_decode_args(query, k_cache, v_cache, seq_lens, block_tables, num_splits)
     num_seqs, num_heads, head_dim = query.shape
@@ -328,26 +372,31 @@ def paged_decode_attention(
         return out
     cfg = config or default_decode_config(head_dim, query.dtype, max_shared_memory(query.device))
     split = num_splits > 1
+    fold = split and fold_merge
     if split:
         if workspace is None:
-            workspace = DecodeWorkspace.allocate(num_seqs, num_heads, head_dim, num_splits, query.device)
+            workspace = DecodeWorkspace.allocate(num_seqs, num_heads, head_dim, num_splits, query.device,
+                                                 num_kv_heads=num_kv_heads if fold else None)
         workspace.check_fits(num_seqs, num_heads, head_dim, num_splits)
+        if fold:
+            workspace.check_semaphores(num_seqs, num_kv_heads)
         part, lse = workspace.partial_out, workspace.lse
     else:
         part, lse = out, out  # unused by the kernel
+    sem = workspace.semaphores if fold else seq_lens  # unused by the kernel unless fold
     group = num_heads // num_kv_heads
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, seq_lens, block_tables, out, part, lse,
+        query, k_cache, v_cache, seq_lens, block_tables, out, part, lse, sem,
         scale * 1.4426950408889634, num_splits,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1), part.stride(0), part.stride(1), part.stride(2),
-        lse.stride(0), lse.stride(1), lse.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2), sem.stride(0),
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_N=cfg.block_n, SPLIT=split, DOT_PRECISION=dot_precision(query.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_N=cfg.block_n, SPLIT=split, FOLD_MERGE=fold, SPLITS_P2=triton.next_power_of_2(num_splits) if fold else 1,
+        DOT_PRECISION=dot_precision(query.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if split:
+    if split and not fold:
         _merge_splits_kernel[(num_seqs, num_heads)](
             part, lse, out, num_splits,
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allmos.layers.fused_linear import project
 from allmos.layers.tp import SINGLE, TPGroup
 from allmos.layers.weights import copy_checked, narrow, shape_of
 
@@ -44,7 +45,15 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for the whole vocabulary from each rank's rows (may share the embedding's weight)."""
 
+    gemv_table = None  # CUDA: small batches through the Triton GEMV (see layers.fused_linear)
+    quant_method = None  # allmos.layers.quantization.QuantMethod, set by quantize_model after loading
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [num_seqs, hidden] -> [num_seqs, vocab]
-        logits = F.linear(hidden, self.weight)
+        if self.quant_method is not None:
+            logits = self.quant_method.apply(self, hidden)
+        else:
+            logits = project(self, hidden, None)
+        if logits.device.type == "cpu" and logits.dtype != torch.float32:
+            logits = logits.float()  # the CPU's bfloat16 argmax / softmax over the vocabulary are slow
         logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

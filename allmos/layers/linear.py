@@ -4,21 +4,32 @@ Column-parallel layers split the output features across ranks (no communication)
 split the input features and all-reduce the output. Each parameter carries ``weight_loader(param,
 loaded, shard_id=None)`` where ``loaded`` is the full checkpoint tensor (or a lazy safetensors slice) and
 ``shard_id`` names a packed part ("q"/"k"/"v", or an index into ``output_sizes``).
+
+After loading, ``allmos.layers.quantization.quantize_model`` may replace a layer's float ``weight`` by
+packed buffers and set ``quant_method``; ``matmul`` then goes through that method's kernel.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allmos.layers.fused_linear import project
+from allmos.layers.quantization import QuantMethod
 from allmos.layers.tp import SINGLE, TPGroup
 from allmos.layers.weights import copy_checked, narrow, shape_of
 
+if TYPE_CHECKING:
+    from allmos.kernels.gemv_tuning import GemvTable
+
 
 class LinearBase(nn.Module):
+    gemv_table: GemvTable | None = None  # CUDA: small batches through the Triton GEMV (see layers.fused_linear)
+    quant_method: QuantMethod | None = None  # set by quantize_model after loading
+
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup) -> None:
         super().__init__()
         self.tp = tp
@@ -33,7 +44,18 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         raise NotImplementedError
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T`` without bias, through the quantized kernel when there is one."""
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x)
+        return F.linear(x, self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv_table is not None:  # CUDA, tuned at start-up: small batches may take the Triton GEMV
+            return project(self, x, self.bias)
+        if self.quant_method is not None:
+            y = self.quant_method.apply(self, x)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
 
@@ -133,7 +155,7 @@ class RowParallelLinear(LinearBase):
         copy_checked(param, narrow(loaded, 1, start, size), "RowParallelLinear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = project(self, x, None) if self.gemv_table is not None else self.matmul(x)
         y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 

@@ -23,7 +23,7 @@ import xxhash
 class Sequence(Protocol):
     """What the block manager needs to know of a request."""
 
-    token_ids: list[int]
+    token_ids: list[int]  # known tokens only (never a placeholder)
     num_computed_tokens: int
     block_table: list[int]
     block_hashes: list[int]
@@ -69,14 +69,12 @@ class BlockManager:
 
     # ----------------------------------------------------------------- prefix cache
     def update_block_hashes(self, seq: Sequence) -> None:
-        """Extend ``seq.block_hashes`` to cover every full block of its known tokens (a block holding a
-        not-yet-known token id, negative, is not hashed until it is known)."""
+        """Extend ``seq.block_hashes`` to cover every full block of its tokens (``token_ids`` holds known
+        tokens only: a token sampled but not read back is not in it, so its block is hashed later)."""
         num_full = len(seq.token_ids) // self.block_size
         for i in range(len(seq.block_hashes), num_full):
             parent = seq.block_hashes[i - 1] if i else None
             tokens = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
-            if min(tokens) < 0:
-                return
             seq.block_hashes.append(hash_block(parent, tokens))
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:

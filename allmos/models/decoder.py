@@ -3,25 +3,33 @@
 Family differences are explicit in ``DecoderSpec`` and chosen by the architecture name (see
 ``models.registry``): Qwen3 normalizes q and k per head, Qwen2 always has a q/k/v bias, Llama-style
 models take biases from ``attention_bias`` / ``mlp_bias``. Module names equal checkpoint keys; packed
-modules (``qkv_proj``, ``gate_up_proj``) are declared in ``packed_modules_mapping``.
+modules (``qkv_proj``, ``gate_up_proj``) are declared in ``packed_modules_mapping``. Every class takes the
+model's facts as a ``ModelConfig`` (never the Hugging Face config).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from allmos.attention.context import get_forward_context
+from allmos.attention.context import ForwardContext, get_forward_context
 from allmos.kernels import fused_layers as fused  # None without Triton
+from allmos.kernels import fused_qk_rope_store  # None without Triton
 from allmos.layers.activation import SiluAndMul
 from allmos.layers.attention import Attention
 from allmos.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from allmos.layers.fused_linear import norm_then_linear
 from allmos.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from allmos.layers.norm import RMSNorm
-from allmos.layers.rotary import CachedRotaryEmbedding, RotaryEmbedding, get_rope, rope_config_from_hf
+from allmos.layers.rotary import CachedRotaryEmbedding, RotaryEmbedding, get_rope
 from allmos.layers.tp import SINGLE, TPGroup
+from allmos.models.model_config import ModelConfig
+
+if TYPE_CHECKING:
+    from allmos.kernels.gemv_tuning import GemvSignature, GemvTable
 
 
 @dataclass(frozen=True)
@@ -34,38 +42,14 @@ class DecoderSpec:
     mlp_bias: bool = False
 
 
-def context_limit(cfg) -> int | None:
-    """Longest sequence the model supports: max_position_embeddings, extended by linear / dynamic / yarn
-    RoPE scaling (as vLLM derives it); None when the config does not say."""
-    limit = getattr(cfg, "max_position_embeddings", None)
-    if not limit:
-        return None
-    rope = rope_config_from_hf(cfg)
-    scaling = rope.scaling or {}
-    if rope.rope_type in ("linear", "dynamic"):
-        return int(limit * scaling["factor"])
-    if rope.rope_type == "yarn":
-        original = scaling.get("original_max_position_embeddings", limit)
-        return max(limit, int(original * scaling["factor"]))
-    return limit
-
-
-def effective_max_model_len(requested: int, cfg) -> int:
-    """The engine's max_model_len: the user's value capped by the model's own ``context_limit``."""
-    limit = context_limit(cfg)
-    return min(requested, limit) if limit else requested
-
-
-def head_dim_of(cfg) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg, spec: DecoderSpec, layer_idx: int, tp: TPGroup, rotary_emb: RotaryEmbedding) -> None:
+    fuse_kv_store: bool = False  # set by use_decode_kernels: q/k-norm + RoPE + K/V store in one kernel
+
+    def __init__(self, cfg: ModelConfig, spec: DecoderSpec, layer_idx: int, tp: TPGroup,
+                 rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        head_dim = head_dim_of(cfg)
-        num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, head_dim, cfg.num_attention_heads, num_kv_heads,
+        head_dim = cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, head_dim, cfg.num_attention_heads, cfg.num_key_value_heads,
                                           bias=spec.qkv_bias, tp=tp)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = head_dim
@@ -80,11 +64,38 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # positions [num_tokens]; x [num_tokens, hidden]
+        return self.attend(positions, self.qkv_proj(x))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """Everything after the q/k/v projection: q/k norm, RoPE, K/V store, attention, o_proj.
+        qkv [num_tokens, q_size + 2 * kv_size] -> [num_tokens, hidden]."""
+        ctx = get_forward_context() if self.fuse_kv_store and self._rope_fusable() else None  # GPU only
+        if ctx is not None and ctx.backend.accepts_stored_kv:
+            o = self.attn(self._qk_rope_store(positions, qkv, ctx), None, None)  # K/V already in the cache
+        else:
+            o = self.attn(*self._qk_rope(positions, qkv))  # [num_tokens, num_heads, head_dim]
+        return self.o_proj(o.flatten(1))
+
+    def _rope_fusable(self) -> bool:
+        """Whether the fused kernels can apply this layer's RoPE (a cos/sin cache over the whole head)."""
+        rope = self.rotary_emb
+        return isinstance(rope, CachedRotaryEmbedding) and rope.cfg.rotary_dim == self.head_dim
+
+    def _qk_rope_store(self, positions: torch.Tensor, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """q [num_tokens, num_heads, head_dim]; k and v go straight into this layer's cache slots."""
+        k_cache, v_cache = ctx.kv_caches[self.attn.layer_idx]
+        rope = self.rotary_emb
+        return fused_qk_rope_store.qk_norm_rope_store(
+            qkv, self.num_heads, self.num_kv_heads, self.head_dim,
+            self.q_norm.weight if self.qk_norm else None, self.k_norm.weight if self.qk_norm else None,
+            self.rms_norm_eps, rope.cos_cache, rope.sin_cache, positions, k_cache, v_cache,
+            ctx.metadata.slot_mapping)
+
+    def _qk_rope(self, positions: torch.Tensor, qkv: torch.Tensor):
+        """(q, k, v) with q/k normed and rotated: [num_tokens, heads, head_dim] each."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
         v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
-        if fused is not None and qkv.is_cuda and isinstance(self.rotary_emb, CachedRotaryEmbedding) \
-                and self.rotary_emb.cfg.rotary_dim == self.head_dim:
+        if fused is not None and qkv.is_cuda and self._rope_fusable():
             rope = self.rotary_emb
             q, k = fused.qk_norm_rope(
                 qkv, self.num_heads, self.num_kv_heads, self.head_dim,
@@ -92,9 +103,7 @@ class DecoderAttention(nn.Module):
                 self.rms_norm_eps, rope.cos_cache, rope.sin_cache, positions)
         else:
             q, k = self._qk_reference(positions, qkv[:, :q_size], qkv[:, q_size:q_size + kv_size])
-        o = self.attn(q, k, v)  # [num_tokens, num_heads, head_dim]
-        return self.o_proj(o.flatten(1))
-
+        return q, k, v
 
     def _qk_reference(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
@@ -106,9 +115,9 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, cfg, spec: DecoderSpec, tp: TPGroup) -> None:
+    def __init__(self, cfg: ModelConfig, spec: DecoderSpec, tp: TPGroup) -> None:
         super().__init__()
-        act = getattr(cfg, "hidden_act", "silu")
+        act = cfg.hidden_act
         if act != "silu":
             raise ValueError(f"hidden_act={act!r} is not supported (only 'silu')")
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2,
@@ -121,7 +130,8 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, spec: DecoderSpec, layer_idx: int, tp: TPGroup, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, spec: DecoderSpec, layer_idx: int, tp: TPGroup,
+                 rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         self.self_attn = DecoderAttention(cfg, spec, layer_idx, tp, rotary_emb)
         self.mlp = DecoderMLP(cfg, spec, tp)
@@ -129,20 +139,20 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None):
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        # x, residual [num_tokens, hidden]: norm -> attention -> add & norm -> MLP; each norm may run inside
+        # the projection after it, and SiLU-mul inside gate_up (layers.fused_linear)
+        qkv, residual = norm_then_linear(self.input_layernorm, self.self_attn.qkv_proj, x, residual)
+        x = self.self_attn.attend(positions, qkv)
+        act, residual = norm_then_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, x, residual,
+                                         act=self.mlp.act_fn)
+        return self.mlp.down_proj(act), residual
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg, spec: DecoderSpec, tp: TPGroup) -> None:
+    def __init__(self, cfg: ModelConfig, spec: DecoderSpec, tp: TPGroup) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        rotary_emb = get_rope(rope_config_from_hf(cfg))
+        rotary_emb = get_rope(cfg.rope)
         self.layers = nn.ModuleList(DecoderLayer(cfg, spec, i, tp, rotary_emb) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -166,17 +176,18 @@ class DecoderForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg, tp: TPGroup = SINGLE) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg, self.make_spec(cfg), tp)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
-        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.tie_word_embeddings = cfg.tie_word_embeddings
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @classmethod
-    def make_spec(cls, cfg) -> DecoderSpec:
+    def make_spec(cls, cfg: ModelConfig) -> DecoderSpec:
+        """This family's ``DecoderSpec`` for ``cfg``; ValueError for settings the family does not support."""
         raise NotImplementedError
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -184,3 +195,37 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [num_seqs, hidden] -> [num_seqs, vocab]
         return self.lm_head(hidden)
+
+    def gemv_sites(self) -> dict[str, tuple[GemvSignature, list[nn.Module]]]:
+        """The projections of a step by role: what each computes (``GemvSignature``) and its modules."""
+        from allmos.kernels.gemv_tuning import GemvSignature
+
+        layers = self.model.layers
+        qkv, gate_up = layers[0].self_attn.qkv_proj, layers[0].mlp.gate_up_proj
+        # row-parallel o_proj / down_proj add their bias after the all-reduce: their GEMVs have none
+        roles = {
+            "qkv_proj": ([layer.self_attn.qkv_proj for layer in layers],
+                         dict(norm=True, has_bias=qkv.bias is not None)),
+            "o_proj": ([layer.self_attn.o_proj for layer in layers], {}),
+            "gate_up_proj": ([layer.mlp.gate_up_proj for layer in layers],
+                             dict(norm=True, silu_mul=True, has_bias=gate_up.bias is not None)),
+            "down_proj": ([layer.mlp.down_proj for layer in layers], {}),
+            "lm_head": ([self.lm_head], {}),
+        }
+        sites = {}
+        for role, (modules, fused_around) in roles.items():
+            w = modules[0].weight  # [out_features, in_features]
+            n = w.shape[0] // 2 if fused_around.get("silu_mul") else w.shape[0]
+            sites[role] = (GemvSignature(n, w.shape[1], w.dtype, **fused_around), modules)
+        return sites
+
+    def use_decode_kernels(self, tables: dict[str, GemvTable | None], fuse_kv_store: bool = True) -> None:
+        """Run small batches through the Triton GEMV as ``tables`` (per ``gemv_sites`` role) chose, and
+        (``fuse_kv_store``) q/k-norm + RoPE + K/V store in one kernel where the backend accepts it.
+        A table of None (and ``fuse_kv_store=False``) puts a role back on the torch path."""
+        sites = self.gemv_sites()
+        for role, table in tables.items():
+            for module in sites[role][1]:
+                module.gemv_table = table
+        for layer in self.model.layers:
+            layer.self_attn.fuse_kv_store = fuse_kv_store and fused_qk_rope_store is not None

@@ -2,7 +2,9 @@
 
 The engine only knows how to load Hugging Face folders (``config.json``, ``*.safetensors`` with HF
 parameter names, tokenizer files, ``generation_config.json``). A ``.gguf`` file is therefore converted
-into such a folder the first time it is used, and every later use loads that folder.
+into such a folder the first time it is used, and every later use loads that folder. The cache key covers
+the file (path, size, mtime) and the converter itself (this module's source and the versions of the packages
+it uses), so a changed file or a changed converter never reuses an old conversion.
 
 Invariant: a folder produced here is complete. It is written under a hidden temporary name next to its
 final place and renamed into place only after every file is written, so an existing folder always
@@ -28,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +42,8 @@ import torch
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
-# Bump when the folder layout or contents change, so stale cached conversions are not reused.
-CONVERTER_VERSION = 1
+# Packages whose versions change a conversion's output (gguf reads the file, transformers builds the tokenizer).
+_CONVERTER_PACKAGES = ("gguf", "transformers")
 
 MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -78,6 +81,10 @@ _LAYER_TENSOR_NAMES = MappingProxyType(
 _LAYER_TENSOR_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 _ROPE_FREQS_TENSOR = "rope_freqs.weight"
+
+# GGUF metadata value type ids (the GGUF spec's gguf_type) and the byte sizes of the scalar ones.
+_UINT32_TYPE, _STRING_TYPE, _ARRAY_TYPE = 4, 8, 9
+_SCALAR_SIZES = MappingProxyType({0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8})
 
 # Llama 3.x rope scaling always used low/high frequency factors 1 and 4; the original context varies.
 _LLAMA3_ORIGINAL_CONTEXTS = (8192, 4096, 16384, 32768, 131072)
@@ -137,8 +144,6 @@ def convert_gguf_to_hf_folder(
     Raises ValueError for an unsupported architecture, dtype or tensor, FileNotFoundError for a missing
     file, FileExistsError when ``out_dir`` already exists.
     """
-    import gguf
-
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
     _check_dtype(dtype)
@@ -147,7 +152,7 @@ def convert_gguf_to_hf_folder(
     if out_dir.exists():
         raise FileExistsError(f"output folder already exists: {out_dir}")
 
-    reader = gguf.GGUFReader(str(gguf_path))
+    reader = open_gguf(gguf_path)
     metadata = read_metadata(reader)
     spec = arch_spec(metadata)
     entries = plan_tensors(reader, metadata, spec)
@@ -171,7 +176,8 @@ def resolve_gguf(path: str | Path, cache_dir: Path | None = None) -> Path:
     """Return the converted Hugging Face folder for the GGUF file at ``path``, converting on first use.
 
     The folder is ``cache_dir / gguf_cache_key(path)``; ``cache_dir`` defaults to ``default_cache_dir()``.
-    The key comes from the absolute path, size and mtime of the file (no hashing of its contents), so a
+    The key comes from the absolute path, size and mtime of the file (no hashing of its contents) and from
+    ``converter_fingerprint()``, so a changed file or a changed converter gets a fresh conversion, and a
     second call only stats the file and the folder.
     """
     gguf_path = Path(path).expanduser().resolve()
@@ -197,12 +203,171 @@ def default_cache_dir() -> Path:
 
 
 def gguf_cache_key(gguf_path: Path) -> str:
-    """Folder name for a GGUF file: its stem plus a digest of path, size, mtime and converter version."""
+    """Folder name for a GGUF file: its stem plus a digest of path, size, mtime and the converter fingerprint."""
     stat = gguf_path.stat()
-    ident = f"{CONVERTER_VERSION}\0{gguf_path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    ident = f"{converter_fingerprint()}\0{gguf_path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", gguf_path.stem)[:80]
     return f"{stem}-{digest}"
+
+
+def converter_fingerprint() -> str:
+    """Digest of everything besides the GGUF file that a conversion's output depends on: the source of this
+    module (the converter) and the versions of the packages it relies on. Any edit of the converter thus
+    keys new conversions apart from the ones it made before (no version constant to remember)."""
+    digest = hashlib.sha256(_converter_source())
+    for package in _CONVERTER_PACKAGES:
+        digest.update(f"\0{package}={_package_version(package)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _converter_source() -> bytes:
+    return Path(__file__).read_bytes()
+
+
+def _package_version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "none"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Opening a file, with a clear error for a damaged one
+# ----------------------------------------------------------------------------------------------------
+
+
+def open_gguf(gguf_path: Path) -> Any:
+    """A ``gguf.GGUFReader`` over the file; ValueError naming the file and what is wrong when it cannot be read.
+
+    The reader's own errors on a damaged file (``cannot reshape array ...``, ``IndexError``) name neither the
+    file nor the damage, so the layout is first walked by ``check_gguf_layout`` (a fraction of the reader's
+    time), which says where a truncated file ends early.
+    """
+    import gguf
+
+    check_gguf_layout(gguf_path)
+    try:
+        return gguf.GGUFReader(str(gguf_path))
+    except Exception as exc:  # the reader raises ValueError, IndexError, KeyError... on damaged files
+        raise ValueError(f"cannot read GGUF file {gguf_path}: {exc}") from exc
+
+
+@dataclass
+class _Cursor:
+    """Sequential reads from an open GGUF file that fail with the file's name and the missing byte range."""
+
+    handle: Any  # binary file object
+    path: Path
+    size: int
+    byte_order: str = "<"
+    offset: int = 0
+
+    def take(self, num_bytes: int, what: str) -> bytes:
+        self._need(num_bytes, what)
+        self.offset += num_bytes
+        return self.handle.read(num_bytes)
+
+    def skip(self, num_bytes: int, what: str) -> None:
+        self._need(num_bytes, what)
+        self.offset += num_bytes
+        self.handle.seek(self.offset)
+
+    def unpack(self, fmt: str, what: str) -> Any:
+        return struct.unpack(self.byte_order + fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def read_string(self, what: str) -> str:
+        return self.take(self.unpack("Q", what), what).decode("utf-8", errors="replace")
+
+    def skip_string(self, what: str) -> None:
+        self.skip(self.unpack("Q", what), what)
+
+    def _need(self, num_bytes: int, what: str) -> None:
+        end = self.offset + num_bytes
+        if end > self.size:
+            raise ValueError(
+                f"GGUF file {self.path} is truncated: {what} needs bytes up to {end} but the file has {self.size}"
+            )
+
+
+def check_gguf_layout(gguf_path: Path) -> None:
+    """Walk the header, metadata and tensor infos of a GGUF file and check that every tensor's data lies
+    inside the file. Raises ValueError naming the file and the first part that is cut off or invalid, e.g.
+    ``GGUF file X is truncated: tensor 'T' needs bytes up to N but the file has M``; returns when the layout
+    is consistent."""
+    size = gguf_path.stat().st_size
+    with open(gguf_path, "rb") as handle:
+        cursor = _Cursor(handle, gguf_path, size)
+        magic = cursor.take(4, "the GGUF magic number")
+        if magic != b"GGUF":
+            raise ValueError(f"{gguf_path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+        version = cursor.unpack("I", "the header")
+        if version & 0xFFFF == 0:  # written on a machine of the other byte order
+            cursor.byte_order = ">"
+            version = struct.unpack(">I", struct.pack("<I", version))[0]
+        if version not in (2, 3):
+            raise ValueError(f"GGUF file {gguf_path} has version {version}; versions 2 and 3 are supported")
+        tensor_count, kv_count = cursor.unpack("Q", "the header"), cursor.unpack("Q", "the header")
+        alignment = _walk_metadata(cursor, kv_count)
+        tensors = [_read_tensor_info(cursor, i) for i in range(tensor_count)]
+    data_start = -(-cursor.offset // alignment) * alignment
+    for name, relative_offset, num_bytes in sorted(tensors, key=lambda t: t[1]):
+        end = data_start + relative_offset + num_bytes
+        if end > size:
+            raise ValueError(
+                f"GGUF file {gguf_path} is truncated: tensor {name!r} needs bytes up to {end} but the file has {size}"
+            )
+
+
+def _walk_metadata(cursor: _Cursor, kv_count: int) -> int:
+    """Skip the key/value section; returns ``general.alignment`` (32 when absent)."""
+    alignment = 32
+    for i in range(kv_count):
+        key = cursor.read_string(f"the name of metadata key #{i}")
+        what = f"the value of metadata key {key!r}"
+        value_type = cursor.unpack("I", what)
+        if key == "general.alignment" and value_type == _UINT32_TYPE:
+            alignment = cursor.unpack("I", what)
+            if alignment == 0 or alignment & (alignment - 1):
+                raise ValueError(f"GGUF file {cursor.path} has general.alignment {alignment}, not a power of two")
+        else:
+            _skip_value(cursor, value_type, what)
+    return alignment
+
+
+def _skip_value(cursor: _Cursor, value_type: int, what: str) -> None:
+    if value_type == _STRING_TYPE:
+        cursor.skip_string(what)
+    elif value_type == _ARRAY_TYPE:
+        item_type, length = cursor.unpack("I", what), cursor.unpack("Q", what)
+        if item_type in _SCALAR_SIZES:
+            cursor.skip(length * _SCALAR_SIZES[item_type], what)
+        else:
+            for _ in range(length):
+                _skip_value(cursor, item_type, what)
+    elif value_type in _SCALAR_SIZES:
+        cursor.skip(_SCALAR_SIZES[value_type], what)
+    else:
+        raise ValueError(f"GGUF file {cursor.path} is damaged: {what} has unknown type id {value_type}")
+
+
+def _read_tensor_info(cursor: _Cursor, index: int) -> tuple[str, int, int]:
+    """(name, offset relative to the data section, size in bytes) of tensor ``index``."""
+    import gguf
+
+    name = cursor.read_string(f"the info of tensor #{index}")
+    what = f"the info of tensor {name!r}"
+    num_dims = cursor.unpack("I", what)
+    dims = [cursor.unpack("Q", what) for _ in range(num_dims)]
+    type_id, relative_offset = cursor.unpack("I", what), cursor.unpack("Q", what)
+    try:
+        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]
+    except (ValueError, KeyError):
+        raise ValueError(f"GGUF file {cursor.path} is damaged: tensor {name!r} has unknown type id {type_id}") \
+            from None
+    return name, relative_offset, math.prod(dims) // block_size * type_size
 
 
 # ----------------------------------------------------------------------------------------------------

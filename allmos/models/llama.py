@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 from allmos.models.decoder import DecoderForCausalLM, DecoderSpec
+from allmos.models.model_config import ModelConfig
 
 
 class LlamaForCausalLM(DecoderForCausalLM):
     @classmethod
-    def make_spec(cls, cfg) -> DecoderSpec:
-        bias = bool(getattr(cfg, "attention_bias", False))
-        return DecoderSpec(qk_norm=False, qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(cfg, "mlp_bias", False)))
+    def make_spec(cls, cfg: ModelConfig) -> DecoderSpec:
+        bias = cfg.attention_bias
+        return DecoderSpec(qk_norm=False, qkv_bias=bias, o_bias=bias, mlp_bias=cfg.mlp_bias)
 
 
 class MistralForCausalLM(LlamaForCausalLM):
     """Mistral without sliding-window attention (configs that need it are rejected)."""
 
     @classmethod
-    def make_spec(cls, cfg) -> DecoderSpec:
-        window = getattr(cfg, "sliding_window", None)
-        if window is not None and window < getattr(cfg, "max_position_embeddings", 0):
+    def make_spec(cls, cfg: ModelConfig) -> DecoderSpec:
+        window = cfg.sliding_window
+        if window is not None and window < cfg.max_position_embeddings:
             raise ValueError(f"this Mistral config uses sliding_window={window}, which allmos does not "
                              "implement; set sliding_window to null in config.json only if the model was "
                              "trained without it")
@@ -27,7 +28,7 @@ class MistralForCausalLM(LlamaForCausalLM):
 
 class Qwen2ForCausalLM(DecoderForCausalLM):
     @classmethod
-    def make_spec(cls, cfg) -> DecoderSpec:
-        if getattr(cfg, "use_sliding_window", False):
+    def make_spec(cls, cfg: ModelConfig) -> DecoderSpec:
+        if cfg.use_sliding_window:
             raise ValueError("this Qwen2 config sets use_sliding_window=true, which allmos does not implement")
         return DecoderSpec(qk_norm=False, qkv_bias=True, o_bias=False)

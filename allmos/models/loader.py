@@ -15,6 +15,7 @@ from torch import nn
 
 from allmos.layers.tp import SINGLE, TPGroup
 from allmos.models.decoder import DecoderForCausalLM
+from allmos.models.model_config import ModelConfig
 from allmos.models.registry import model_class_for
 
 
@@ -28,11 +29,12 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def build_model(hf_config, dtype: torch.dtype, device: torch.device, tp: TPGroup = SINGLE) -> DecoderForCausalLM:
+def build_model(model_config: ModelConfig, dtype: torch.dtype, device: torch.device, tp: TPGroup = SINGLE
+                ) -> DecoderForCausalLM:
     """An uninitialized model of the config's architecture, parameters on ``device`` in ``dtype``."""
-    cls = model_class_for(hf_config)
+    cls = model_class_for(model_config)
     with _default_dtype(dtype), torch.device(device):
-        model = cls(hf_config, tp)
+        model = cls(model_config, tp)
     return model.eval()
 
 

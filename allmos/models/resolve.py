@@ -6,23 +6,21 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoConfig, PretrainedConfig
-
-from allmos.config import dtype_from_name
+from allmos.models.model_config import ModelConfig, load_model_config
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A Hugging Face-format folder plus what the engine reads from it once."""
+    """A Hugging Face-format folder plus what the engine reads from it once (config.json as a ModelConfig)."""
 
     folder: Path
-    hf_config: PretrainedConfig
+    model_config: ModelConfig
     generation_config: dict
     has_tokenizer: bool
 
     @property
     def checkpoint_dtype(self):
-        return dtype_from_name(getattr(self.hf_config, "torch_dtype", None) or getattr(self.hf_config, "dtype", None))
+        return self.model_config.checkpoint_dtype
 
 
 def resolve_model_folder(model: str | None) -> Path:
@@ -65,8 +63,8 @@ def _from_hub(repo_id: str) -> Path:
 
 def load_model_source(model: str | None) -> ModelSource:
     folder = resolve_model_folder(model)
-    hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    model_config = load_model_config(folder)
     gen_path = folder / "generation_config.json"
     generation_config = json.loads(gen_path.read_text()) if gen_path.exists() else {}
     has_tokenizer = any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
-    return ModelSource(folder, hf_config, generation_config, has_tokenizer)
+    return ModelSource(folder, model_config, generation_config, has_tokenizer)

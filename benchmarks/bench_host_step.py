@@ -1,0 +1,109 @@
+"""Host time per decode step on the CPU: everything a step costs except the model's own compute.
+
+A tiny random Qwen3 (so the forward is cheap and the host's bookkeeping shows), N running sequences in
+steady decode. For each step it times ``engine.step()`` as a whole and the model forward + LM head +
+sampler inside it; the difference is the engine's host time (scheduling, batch building, tensor
+preparation, read-back, stop checks, outputs). Usage:
+
+    python benchmarks/bench_host_step.py [--num-seqs 256] [--steps 50] [--repeat 3]
+
+Prints the median host ms per step over the timed steps (after a few warm-up steps), per repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+TINY_QWEN3 = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 512, "hidden_size": 64,
+    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "head_dim": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "tie_word_embeddings": True, "torch_dtype": "float32", "hidden_act": "silu",
+}
+
+
+class Timer:
+    """Wraps callables; accumulates their wall time until ``take()``."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def wrap(self, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.total += time.perf_counter() - start
+        return wrapper
+
+    def take(self) -> float:
+        value, self.total = self.total, 0.0
+        return value
+
+
+def run(num_seqs: int, steps: int, warmup: int = 5) -> float:
+    from allmos import LLM, SamplingParams
+
+    folder = Path(tempfile.mkdtemp(prefix="allmos-host-step-"))
+    (folder / "config.json").write_text(json.dumps(TINY_QWEN3))
+    llm = LLM(str(folder), load_format="dummy", max_num_seqs=num_seqs, max_model_len=1024,
+              kvcache_block_size=16, enforce_eager=True)
+    engine = llm.llm_engine if hasattr(llm, "llm_engine") else llm.engine
+    runner = _local_runner(engine)
+    compute = Timer()
+    runner.model.forward = compute.wrap(runner.model.forward)
+    runner.model.compute_logits = compute.wrap(runner.model.compute_logits)
+    runner.sampler.forward = compute.wrap(runner.sampler.forward)
+    params = SamplingParams(temperature=0.8, seed=1, max_tokens=warmup + steps + 8, ignore_eos=True)
+    for i in range(num_seqs):
+        engine.add_request(f"r{i}", [(7 * i + j) % 500 + 3 for j in range(32)], params)
+    while _num_prefilling(engine):  # prefill until every sequence decodes
+        engine.step()
+    host = []
+    for i in range(warmup + steps):
+        compute.take()
+        start = time.perf_counter()
+        engine.step()
+        wall = time.perf_counter() - start
+        if i >= warmup:
+            host.append(wall - compute.take())
+    llm.shutdown()
+    return statistics.median(host) * 1e3
+
+
+def _local_runner(engine):
+    runner = engine.runner
+    return getattr(runner, "local", None) or runner
+
+
+def _num_prefilling(engine) -> int:
+    if hasattr(engine, "get_stats"):
+        return engine.get_stats().num_prefilling
+    # engines before the core split (to measure an older commit with this script)
+    return sum(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    results = [run(args.num_seqs, args.steps) for _ in range(args.repeat)]
+    print(f"host ms per decode step at {args.num_seqs} sequences (median of {args.steps} steps), per repeat: "
+          + ", ".join(f"{r:.3f}" for r in results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The torch attention path (torch_ref prefill, torch backend decode) against attention written out per
+head and query in float64, on paged caches with garbage in the slots no sequence owns."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from allmos.attention.metadata import AttentionMetadata
+from allmos.attention.torch_backend import TorchAttentionBackend
+from allmos.attention.torch_ref import paged_attention_ref
+
+BLOCK, KV_HEADS, HEADS, DIM = 4, 2, 6, 16
+
+
+def _naive(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first_pos: int, scale: float) -> torch.Tensor:
+    """q [q_len, heads, d]; keys/values [seq_len, kv_heads, d]; query i sits at position first_pos + i."""
+    group = q.shape[1] // keys.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for i in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            visible = first_pos + i + 1
+            scores = [scale * float(q[i, h].double() @ keys[t, h // group].double()) for t in range(visible)]
+            top = max(scores)
+            weights = [math.exp(s - top) for s in scores]
+            total = sum(weights)
+            out[i, h] = sum(w / total * values[t, h // group].double() for t, w in enumerate(weights))
+    return out
+
+
+def _cache(num_blocks: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    k = (torch.randn(num_blocks, BLOCK, KV_HEADS, DIM, generator=g) * 1e3).to(dtype)  # garbage, but finite
+    v = (torch.randn(num_blocks, BLOCK, KV_HEADS, DIM, generator=g) * 1e3).to(dtype)
+    return k, v
+
+
+def _write(cache: torch.Tensor, table: list[int], values: torch.Tensor) -> None:
+    for t in range(values.shape[0]):
+        cache[table[t // BLOCK], t % BLOCK] = values[t].to(cache.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_reference_fresh_and_after_cached_context(dtype):
+    g = torch.Generator().manual_seed(1)
+    k_cache, v_cache = _cache(16, dtype)
+    # (seq_len, q_len): a fresh prompt (causal from 0), a chunk after cached context, a single token
+    cases = [(7, 7), (10, 3), (5, 1)]
+    tables = [[3, 9], [0, 12, 5], [14, 2]]
+    keys = [torch.randn(n, KV_HEADS, DIM, generator=g).to(dtype) for n, _ in cases]
+    values = [torch.randn(n, KV_HEADS, DIM, generator=g).to(dtype) for n, _ in cases]
+    for table, k, v in zip(tables, keys, values):
+        _write(k_cache, table, k)
+        _write(v_cache, table, v)
+    q = torch.randn(sum(q for _, q in cases), HEADS, DIM, generator=g).to(dtype)
+    starts = [0, 7, 10, 11]
+    block_tables = torch.tensor([t + [0] * (3 - len(t)) for t in tables], dtype=torch.int32)
+    out = paged_attention_ref(q, k_cache, v_cache, starts, [n for n, _ in cases], block_tables, DIM**-0.5)
+    assert out.dtype == dtype
+    for s, (n, q_len) in enumerate(cases):
+        ref = _naive(q[starts[s]:starts[s + 1]], keys[s], values[s], n - q_len, DIM**-0.5)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out[starts[s]:starts[s + 1]].double(), ref, atol=tol, rtol=tol)
+
+
+def _decode_case(seq_lens: list[int], dtype: torch.dtype, valid_slots: bool = True):
+    g = torch.Generator().manual_seed(2)
+    k_cache, v_cache = _cache(20, dtype, seed=3)
+    tables = [[7, 1, 15], [4, 11, 0], [19, 2, 8]][: len(seq_lens)]
+    keys = [torch.randn(n, KV_HEADS, DIM, generator=g).to(dtype) for n in seq_lens]
+    values = [torch.randn(n, KV_HEADS, DIM, generator=g).to(dtype) for n in seq_lens]
+    for table, k, v, n in zip(tables, keys, values, seq_lens):  # all but the new token, which forward stores
+        _write(k_cache, table, k[: n - 1])
+        _write(v_cache, table, v[: n - 1])
+    slots = [table[(n - 1) // BLOCK] * BLOCK + (n - 1) % BLOCK for table, n in zip(tables, seq_lens)]
+    md = AttentionMetadata(
+        slot_mapping=torch.tensor(slots if valid_slots else slots[:-1] + [-1]),
+        query_start_loc=torch.arange(len(seq_lens) + 1, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=torch.tensor(tables, dtype=torch.int32),
+        max_query_len=1, max_seq_len=max(seq_lens), is_decode=True,
+        query_start_loc_cpu=list(range(len(seq_lens) + 1)), seq_lens_cpu=list(seq_lens))
+    q = torch.randn(len(seq_lens), HEADS, DIM, generator=g).to(dtype)
+    new_k = torch.stack([k[-1] for k in keys])
+    new_v = torch.stack([v[-1] for v in values])
+    return q, new_k, new_v, k_cache, v_cache, md, keys, values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seq_lens", [[9], [6, 6, 6], [5, 1, 11]], ids=["one", "equal", "ragged"])
+def test_decode_reads_each_sequence_context_only(dtype, seq_lens):
+    q, k, v, k_cache, v_cache, md, keys, values = _decode_case(seq_lens, dtype)
+    backend = TorchAttentionBackend()
+    prepared = backend.prepare(md)
+    assert prepared.slots_all_valid and prepared.uniform_lengths == (len(set(seq_lens)) == 1)
+    out = backend.forward(q, k, v, k_cache, v_cache, prepared, DIM**-0.5)
+    assert out.dtype == dtype and not out.isnan().any()
+    assert prepared.token_slots.numel() == len(seq_lens) * max(seq_lens)  # tokens, not whole blocks
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for s, n in enumerate(seq_lens):
+        ref = _naive(q[s:s + 1], keys[s], values[s], n - 1, DIM**-0.5)
+        torch.testing.assert_close(out[s:s + 1].double(), ref, atol=tol, rtol=tol)
+    # the new tokens were stored where the slot mapping says
+    for s, slot in enumerate(md.slot_mapping.tolist()):
+        assert torch.equal(k_cache.view(-1, KV_HEADS, DIM)[slot], k[s])
+
+
+def test_decode_skips_slots_of_minus_one():
+    q, k, v, k_cache, v_cache, md, keys, values = _decode_case([5, 7, 3], torch.float32, valid_slots=False)
+    before = k_cache.clone()
+    prepared = TorchAttentionBackend().prepare(md)
+    assert not prepared.slots_all_valid
+    TorchAttentionBackend().forward(q, k, v, k_cache, v_cache, prepared, DIM**-0.5)
+    changed = (k_cache != before).flatten(1).any(1).nonzero().flatten().tolist()
+    assert changed == sorted({md.slot_mapping[0].item() // BLOCK, md.slot_mapping[1].item() // BLOCK})

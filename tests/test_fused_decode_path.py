@@ -1,0 +1,132 @@
+"""The whole model with the decode kernels switched on (small-batch GEMVs with their fused norm and SiLU-mul,
+fused q/k-norm + RoPE + K/V store, Triton attention) against the same model on the torch path.
+
+Runs on the CPU through the Triton interpreter (tables fixed by rule instead of timed), and natively on
+a GPU (``-m gpu``): a decode step and a small prefill step over a cache holding earlier context, for a
+Qwen3 (q/k norm) and a Qwen2 (q/k/v bias) tiny model, in float32. Both logits and the K/V written into
+the cache must agree.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from allmos.attention.context import ForwardContext, forward_context
+from allmos.attention.metadata import AttentionMetadata
+from allmos.attention.torch_backend import TorchAttentionBackend
+from allmos.attention.triton_backend import TritonAttentionBackend
+from allmos.kernels import fused_qk_rope_store
+from allmos.kernels import gemv as gemv_module
+from allmos.kernels.gemv_tuning import fixed_table
+from allmos.models.loader import build_model, load_weights, safetensors_files
+from allmos.models.model_config import load_model_config
+
+BLOCK_SIZE, NUM_BLOCKS = 16, 12
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                                        reason="CPU tensors need TRITON_INTERPRET=1")),
+           pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def load(folder, device: str) -> torch.nn.Module:
+    model = build_model(load_model_config(folder), torch.float32, torch.device(device))
+    load_weights(model, safetensors_files(folder))
+    return model
+
+
+def step_inputs(context_lens: list[int], q_lens: list[int], seed: int, device: str):
+    """Token ids, positions and metadata of one step: sequence s has context_lens[s] cached tokens and
+    q_lens[s] new ones; block tables are shuffled."""
+    rng = random.Random(seed)
+    ids = list(range(NUM_BLOCKS))
+    rng.shuffle(ids)
+    seq_lens = [c + q for c, q in zip(context_lens, q_lens)]
+    tables = torch.zeros(len(seq_lens), NUM_BLOCKS // len(seq_lens), dtype=torch.int32)
+    for s in range(len(seq_lens)):
+        tables[s] = torch.tensor(ids[s * tables.shape[1]:(s + 1) * tables.shape[1]])
+    positions = [p for c, n in zip(context_lens, seq_lens) for p in range(c, n)]
+    seq_of = [s for s, q in enumerate(q_lens) for _ in range(q)]
+    slots = torch.tensor([int(tables[s, p // BLOCK_SIZE]) * BLOCK_SIZE + p % BLOCK_SIZE
+                          for s, p in zip(seq_of, positions)])
+    qsl = [0]
+    for q in q_lens:
+        qsl.append(qsl[-1] + q)
+    md = AttentionMetadata(
+        slot_mapping=slots.to(device), query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device), block_tables=tables.to(device),
+        max_query_len=max(q_lens), max_seq_len=max(seq_lens), is_decode=max(q_lens) == 1,
+        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
+    input_ids = torch.tensor([rng.randrange(3, 512) for _ in positions], device=device)
+    return input_ids, torch.tensor(positions, device=device), md
+
+
+def forward(model, backend, caches, input_ids, positions, md) -> torch.Tensor:
+    ctx = ForwardContext(backend.prepare(md), caches, backend)
+    with forward_context(ctx), torch.inference_mode():
+        return model.compute_logits(model(input_ids, positions))  # [num_tokens, vocab]
+
+
+def random_caches(model, seed: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    attn = model.model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(seed)
+    shape = (NUM_BLOCKS, BLOCK_SIZE, attn.num_kv_heads, attn.head_dim)
+    return [(torch.randn(shape, generator=gen).to(device), torch.randn(shape, generator=gen).to(device))
+            for _ in model.model.layers]
+
+
+def counting(monkeypatch, module, name: str) -> list[int]:
+    calls = [0]
+    original = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
+@pytest.mark.parametrize("fuse_norm", [True, False])
+@pytest.mark.parametrize("context_lens,q_lens", [([5, 17, 30], [1, 1, 1]), ([0, 20], [3, 4])])
+def test_decode_kernels_match_torch_path(tiny_model_factory, monkeypatch, device, arch, fuse_norm, context_lens,
+                                         q_lens):
+    model = load(tiny_model_factory(arch), device)
+    input_ids, positions, md = step_inputs(context_lens, q_lens, seed=len(q_lens), device=device)
+    caches_ref = random_caches(model, seed=1, device=device)
+    caches_new = [(k.clone(), v.clone()) for k, v in caches_ref]
+    logits_ref = forward(model, TorchAttentionBackend(), caches_ref, input_ids, positions, md)
+
+    backend = TritonAttentionBackend(model.config, 1, max_num_seqs=8, max_model_len=NUM_BLOCKS * BLOCK_SIZE,
+                                     device=torch.device(device))
+    backend.fold_split_merge = True
+    assert md.is_decode is False or backend.prepare(md).num_splits > 1  # decode: split, merged in one launch
+    model.use_decode_kernels({role: fixed_table((1, 2, 4, 8), fuse_norm) for role in model.gemv_sites()})
+    fused_gemvs = counting(monkeypatch, gemv_module, "rms_norm_gemv")
+    plain_gemvs = counting(monkeypatch, gemv_module, "gemv")
+    stores = counting(monkeypatch, fused_qk_rope_store, "qk_norm_rope_store")
+    logits_new = forward(model, backend, caches_new, input_ids, positions, md)
+
+    num_layers = len(model.model.layers)
+    assert stores[0] == num_layers
+    # per layer: qkv and gate_up (fused norm, or norm kernel + GEMV), o_proj, down_proj; plus the LM head
+    assert (fused_gemvs[0], plain_gemvs[0]) == ((2 * num_layers, 2 * num_layers + 1) if fuse_norm
+                                                else (0, 4 * num_layers + 1))
+    torch.testing.assert_close(logits_new, logits_ref, atol=1e-4, rtol=1e-4)
+    for (k_new, v_new), (k_ref, v_ref) in zip(caches_new, caches_ref):
+        torch.testing.assert_close(k_new, k_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v_new, v_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_batches_above_the_table_take_the_torch_path(tiny_model_factory, monkeypatch):
+    model = load(tiny_model_factory("qwen3"), "cpu")
+    model.use_decode_kernels({role: fixed_table((1, 2)) for role in model.gemv_sites()}, fuse_kv_store=False)
+    input_ids, positions, md = step_inputs([4, 9, 2], [1, 1, 1], seed=5, device="cpu")  # 3 rows > 2
+    calls = counting(monkeypatch, gemv_module, "gemv")
+    fused = counting(monkeypatch, gemv_module, "rms_norm_gemv")
+    forward(model, TorchAttentionBackend(), random_caches(model, seed=2, device="cpu"), input_ids, positions, md)
+    assert calls[0] == fused[0] == 0
