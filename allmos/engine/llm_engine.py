@@ -142,7 +142,7 @@ class LLMEngine:
     def get_stats(self) -> EngineCoreStats:
         return self.core.get_stats()
 
-    def num_cached_tokens(self, request_id: str) -> int:
+    def num_cached_tokens(self, request_id: str) -> int | None:
         return self.core.num_cached_tokens(request_id)
 
     # ------------------------------------------------------------------ the loop

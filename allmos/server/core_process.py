@@ -131,9 +131,9 @@ class EngineCore:
 
     def stats(self) -> CoreStats:
         s = self.engine.get_stats()
-        return CoreStats(num_running_reqs=s.num_running_reqs, num_waiting_reqs=s.num_waiting_reqs,
+        return CoreStats(num_running_reqs=s.num_running, num_waiting_reqs=s.num_waiting,
                          kv_cache_usage=s.kv_cache_usage, num_free_blocks=s.num_free_blocks,
-                         num_kv_blocks=s.num_kv_blocks, num_preemptions=s.num_preemptions,
+                         num_kv_blocks=s.num_blocks, num_preemptions=s.num_preemptions,
                          prefix_cache_queries=self._prefix_queries, prefix_cache_hits=self._prefix_hits)
 
 
