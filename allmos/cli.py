@@ -15,8 +15,12 @@ BENCH_MODEL_HELP = ("model folder, .gguf file or hub id (default: Qwen3-0.6B wit
                     "benchmarks/qwen3-0.6b/config.json with load_format='dummy')")
 
 
-def _engine_args(p: argparse.ArgumentParser, model_help: str = DEFAULT_MODEL_HELP) -> None:
-    p.add_argument("--model", default=None, help=model_help)
+def _engine_args(p: argparse.ArgumentParser, model_help: str = DEFAULT_MODEL_HELP,
+                 model_positional: bool = False) -> None:
+    if model_positional:  # `allmos serve [MODEL]`, as `vllm serve MODEL`
+        p.add_argument("model", nargs="?", default=None, help=model_help)
+    else:
+        p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--max-model-len", type=int, default=4096, help="longest prompt + output (default: 4096)")
     p.add_argument("--max-num-seqs", type=int, default=512, help="sequences in one batch (default: 512)")
     p.add_argument("--max-num-batched-tokens", type=int, default=16384,

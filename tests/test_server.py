@@ -25,7 +25,7 @@ from allmos import LLM, SamplingParams, __version__  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 KEY = "test-key-123"
-ENGINE = dict(max_model_len=512, kvcache_block_size=16, num_kvcache_blocks=512)
+ENGINE = dict(max_model_len=512, kvcache_block_size=16, num_kvcache_blocks=512, dtype="float32")
 PROMPTS = ["Hello, my name is", "The capital of France is", "Once upon a time", "The best way to learn is",
            "My favourite food is", "In the year 2050,", "The ocean is", "Python is a programming language that"]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -33,7 +33,9 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server(default_model_dir, tmp_path_factory):
-    args = ["--max-model-len", "512", "--kvcache-block-size", "16", "--num-kvcache-blocks", "512"]
+    # float32: the oracle format, whose greedy tokens do not depend on the batch they run in (the automatic CPU
+    # format computes in bfloat16, where a near-tie at the last token can flip with the batch's shape)
+    args = ["--max-model-len", "512", "--kvcache-block-size", "16", "--num-kvcache-blocks", "512", "--dtype", "float32"]
     proc = ServerProcess(*args, api_key=KEY, log_path=tmp_path_factory.mktemp("server") / "server.log")
     try:
         proc.wait_ready()
@@ -167,7 +169,7 @@ def test_logprobs(client, offline):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
     assert "".join(lp.tokens) == resp.choices[0].text
     for i, (token_id, value) in enumerate(zip(ref.token_ids, lp.token_logprobs)):
-        assert value == pytest.approx(ref.logprobs[i][token_id], abs=1e-4)
+        assert value == pytest.approx(ref.logprobs[i][token_id].logprob, abs=1e-4)
         assert len(lp.top_logprobs[i]) == 3
         assert max(lp.top_logprobs[i].values()) == pytest.approx(value, abs=1e-4)  # greedy: the top-1 token
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]

@@ -108,7 +108,8 @@ class EngineCore:
             self._finished_seqs.add(key)
         elif not completion.token_ids:
             return None
-        logprobs = [list(entry.items()) for entry in completion.logprobs] if completion.logprobs is not None else None
+        logprobs = ([[(token, lp.logprob) for token, lp in entry.items()] for entry in completion.logprobs]
+                    if completion.logprobs is not None else None)
         stop_reason = completion.stop_reason if isinstance(completion.stop_reason, int) else None
         return SeqDelta(request_id, completion.index, completion.token_ids, logprobs, completion.finish_reason,
                         stop_reason)
