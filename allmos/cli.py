@@ -15,8 +15,12 @@ BENCH_MODEL_HELP = ("model folder, .gguf file or hub id (default: Qwen3-0.6B wit
                     "benchmarks/qwen3-0.6b/config.json with load_format='dummy')")
 
 
-def _engine_args(p: argparse.ArgumentParser, model_help: str = DEFAULT_MODEL_HELP) -> None:
-    p.add_argument("--model", default=None, help=model_help)
+def _engine_args(p: argparse.ArgumentParser, model_help: str = DEFAULT_MODEL_HELP,
+                 model_positional: bool = False) -> None:
+    if model_positional:  # `allmos serve [MODEL]`, as `vllm serve MODEL`
+        p.add_argument("model", nargs="?", default=None, help=model_help)
+    else:
+        p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--max-model-len", type=int, default=4096, help="longest prompt + output (default: 4096)")
     p.add_argument("--max-num-seqs", type=int, default=512, help="sequences in one batch (default: 512)")
     p.add_argument("--max-num-batched-tokens", type=int, default=16384,
@@ -120,6 +124,51 @@ def cmd_bench(a: argparse.Namespace) -> None:
     print(f"Total: {result.output_tokens}tok, Time: {result.seconds:.2f}s, Throughput: {result.tokens_per_s:.2f}tok/s")
 
 
+def cmd_serve(a) -> None:
+    import os
+
+    try:
+        from allmos.server.api_server import ServerArgs, run_server
+    except ImportError as exc:
+        if exc.name not in ("fastapi", "starlette", "uvicorn", "msgspec", "prometheus_client"):
+            raise
+        raise SystemExit(f"allmos serve needs the server's dependencies ({exc.name} is missing): "
+                         "pip install 'allmos[serve]'") from None
+
+    engine = dict(max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+                  max_num_batched_tokens=a.max_num_batched_tokens, kvcache_block_size=a.kvcache_block_size,
+                  dtype=a.dtype, device=a.device, enforce_eager=a.enforce_eager,
+                  tensor_parallel_size=a.tensor_parallel_size, load_format=a.load_format,
+                  gpu_memory_utilization=a.gpu_memory_utilization, enable_prefix_caching=a.enable_prefix_caching,
+                  num_kvcache_blocks=a.num_kvcache_blocks, seed=a.seed)
+    api_key = a.api_key or os.environ.get("ALLMOS_API_KEY")
+    run_server(ServerArgs(model=a.model, host=a.host, port=a.port, api_key=api_key,
+                          served_model_name=tuple(a.served_model_name or ()), chat_template=a.chat_template,
+                          log_level=a.log_level, max_queued_requests=a.max_queued_requests, engine=engine))
+
+
+def _add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs: pip install 'allmos[serve]')",
+                       description="Serve MODEL (default: the embedded SmolLM2) over an OpenAI-compatible HTTP API: "
+                                   "/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, and a chat "
+                                   "page at /.")
+    _engine_args(s, model_positional=True)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $ALLMOS_API_KEY)")
+    s.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) clients use (default: the model argument)")
+    s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    s.add_argument("--num-kvcache-blocks", type=int, default=None, help="fixed KV-cache size in blocks")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--chat-template", default=None, help="Jinja chat template: a file or the template itself")
+    s.add_argument("--max-queued-requests", type=int, default=4096,
+                   help="requests allowed to wait beyond max-num-seqs; more get 503")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
+    s.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="allmos", description="allmos: fast LLM inference (docs/api.md)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--min-output-len", type=int, default=100, help="fewest output tokens (default: 100)")
     b.add_argument("--max-output-len", type=int, default=1024, help="most output tokens (default: 1024)")
     b.set_defaults(func=cmd_bench)
+    _add_serve_parser(sub)
     return parser
 
 

@@ -7,7 +7,13 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+# Idle OpenMP workers sleep instead of spinning: on a shared, busy CPU a spinning worker waits for a
+# descheduled peer and a CPU test ran 10x slower (the engine-core process of `allmos serve` does the same).
+# Read once when OpenMP starts, so it must precede torch's import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors through the interpreter; the variable must precede triton's import.

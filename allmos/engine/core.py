@@ -121,10 +121,13 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return bool(self._groups) or self._in_flight is not None
 
-    def num_cached_tokens(self, request_id: str) -> int:
-        """Prompt tokens of ``request_id`` found in the prefix cache at admission (0 if unknown)."""
+    def num_cached_tokens(self, request_id: str) -> int | None:
+        """Prompt tokens of ``request_id`` found in the prefix cache at its first scheduling; None while it
+        has not been scheduled yet, or when the request is unknown."""
         seqs = self._groups.get(request_id)
-        return max(0, seqs[0].num_cached_tokens) if seqs else 0
+        if not seqs or seqs[0].num_cached_tokens < 0:
+            return None
+        return seqs[0].num_cached_tokens
 
     def sequences(self, request_id: str) -> list[Request]:
         """The live sequences of a request (for inspection; empty once it finished)."""

@@ -107,8 +107,10 @@ class LLMEngine:
 
         ``prompt``: a text, a list of token ids, ``{"prompt": text}`` or ``{"prompt_token_ids": ids}``.
         ``stream``: an output every step (cumulative); ``delta``: an output every step with only what is new;
-        ``detokenize=False``: no text in the outputs."""
+        ``detokenize=False``: no text in the outputs (then stop strings, which match text, are refused)."""
         request, text = self.input_processor.process(request_id, prompt, params, arrival_time)
+        if request.sampling_params.stop and not detokenize:
+            raise ValueError("SamplingParams.stop needs detokenize=True (stop strings are matched on text)")
         self.core.add_request(request)
         self.output_processor.add_request(request, text, stream=stream, delta=delta, detokenize=detokenize)
         return request.request_id
@@ -142,7 +144,7 @@ class LLMEngine:
     def get_stats(self) -> EngineCoreStats:
         return self.core.get_stats()
 
-    def num_cached_tokens(self, request_id: str) -> int:
+    def num_cached_tokens(self, request_id: str) -> int | None:
         return self.core.num_cached_tokens(request_id)
 
     # ------------------------------------------------------------------ the loop

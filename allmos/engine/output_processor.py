@@ -197,8 +197,7 @@ class OutputProcessor:
 
     # ------------------------------------------------------------------ outputs
     def _make_output(self, state: _RequestState) -> RequestOutput:
-        seqs = [s for s in state.seqs if self._has_news(s)] if state.delta else state.seqs
-        completions = [self._completion(state, seq) for seq in seqs]
+        completions = [self._completion(state, seq) for seq in state.seqs]  # delta: empty where nothing is new
         first = [s.first_token_time for s in state.seqs if s.first_token_time is not None]
         finished = state.finished
         metrics = RequestMetrics(state.arrival_time, min(first) if first else None, time.time() if finished else None)
