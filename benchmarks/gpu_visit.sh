@@ -1,8 +1,9 @@
 #!/bin/bash
 # One GPU visit in two calls (each under the device's 10-minute limit), logs under $OUT:
 #   bash benchmarks/gpu_visit.sh tests   every GPU test (the tensor-parallel ones need two GPUs)
-#   bash benchmarks/gpu_visit.sh bench   decode step cost (default path vs ALLMOS_DECODE_KERNELS=1), then
-#                                        the standard workload: this tree, kernels off, and the tree in .old/
+#   bash benchmarks/gpu_visit.sh bench   (STEP=1: decode step cost, default path vs ALLMOS_DECODE_KERNELS=1,
+#                                        and the workload with them on) the standard workload: this tree and the
+#                                        tree in .old/
 #                                        (a `git archive` of an older commit, if present), tp=2 if 2 GPUs
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -17,10 +18,10 @@ stage() {  # stage NAME SECONDS CMD...: run with a hard limit, show the log's en
 if [ "$1" = tests ]; then
     TAIL=30 stage gpu_tests 560 python -m pytest -m gpu -q -p no:cacheprovider -rfE
 else
-    TAIL=30 stage bench_step 220 python benchmarks/bench_step.py --steps 40 --profile-steps 10 \
+    [ -n "$STEP" ] && TAIL=30 stage bench_step 220 python benchmarks/bench_step.py --steps 40 --profile-steps 10 \
         --compare-env ALLMOS_DECODE_KERNELS=1
     TAIL=2 stage bench_new 100 python bench.py
-    TAIL=2 ALLMOS_DECODE_KERNELS=1 stage bench_kernels_on 100 python bench.py
+    [ -n "$STEP" ] && TAIL=2 ALLMOS_DECODE_KERNELS=1 stage bench_kernels_on 100 python bench.py
     [ -d .old ] && (cd .old && TAIL=2 PYTHONPATH=$PWD stage bench_old 100 python bench.py)
     [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && TAIL=8 stage bench_tp 200 python benchmarks/bench_tp.py --child-timeout 95
 fi
