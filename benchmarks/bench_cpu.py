@@ -102,7 +102,7 @@ def child_allmos(name: str, a) -> dict:
 
     torch.set_num_threads(a.threads)
     start = time.perf_counter()
-    llm = LLM(None, max_model_len=1024, **ENGINES[name])
+    llm = LLM(None, max_model_len=1024, device="cpu", **ENGINES[name])
     load_s = time.perf_counter() - start
     rss = rss_mib()
     runner = llm.engine.runner
@@ -149,7 +149,7 @@ def child_quality(a) -> dict:
     text = TEXT.read_text()
     params = SamplingParams(temperature=0, max_tokens=a.quality_tokens, ignore_eos=True)
     for name in ["float32"] + [e for e in a.engines if e in ENGINES and e != "float32" and "compiled" not in e]:
-        llm = LLM(None, max_model_len=2048, **ENGINES[name])
+        llm = LLM(None, max_model_len=2048, device="cpu", **ENGINES[name])
         ids = llm.tokenizer(text)["input_ids"]
         ppl = perplexity(llm, ids, window=1024)
         outs = llm.chat([[{"role": "user", "content": q}] for q in CHAT_PROMPTS], params, use_tqdm=False)

@@ -28,9 +28,9 @@ def _value(logprob) -> float:
 def test_compiled_forward_matches_eager_and_never_compiles_in_a_request(folder):
     from torch._dynamo.utils import counters
 
-    eager = LLM(str(folder), kvcache_block_size=16, dtype="float32")
+    eager = LLM(str(folder), kvcache_block_size=16, dtype="float32", device="cpu")
     assert eager.engine.runner.compiled is None  # the default: eager
-    compiled = LLM(str(folder), kvcache_block_size=16, dtype="float32", compilation_config=3)
+    compiled = LLM(str(folder), kvcache_block_size=16, dtype="float32", device="cpu", compilation_config=3)
     runner = compiled.engine.runner
     assert runner.compiled is not None
     graphs = counters["stats"]["unique_graphs"]
@@ -47,5 +47,5 @@ def test_compiled_forward_matches_eager_and_never_compiles_in_a_request(folder):
 
 
 def test_enforce_eager_skips_compilation(folder):
-    llm = LLM(str(folder), kvcache_block_size=16, compilation_config=3, enforce_eager=True)
+    llm = LLM(str(folder), kvcache_block_size=16, device="cpu", compilation_config=3, enforce_eager=True)
     assert llm.engine.runner.compiled is None

@@ -22,7 +22,7 @@ def test_token_logprobs_match_transformers(qwen3_dir):
     import transformers
 
     ids = [int(x) for x in torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(0))]
-    llm = LLM(str(qwen3_dir), kvcache_block_size=16, dtype="float32")
+    llm = LLM(str(qwen3_dir), kvcache_block_size=16, dtype="float32", device="cpu")
     ours = token_logprobs(llm, ids)
     model = transformers.AutoModelForCausalLM.from_pretrained(qwen3_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -36,7 +36,7 @@ def test_token_logprobs_match_transformers(qwen3_dir):
 @pytest.fixture(scope="module")
 def reference(default_model_dir):
     """The float32 oracle: (engine, held-out token ids, perplexity, greedy continuations)."""
-    llm = LLM(max_model_len=1024, dtype="float32")
+    llm = LLM(max_model_len=1024, dtype="float32", device="cpu")
     ids = llm.tokenizer(TEXT.read_text())["input_ids"][:768]
     return llm, ids, perplexity(llm, ids, window=768), _greedy(llm)
 
@@ -52,7 +52,7 @@ def _greedy(llm: LLM) -> list[list[int]]:
                          ids=["auto", "int8"])
 def test_default_model_low_precision_against_float32(reference, options, max_ppl_rise):
     _, ids, ref_ppl, ref_greedy = reference
-    llm = LLM(max_model_len=1024, **options)
+    llm = LLM(max_model_len=1024, device="cpu", **options)
     runner = llm.engine.runner
     assert runner.dtype == torch.bfloat16
     assert runner.config.quantization == options.get("quantization", "int4")  # auto keeps the GGUF's Q4_1

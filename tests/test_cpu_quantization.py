@@ -131,7 +131,7 @@ def _on_q4_grid(folder, tmp_path):
 def test_engine_logprobs_close_to_float32_transformers(tiny_model_factory, tmp_path, method, tie):
     folder = _on_q4_grid(tiny_model_factory("llama", tie=tie, hidden_size=128, intermediate_size=256), tmp_path)
     prompt = [5, 17, 99, 3, 250, 42, 7]
-    llm = LLM(str(folder), quantization=method, kvcache_block_size=16)
+    llm = LLM(str(folder), quantization=method, kvcache_block_size=16, device="cpu")
     runner = llm.engine.runner
     assert runner.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     lm_head = runner.model.lm_head

@@ -42,7 +42,8 @@ class CompiledForward:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._compiled = torch.compile(model.forward, fullgraph=True, backend="inductor")
-        self._warned = False
+        self._warming = False
+        self._warned = False  # a step fell back to eager (logged once)
 
     def warm_up(self, run_step: Callable[[int], None]) -> float:
         """Compile both graphs; ``run_step(num_tokens)`` runs one forward of that many new tokens through
@@ -50,23 +51,20 @@ class CompiledForward:
         start = time.perf_counter()
         self._warming = True
         try:
-            run_step(1)
-            run_step(2)
-            run_step(3)  # must reuse the dynamic graph: fail now rather than inside a request
+            run_step(1)  # the graph of one new token
+            run_step(2)  # the graph of a dynamic token count
         finally:
             self._warming = False
+        run_step(3)  # must take the dynamic graph without recompiling: fail here rather than in a request
+        if self._warned:
+            raise RuntimeError("the dynamic-shape graph did not serve a 3-token step")
         return time.perf_counter() - start
-
-    _warming = False
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self._warming:
             if input_ids.shape[0] >= 2:
                 torch._dynamo.mark_dynamic(input_ids, 0)
                 torch._dynamo.mark_dynamic(positions, 0)
-            if input_ids.shape[0] == 3:
-                with torch.compiler.set_stance("fail_on_recompile"):
-                    return self._compiled(input_ids, positions)
             return self._compiled(input_ids, positions)
         try:
             # guards that only tell the two graphs apart (the runner always calls in inference mode with
