@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from allmos.attention.backend import AttentionBackend
 from allmos.attention.context import ForwardContext, forward_context
 from allmos.attention.metadata import AttentionMetadata
+from allmos.utils.transfer import pack_aligned, split_packed, staged
 
 logger = logging.getLogger("allmos")
 
@@ -69,22 +72,31 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
+    """The captured decode graphs and their persistent input buffers.
+
+    Inputs reach a graph in two host-to-device copies straight into its buffers (``load``), laid out by
+    ``_layout(bs)``: one int64 buffer holds ``input_ids | positions | slot_mapping`` (then the indices of
+    inputs that are the previous step's samples, for the runner's device-side fill), one int32 buffer holds
+    ``seq_lens | block_tables``. Rows ``n..bs`` are padding written by the host (slot -1, seq_len 0); the
+    block-table rows past ``n`` are not sent (a row of seq_len 0 reads none). No device-to-device copy
+    separates the upload from the replay.
+    """
+
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend, kv_caches, max_num_seqs: int,
                  max_blocks_per_seq: int, device: torch.device, capture: bool = True) -> None:
-        self.model, self.backend, self.kv_caches = model, backend, kv_caches
+        self.model, self.backend, self.kv_caches, self.device = model, backend, kv_caches, device
         self.sizes = capture_sizes(max_num_seqs)
+        self.max_blocks_per_seq = max_blocks_per_seq
         max_bs = self.sizes[-1]
-        i32 = dict(dtype=torch.int32, device=device)
-        self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.long, device=device)
-        self.seq_lens = torch.zeros(max_bs, **i32)
-        self.query_start_loc = torch.arange(max_bs + 1, **i32)
-        self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, **i32)
+        i64_size, i32_size = _buffer_sizes(max_bs, max_blocks_per_seq)
+        self.i64 = torch.zeros(i64_size, dtype=torch.int64, device=device)
+        self.i32 = torch.zeros(i32_size, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.max_seq_len = max_blocks_per_seq * kv_caches[0][0].shape[1]
         self.capture = capture
+        self.inputs = {bs: self._views(bs) for bs in self.sizes}
         if decode_kernels_enabled():
             enable_decode_kernels(model, backend, self.sizes, device)
         if capture:
@@ -94,23 +106,66 @@ class DecodeGraphs:
     def max_batch_size(self) -> int:
         return self.sizes[-1]
 
-    def _metadata(self, bs: int) -> AttentionMetadata:
+    def size_for(self, num_seqs: int) -> int:
+        """The smallest captured batch size that holds ``num_seqs`` rows."""
+        return next(s for s in self.sizes if s >= num_seqs)
+
+    def _write_padding(self, bs: int) -> None:
+        """Size ``bs``'s inputs as all-padding rows (what its warm-up and capture run on; the sizes' views
+        overlap, so each is written just before use)."""
+        views = self.inputs[bs]
+        views.input_ids.zero_()
+        views.positions.zero_()
+        views.slot_mapping.fill_(-1)
+        views.seq_lens.zero_()
+
+    def _views(self, bs: int) -> GraphInputs:
+        """The views of the persistent buffers that the graph of size ``bs`` reads."""
+        i64, i32 = _layout(bs, self.max_blocks_per_seq)
+        ids, pos, slots = (self.i64[start:start + bs] for start in i64[:3])
+        seq_lens = self.i32[i32[0]:i32[0] + bs]
+        tables = self.i32[i32[1]:i32[1] + bs * self.max_blocks_per_seq].view(bs, self.max_blocks_per_seq)
+        return GraphInputs(ids, pos, slots, seq_lens, tables)
+
+    def load(self, host: HostDecodeInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Copy one decode step's host inputs into the buffers of its size; returns the device views
+        (input_ids ``[n]``, the flat indices of inputs that are previous samples, and their sample rows),
+        so the caller can fill those inputs on the device before ``replay``."""
+        n, bs = host.num_seqs, self.size_for(host.num_seqs)
+        width = self.max_blocks_per_seq
+        if host.block_tables.shape[1] > width:
+            raise ValueError(f"a block table of {host.block_tables.shape[1]} blocks exceeds {width}")
+        i64_parts = [_padded(host.input_ids, bs, 0), _padded(host.positions, bs, 0),
+                     _padded(host.slot_mapping, bs, -1), host.pending, host.pending_rows]
+        tables = np.zeros((n, width), dtype=np.int32)
+        tables[:, :host.block_tables.shape[1]] = host.block_tables
+        i32_parts = [_padded(host.seq_lens, bs, 0), tables.ravel()]
+        i64, i64_starts = pack_aligned(i64_parts, np.int64)
+        i32, _ = pack_aligned(i32_parts, np.int32)
+        self.i64[:i64.size].copy_(staged(i64, self.device), non_blocking=True)
+        self.i32[:i32.size].copy_(staged(i32, self.device), non_blocking=True)
+        input_ids, _, _, pending, rows = split_packed(self.i64, i64_starts, [p.size for p in i64_parts])
+        return input_ids[:n], pending, rows
+
+    def _metadata(self, bs: int, views: GraphInputs) -> AttentionMetadata:
         md = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[: bs + 1],
-            seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], max_query_len=1,
+            slot_mapping=views.slot_mapping, query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=views.seq_lens, block_tables=views.block_tables, max_query_len=1,
             max_seq_len=self.max_seq_len, is_decode=True)
         return self.backend.prepare(md)
 
     def _forward(self, bs: int) -> torch.Tensor:
-        ctx = ForwardContext(self._metadata(bs), self.kv_caches, self.backend, rope_seq_lens=self.seq_lens[:bs])
+        views = self.inputs[bs]
+        ctx = ForwardContext(self._metadata(bs, views), self.kv_caches, self.backend, rope_seq_lens=views.seq_lens)
         with forward_context(ctx):
-            hidden = self.model(self.input_ids[:bs], self.positions[:bs])  # [bs, hidden]
+            hidden = self.model(views.input_ids, views.positions)  # [bs, hidden]
         return self.model.compute_logits(hidden)  # [bs, vocab]
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
         pool = None
         for bs in reversed(self.sizes):
+            self._write_padding(bs)
             self._forward(bs)  # warm-up: compiles kernels outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -120,20 +175,60 @@ class DecodeGraphs:
             self.graphs[bs] = graph
         torch.cuda.synchronize()
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """Run the smallest size that fits ``n = len(input_ids)`` rows; returns logits ``[n, vocab]``."""
-        n = input_ids.shape[0]
-        bs = next(s for s in self.sizes if s >= n)
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(metadata.slot_mapping, non_blocking=True)
-        self.seq_lens[:n].copy_(metadata.seq_lens, non_blocking=True)
-        width = metadata.block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(metadata.block_tables, non_blocking=True)
-        if bs > n:
-            self.slot_mapping[n:bs].fill_(-1)
-            self.seq_lens[n:bs].zero_()
+    def replay(self, num_seqs: int) -> torch.Tensor:
+        """Run the size that ``load`` filled for ``num_seqs`` rows; returns logits ``[num_seqs, vocab]``."""
+        bs = self.size_for(num_seqs)
         if not self.capture:
-            return self._forward(bs)[:n]
+            return self._forward(bs)[:num_seqs]
         self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+        return self.outputs[bs][:num_seqs]
+
+
+@dataclass
+class GraphInputs:
+    """The persistent input views of one captured size ``bs``."""
+
+    input_ids: torch.Tensor  # [bs] int64
+    positions: torch.Tensor  # [bs] int64
+    slot_mapping: torch.Tensor  # [bs] int64, -1 on padding rows
+    seq_lens: torch.Tensor  # [bs] int32, 0 on padding rows
+    block_tables: torch.Tensor  # [bs, max_blocks_per_seq] int32
+
+
+@dataclass
+class HostDecodeInputs:
+    """One decode step on the host: one new token per sequence."""
+
+    input_ids: np.ndarray  # [n] int64, 0 where the input is the previous step's sample
+    positions: np.ndarray  # [n] int64
+    slot_mapping: np.ndarray  # [n] int64
+    seq_lens: np.ndarray  # [n] int64
+    block_tables: np.ndarray  # [n, width] int32
+    pending: np.ndarray  # [p] int64: rows whose input is the previous step's sample
+    pending_rows: np.ndarray  # [p] int64: their rows in the previous step's sampled tokens
+
+    @property
+    def num_seqs(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def _layout(bs: int, max_blocks: int) -> tuple[list[int], list[int]]:
+    """Start of each part in the int64 and int32 buffers for size ``bs`` (``pack_aligned``'s layout, so a
+    step's packed upload lands exactly on the views its graph captured)."""
+    _, i64_starts = pack_aligned([np.zeros(bs, np.int64)] * 3, np.int64)
+    _, i32_starts = pack_aligned([np.zeros(bs, np.int32), np.zeros(bs * max_blocks, np.int32)], np.int32)
+    return i64_starts, i32_starts
+
+
+def _buffer_sizes(max_bs: int, max_blocks: int) -> tuple[int, int]:
+    """Buffer lengths that hold the largest size's parts (int64 also the two pending-index parts)."""
+    i64, _ = pack_aligned([np.zeros(max_bs, np.int64)] * 5, np.int64)
+    i32, _ = pack_aligned([np.zeros(max_bs, np.int32), np.zeros(max_bs * max_blocks, np.int32)], np.int32)
+    return i64.size, i32.size
+
+
+def _padded(values: np.ndarray, size: int, fill: int) -> np.ndarray:
+    """``values`` followed by ``fill`` up to ``size`` entries."""
+    out = np.full(size, fill, dtype=values.dtype)
+    out[:values.size] = values
+    return out

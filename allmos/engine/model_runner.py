@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import abc
 import gc
-import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,11 +28,12 @@ from allmos.engine.cpu_compile import compile_cpu_forward
 from allmos.engine.cuda_graphs import DecodeGraphs
 from allmos.engine.kv_cache import KVCacheSpec, cpu_num_blocks, gpu_num_blocks
 from allmos.engine.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors, raw_logprobs
+from allmos.engine.step_inputs import HostStep, host_step, upload
 from allmos.layers.quantization import quantize_model
 from allmos.layers.tp import SINGLE, TPGroup
 from allmos.models.loader import build_model, init_dummy_weights, load_weights, safetensors_files
 from allmos.models.model_config import ModelConfig
-from allmos.utils.transfer import pack_aligned, split_packed, to_device
+from allmos.utils.transfer import to_device
 
 logger = logging.getLogger("allmos")
 
@@ -248,14 +248,14 @@ class LocalModelRunner(ModelRunner):
     def execute(self, batch: ScheduledBatch) -> PendingStep:
         if batch.is_empty:
             return PendingStep(None, [])
-        input_ids, positions, metadata, rope_seq_lens = self._prepare(batch)
+        host = self._host_step(batch)
         sampled = batch.sampled_seqs
         prompt = None
         with torch.inference_mode():
-            if (self.graphs is not None and metadata.is_decode and metadata.num_seqs <= self.graphs.max_batch_size
-                    and not batch.has_prompt_logprobs):
-                logits = self.graphs.run(input_ids, positions, metadata)  # [num_seqs, vocab]; all of them sample
+            if self._fits_graphs(host, batch):
+                logits = self._run_graph(host)  # [num_seqs, vocab]; all of them sample
             else:
+                input_ids, positions, metadata, rope_seq_lens = upload(host, self.device, self._last_sampled)
                 ctx = ForwardContext(self.backend.prepare(metadata), self.kv_caches, self.backend, rope_seq_lens)
                 with forward_context(ctx):
                     hidden = (self.compiled or self.model)(input_ids, positions)  # [num_tokens, hidden]
@@ -270,6 +270,17 @@ class LocalModelRunner(ModelRunner):
             out = self.sampler(logits, tensors)
         self._last_sampled = (out.token_ids, {s.request_id: row for row, s in enumerate(sampled)})
         return PendingStep(out, [s.sampling.num_logprobs for s in sampled], prompt)
+
+    def _fits_graphs(self, host: HostStep, batch: ScheduledBatch) -> bool:
+        return (self.graphs is not None and host.is_decode and host.num_seqs <= self.graphs.max_batch_size
+                and not batch.has_prompt_logprobs)
+
+    def _run_graph(self, host: HostStep) -> torch.Tensor:
+        """Decode through the captured graphs: inputs go straight into their persistent buffers."""
+        input_ids, pending, rows = self.graphs.load(host.decode_inputs())
+        if len(host.pending):
+            input_ids[pending] = self._last_sampled[0][rows]
+        return self.graphs.replay(host.num_seqs)  # [num_seqs, vocab]
 
     def _prompt_logprobs(self, batch: ScheduledBatch, metadata: AttentionMetadata,
                          hidden: torch.Tensor) -> PromptLogprobsOutput | None:
@@ -315,39 +326,10 @@ class LocalModelRunner(ModelRunner):
 
     def _prepare(self, batch: ScheduledBatch):
         """Host lists -> device tensors (token ids, positions, attention metadata) in two packed copies."""
-        seqs = batch.seqs
-        n = len(seqs)
-        q_lens = np.fromiter((s.num_new_tokens for s in seqs), dtype=np.int64, count=n)
-        seq_lens = np.fromiter((s.start_pos + s.num_new_tokens for s in seqs), dtype=np.int64, count=n)
-        query_start_loc = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(q_lens, out=query_start_loc[1:])
-        num_tokens = int(query_start_loc[-1])
-        input_ids = np.fromiter(itertools.chain.from_iterable(_known_inputs(s) for s in seqs), dtype=np.int64,
-                                count=num_tokens)  # a previous step's sample is a 0 here, filled on the device
-        # absolute position of every new token: start_pos of its sequence + index within the step
-        seq_of_token = np.repeat(np.arange(n), q_lens)
-        positions = np.arange(num_tokens) - query_start_loc[seq_of_token] + (seq_lens - q_lens)[seq_of_token]
-        block_tables = _pad_block_tables([s.block_table for s in seqs])  # [n, max_blocks] int32
-        slot_mapping = (block_tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size
-                        + positions % self.block_size)
-        pending, pending_rows = _pending_sources(self._last_sampled, query_start_loc, seqs)
-        i64_parts = [input_ids, positions, slot_mapping, seq_lens[seq_of_token], pending, pending_rows]
-        i32_parts = [query_start_loc, seq_lens, block_tables.ravel()]
-        i64, i64_starts = pack_aligned(i64_parts, np.int64)
-        i32, i32_starts = pack_aligned(i32_parts, np.int32)
-        input_ids_dev, positions_dev, slots_dev, rope_seq_lens, pending_dev, rows_dev = split_packed(
-            to_device(i64, self.device), i64_starts, [p.size for p in i64_parts])
-        qsl_dev, seq_lens_dev, tables_dev = split_packed(to_device(i32, self.device), i32_starts,
-                                                         [p.size for p in i32_parts])
-        if len(pending):
-            input_ids_dev[pending_dev] = self._last_sampled[0][rows_dev]
-        metadata = AttentionMetadata(
-            slot_mapping=slots_dev, query_start_loc=qsl_dev, seq_lens=seq_lens_dev,
-            block_tables=tables_dev.view(block_tables.shape),
-            max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()), is_decode=bool((q_lens == 1).all()),
-            query_start_loc_cpu=query_start_loc.tolist(), seq_lens_cpu=seq_lens.tolist(),
-        )
-        return input_ids_dev, positions_dev, metadata, rope_seq_lens
+        return upload(self._host_step(batch), self.device, self._last_sampled)
+
+    def _host_step(self, batch: ScheduledBatch) -> HostStep:
+        return host_step(batch, self.block_size, self._last_sampled)
 
 
 def run_scratch_forward(runner: LocalModelRunner, seq_lens: list[int], forward: Callable,
@@ -369,44 +351,9 @@ def run_scratch_forward(runner: LocalModelRunner, seq_lens: list[int], forward: 
             runner.model.compute_logits(hidden[:len(seq_lens)])
 
 
-def _pending_sources(last_sampled: tuple[torch.Tensor, dict[str, int]] | None, query_start_loc: np.ndarray,
-                     seqs) -> tuple[np.ndarray, np.ndarray]:
-    """The flat index of every input that is the previous step's sample (the last input of a sequence with
-    ``input_from_previous_sample``), and the row of the previous step's sampled tokens that holds it (they
-    are filled on the device, without waiting for the host copy)."""
-    from_sample = [i for i, s in enumerate(seqs) if s.input_from_previous_sample]
-    if not from_sample:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty
-    if last_sampled is None:
-        raise RuntimeError("a scheduled input is the previous step's sample but that step sampled nothing")
-    row_of = last_sampled[1]
-    try:
-        rows = np.fromiter((row_of[seqs[i].request_id] for i in from_sample), dtype=np.int64, count=len(from_sample))
-    except KeyError as exc:
-        raise RuntimeError(f"request {exc} takes an input it did not sample in the previous step") from exc
-    return query_start_loc[1:][from_sample] - 1, rows
-
-
 def _sample_rows(batch: ScheduledBatch, metadata: AttentionMetadata, device: torch.device) -> torch.Tensor:
     """Index of each sampling sequence's last token in the step's flat token list."""
     ends = metadata.query_start_loc_cpu[1:]
     rows = np.array([end - 1 for end, s in zip(ends, batch.seqs, strict=True) if s.sampling is not None],
                     dtype=np.int64)
     return to_device(rows, device)
-
-
-def _known_inputs(seq) -> list[int]:
-    """``seq``'s input ids with a 0 standing for an input taken from the previous step's sample."""
-    return [*seq.input_token_ids, 0] if seq.input_from_previous_sample else seq.input_token_ids
-
-
-def _pad_block_tables(tables: list[list[int]]) -> np.ndarray:
-    """Rows of different lengths -> [len(tables), longest] int32, zero-padded (padding is never read)."""
-    lengths = np.fromiter((len(t) for t in tables), dtype=np.int64, count=len(tables))
-    out = np.zeros((len(tables), max(1, int(lengths.max()))), dtype=np.int32)
-    flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lengths.sum()))
-    rows = np.repeat(np.arange(len(tables)), lengths)
-    cols = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out[rows, cols] = flat
-    return out

@@ -19,6 +19,13 @@ def to_device(x: torch.Tensor | np.ndarray, device: torch.device | str) -> torch
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def staged(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``x`` as the source of a non-blocking copy to ``device``: in pinned memory for CUDA (the caching
+    host allocator keeps it alive until the copy has run, so the host may reuse nothing too early)."""
+    t = torch.from_numpy(x)
+    return t.pin_memory() if device.type == "cuda" else t
+
+
 ALIGN_BYTES = 16  # Triton specializes kernels on 16-byte pointer alignment; keep every packed part aligned
 
 
