@@ -5,6 +5,11 @@
 #                                        and the workload with them on) the standard workload: this tree and the
 #                                        tree in .old/
 #                                        (a `git archive` of an older commit, if present), tp=2 if 2 GPUs
+#   bash benchmarks/gpu_visit.sh tp      (2 GPUs) GPU engine tests, the standard workload here and in .old/,
+#                                        tp=1 vs tp=2, and where a tp=2 decode step's time goes
+#   bash benchmarks/gpu_visit.sh serve   the serving benchmark at saturation and at RATE requests/s (default
+#                                        20), against the offline engine on the same requests; FastAPI etc.
+#                                        come from wheels in .whl/ when the machine lacks them
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/allmos-out}; mkdir -p "$OUT"
@@ -15,7 +20,20 @@ stage() {  # stage NAME SECONDS CMD...: run with a hard limit, show the log's en
     timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
     echo "== $name: rc=$rc after $(( $(date +%s) - start )) s"; tail -n "${TAIL:-12}" "$OUT/$name.log"
 }
-if [ "$1" = tests ]; then
+if [ "$1" = tp ]; then
+    TAIL=8 stage gpu_engine_tests 150 python -m pytest -q -p no:cacheprovider -rfE tests/test_gpu_engine.py
+    TAIL=2 stage bench_new 100 python bench.py
+    [ -d .old ] && (cd .old && TAIL=2 PYTHONPATH=$PWD stage bench_old 100 python bench.py)
+    TAIL=8 stage bench_tp 200 python benchmarks/bench_tp.py --child-timeout 95
+    TAIL=10 stage bench_tp_step 150 python benchmarks/bench_tp_step.py --steps 50
+elif [ "$1" = serve ]; then
+    if ls .whl/*.whl > /dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site
+    fi
+    TAIL=40 stage bench_serving 420 python benchmarks/bench_serving.py --launch --offline \
+        --launch-model benchmarks/qwen3-0.6b --server-args "--load-format dummy" --request-rate inf "${RATE:-20}"
+elif [ "$1" = tests ]; then
     TAIL=30 stage gpu_tests 560 python -m pytest -m gpu -q -p no:cacheprovider -rfE
 else
     [ -n "$STEP" ] && TAIL=30 stage bench_step 220 python benchmarks/bench_step.py --steps 40 --profile-steps 10 \
