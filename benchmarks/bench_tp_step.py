@@ -88,13 +88,13 @@ def gpu_profile(engine, steps: int) -> dict:
             "nccl_median_us": statistics.median(nccl) if nccl else 0.0}
 
 
-def measure_batch(engine, clock: Clock, batch: int, steps: int, vocab: int) -> dict:
-
+def fill(engine, batch: int, steps: int, vocab: int) -> list[str]:
+    """Admit ``batch`` requests and step until all of them decode; returns their ids."""
     from allmos import SamplingParams
 
     rng = random.Random(batch)
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=3 * steps + 80)
-    ids = [f"b{batch}-{i}" for i in range(batch)]
+    ids = [f"b{batch}-{i}-{rng.random()}" for i in range(batch)]
     for request_id in ids:
         engine.add_request(request_id, [rng.randrange(vocab) for _ in range(PROMPT_LEN)], params)
     while engine.get_stats().num_prefilling or engine.get_stats().num_waiting:
@@ -102,6 +102,19 @@ def measure_batch(engine, clock: Clock, batch: int, steps: int, vocab: int) -> d
     for _ in range(10):
         engine.step()
     sync()
+    return ids
+
+
+def drain(engine, ids: list[str]) -> None:
+    engine.abort_request(ids)
+    while engine.has_unfinished():
+        engine.step()
+
+
+def measure_batch(engine, clock: Clock, batch: int, steps: int, vocab: int) -> dict:
+    """Wall and host parts per step (no profiler: once CUPTI has run, launches cost more for the rest of
+    the process, so every wall figure is taken before the first profile)."""
+    ids = fill(engine, batch, steps, vocab)
     clock.take()
     start = time.perf_counter()
     for _ in range(steps):
@@ -109,12 +122,15 @@ def measure_batch(engine, clock: Clock, batch: int, steps: int, vocab: int) -> d
     sync()
     wall = (time.perf_counter() - start) / steps
     parts = {name: seconds / steps * 1e3 for name, seconds in clock.take().items()}
+    drain(engine, ids)
     other = wall * 1e3 - parts.get("execute", 0.0) - parts.get("wait_result", 0.0)
-    row = {"batch": batch, "wall_ms": wall * 1e3, "tok_s": batch / wall, **parts, "other": other,
-           **gpu_profile(engine, steps)}
-    engine.abort_request(ids)
-    while engine.has_unfinished():
-        engine.step()
+    return {"batch": batch, "wall_ms": wall * 1e3, "tok_s": batch / wall, **parts, "other": other}
+
+
+def profile_batch(engine, batch: int, steps: int, vocab: int) -> dict:
+    ids = fill(engine, batch, steps, vocab)
+    row = gpu_profile(engine, steps)
+    drain(engine, ids)
     return row
 
 
@@ -129,7 +145,10 @@ def run_child(tp: int, args: argparse.Namespace) -> list[dict]:
     clock = Clock()
     instrument(engine, clock)
     vocab = engine.info.vocab_size
-    rows = [{"tp": tp, **measure_batch(engine, clock, b, args.steps, min(vocab, 10000))} for b in args.batches]
+    vocab = min(vocab, 10000)
+    rows = [{"tp": tp, **measure_batch(engine, clock, b, args.steps, vocab)} for b in args.batches]
+    for row in rows:
+        row.update(profile_batch(engine, row["batch"], args.steps, vocab))
     llm.shutdown()
     return rows
 

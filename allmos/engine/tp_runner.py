@@ -1,7 +1,7 @@
 """Tensor parallelism over processes: the driver is rank 0, ranks 1..N-1 are spawned workers.
 
-Invariant: a step reaches every rank as one typed message (the serialized ``ScheduledBatch``), broadcast
-by the driver over a gloo group before it runs its own shard; every rank then runs the same
+Invariant: a step reaches every rank as one typed message (the serialized ``ScheduledBatch``), written
+by the driver into each worker's step pipe before it runs its own shard; every rank then runs the same
 ``LocalModelRunner.execute`` and samples the same tokens (see ``allmos.engine.worker``). Only the
 driver's ``PendingStep`` is read by the engine.
 
@@ -9,8 +9,8 @@ Failure handling: a watchdog thread in the driver waits on the workers' error pi
 closes its pipe, so exits wake it too). A worker that raises sends its formatted traceback and exits;
 the driver then aborts its NCCL group (gloo notices the closed sockets by itself), stops the other
 workers, and the engine call in progress raises ``WorkerError`` carrying that traceback. Workers exit
-when the driver dies (they poll their parent pid) and ignore Ctrl-C, which the driver turns into an
-orderly stop.
+when the driver dies (they poll their parent pid, and read end-of-file on the step pipe) and ignore
+Ctrl-C, which the driver turns into an orderly stop.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from allmos.engine.worker import (
     check_same_tokens,
     connect_store,
     init_rank_groups,
+    make_step_pipe,
     set_nccl_env,
 )
 from allmos.models.model_config import ModelConfig
@@ -107,19 +108,23 @@ def _timeout_from_env() -> float:
 
 class WorkerProcess:
     """One worker: a fresh interpreter running ``python -m allmos.engine.worker`` (never the user's main
-    module), its spec sent as JSON on standard input, and the read end of its error pipe."""
+    module), its spec sent as JSON on standard input, the read end of its error pipe and the write end of
+    its step pipe (``step_fd``, closed by ``close_step_pipe``)."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         read_fd, write_fd = os.pipe()
+        step_read_fd, self.step_fd = make_step_pipe()
         try:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "allmos.engine.worker", str(write_fd)], stdin=subprocess.PIPE,
-                pass_fds=(write_fd,), env=_worker_env())
+                [sys.executable, "-m", "allmos.engine.worker", str(write_fd), str(step_read_fd)],
+                stdin=subprocess.PIPE, pass_fds=(write_fd, step_read_fd), env=_worker_env())
         except BaseException:
             os.close(read_fd)
+            os.close(self.step_fd)
             raise
         finally:
             os.close(write_fd)  # the child holds the write end now; EOF here means it is gone
+            os.close(step_read_fd)  # and the read end of its step pipe
         self.conn = multiprocessing.connection.Connection(read_fd, writable=False)
         self.popen.stdin.write((spec.to_json() + "\n").encode())
         self.popen.stdin.close()
@@ -146,6 +151,12 @@ class WorkerProcess:
 
     def kill(self) -> None:
         self.popen.kill()
+
+    def close_step_pipe(self) -> None:
+        """Close the write end of the step pipe (idempotent); the worker then reads end-of-file."""
+        if self.step_fd >= 0:
+            os.close(self.step_fd)
+            self.step_fd = -1
 
 
 def _worker_env() -> dict[str, str]:
@@ -262,6 +273,8 @@ class WorkerPool:
             self._watchdog.join(1.0)
         for conn in self._conns:
             conn.close()
+        for proc in self.processes:
+            proc.close_step_pipe()
 
     def _terminate_all(self) -> None:
         with self._term_lock:
@@ -299,7 +312,8 @@ class _Distributed:
         self._abort_lock = threading.Lock()
 
     def attach(self, groups: RankGroups) -> None:
-        self.groups, self.channel = groups, StepChannel(groups.control)
+        self.groups = groups
+        self.channel = StepChannel(send_fds=[proc.step_fd for proc in self.pool.processes])
 
     def close(self) -> None:
         graceful = not self.broken and self.pool.failure is None and self.channel is not None

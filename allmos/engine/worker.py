@@ -1,8 +1,8 @@
 """One tensor-parallel rank: rendezvous, process groups, the step channel and the worker loop.
 
 Invariant: every rank executes the same sequence of ``ScheduledBatch`` es, in the same order, with a
-``LocalModelRunner`` holding its own shard. Rank 0 (the driver) broadcasts each batch as one typed
-message over a CPU (gloo) group before it runs the step itself; ranks 1..N-1 receive, run and repeat.
+``LocalModelRunner`` holding its own shard. Rank 0 (the driver) writes each batch as one typed
+message into every worker's step pipe before it runs the step itself; ranks 1..N-1 receive, run and repeat.
 The model's collectives leave every rank with the same all-gathered logits, and the sampler is a pure
 function of (logits, seed, position), so every rank samples the same tokens and fills its own
 inputs taken from its own previous step's samples: no token travels between ranks.
@@ -44,7 +44,7 @@ from allmos.layers.tp import TPGroup
 from allmos.utils.heap import freeze_startup_heap
 
 DEFAULT_TIMEOUT_S = 1800.0  # rendezvous and collectives (the first one waits for the slowest rank to load)
-IDLE_WAIT = datetime.timedelta(days=365)  # a worker waits this long for the driver's next message
+PIPE_BYTES = 1 << 20  # step-pipe capacity asked for
 PARENT_POLL_S = 0.5
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 JOINED_KEY = "allmos/joined/{rank}"
@@ -125,8 +125,8 @@ def connect_store(addr: str, port: int, world_size: int, rank: int, timeout_s: f
 
 @dataclass
 class RankGroups:
-    """This rank's process groups: ``control`` (gloo, CPU) carries step messages; ``model`` (gloo on
-    the CPU, NCCL on GPUs) carries the model's all-reduce / all-gather through ``tp``."""
+    """This rank's process groups: ``control`` (gloo, CPU) for host-side checks (the debug token check);
+    ``model`` (gloo on the CPU, NCCL on GPUs) carries the model's all-reduce / all-gather through ``tp``."""
 
     store: Any
     control: Any
@@ -176,12 +176,15 @@ def init_rank_groups(store: Any, rank: int, world_size: int, device: torch.devic
 
 
 class StepChannel:
-    """Typed messages from rank 0 to every rank over the control group: an int64 length, then the
-    message bytes as a uint8 tensor (two gloo broadcasts). Steps are encoded against what the receivers
-    hold (``BatchEncoder`` / ``BatchDecoder``), so every encoded step must be sent, in order."""
+    """Typed messages from rank 0 to every rank, each through its own pipe: an 8-byte little-endian
+    length, then the message bytes. The driver's write returns once the bytes are in the pipe (it never
+    waits for a worker to be ready to receive, unlike a collective); pipes keep the order. Steps are
+    encoded against what the receivers hold (``BatchEncoder`` / ``BatchDecoder``), so every encoded step
+    must be sent, in order. A worker reading end-of-file knows the driver is gone."""
 
-    def __init__(self, group: Any) -> None:
-        self.group = group
+    def __init__(self, send_fds: list[int] | None = None, receive_fd: int | None = None) -> None:
+        self.send_fds = list(send_fds or [])
+        self.receive_fd = receive_fd
         self._encoder = BatchEncoder()
         self._decoder = BatchDecoder()
 
@@ -193,23 +196,46 @@ class StepChannel:
         self.send_bytes(self.encode(message))
 
     def send_bytes(self, data: bytes) -> None:
-        self._broadcast(torch.tensor([len(data)], dtype=torch.int64))
-        self._broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        """Write one frame to every worker (raises BrokenPipeError if a worker is gone)."""
+        frame = memoryview(len(data).to_bytes(8, "little") + data)
+        for fd in self.send_fds:
+            written = 0
+            while written < len(frame):
+                written += os.write(fd, frame[written:])
 
     def receive(self) -> Message:
-        """Wait (indefinitely: the driver may idle between requests) for the next message."""
-        length = torch.zeros(1, dtype=torch.int64)
-        self._broadcast(length, IDLE_WAIT)
-        payload = torch.empty(int(length.item()), dtype=torch.uint8)
-        self._broadcast(payload)
-        return decode_message(payload.numpy().tobytes(), self._decoder)
+        """Wait (indefinitely: the driver may idle between requests) for the next message; a closed
+        pipe (the driver exited) reads as SHUTDOWN."""
+        header = _read_exact(self.receive_fd, 8)
+        payload = _read_exact(self.receive_fd, int.from_bytes(header, "little")) if header else None
+        if payload is None:
+            return Message(MessageKind.SHUTDOWN)
+        return decode_message(payload, self._decoder)
 
-    def _broadcast(self, tensor: torch.Tensor, timeout: datetime.timedelta | None = None) -> None:
-        opts = dist.BroadcastOptions()
-        opts.rootRank, opts.rootTensor = 0, 0
-        if timeout is not None:
-            opts.timeout = timeout
-        self.group.broadcast([tensor], opts).wait()
+
+def make_step_pipe() -> tuple[int, int]:
+    """(read fd, write fd) of a pipe with room for many steps (1 MiB where Linux allows), so the driver's
+    writes do not wait while a worker is still launching the previous step."""
+    read_fd, write_fd = os.pipe()
+    try:
+        import fcntl
+
+        fcntl.fcntl(write_fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+    except (ImportError, OSError):
+        pass  # the default size works, with less slack
+    return read_fd, write_fd
+
+
+def _read_exact(fd: int, size: int) -> bytes | None:
+    """``size`` bytes from ``fd``, or None at end-of-file."""
+    parts, left = [], size
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            return None
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
 
 
 def check_same_tokens(group: Any, world_size: int, token_ids: list[int]) -> None:
@@ -232,7 +258,7 @@ def set_nccl_env() -> None:
 # --------------------------------------------------------------------------- worker process
 
 
-def worker_main(spec: WorkerSpec, error_conn: Any) -> None:
+def worker_main(spec: WorkerSpec, error_conn: Any, step_fd: int) -> None:
     """Run ranks 1..N-1 of one engine. Never returns: exits 0 after SHUTDOWN, 1 after sending its
     formatted traceback through ``error_conn``, and at once when the driver process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it stops us
@@ -243,7 +269,7 @@ def worker_main(spec: WorkerSpec, error_conn: Any) -> None:
         faulthandler.dump_traceback_later(float(os.environ["ALLMOS_TP_STACKS_AFTER_S"]), repeat=False)
     code = 0
     try:
-        _run_worker(spec)
+        _run_worker(spec, step_fd)
     except BaseException:
         code = 1
         try:
@@ -257,18 +283,19 @@ def worker_main(spec: WorkerSpec, error_conn: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m allmos.engine.worker ERROR_FD``: the worker process's own entry point.
+    """``python -m allmos.engine.worker ERROR_FD STEP_FD``: the worker process's own entry point.
 
     The driver starts workers as fresh interpreters running this module (never re-importing the user's
     main script, so any script works: no ``__main__`` guard needed, standard input scripts too). The
-    ``WorkerSpec`` arrives as JSON on standard input; a failure's traceback goes back through the
-    inherited pipe ``ERROR_FD`` (length-prefixed bytes)."""
+    ``WorkerSpec`` arrives as JSON on standard input; steps arrive through the inherited pipe ``STEP_FD``
+    (``StepChannel``); a failure's traceback goes back through the inherited pipe ``ERROR_FD``
+    (length-prefixed bytes)."""
     from multiprocessing.connection import Connection
 
     args = sys.argv[1:] if argv is None else argv
     error_conn = Connection(int(args[0]), readable=False)
     spec = WorkerSpec.from_json(sys.stdin.readline())
-    worker_main(spec, error_conn)
+    worker_main(spec, error_conn, int(args[1]))
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:
@@ -280,7 +307,7 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     threading.Thread(target=watch, name="allmos-parent-watch", daemon=True).start()
 
 
-def _run_worker(spec: WorkerSpec) -> None:
+def _run_worker(spec: WorkerSpec, step_fd: int) -> None:
     from allmos.engine.model_runner import LocalModelRunner
     from allmos.models.resolve import load_model_source
 
@@ -300,7 +327,7 @@ def _run_worker(spec: WorkerSpec) -> None:
     source = load_model_source(spec.model_folder)
     runner = LocalModelRunner(spec.config, source.model_config, Path(spec.model_folder), device, spec.dtype, groups.tp)
     freeze_startup_heap()  # a full collection in one rank stalls every rank's collectives
-    serve(runner, StepChannel(groups.control), groups, spec)
+    serve(runner, StepChannel(receive_fd=step_fd), groups, spec)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # our collectives are done, so the driver's can finish too
 
