@@ -40,6 +40,7 @@ from allmos.engine.core_types import (
     CoreStepOutput,
     EngineCoreRequest,
     EngineCoreStats,
+    LogprobEntries,
     PromptLogprobsResult,
 )
 from allmos.engine.request import Request, RequestStatus
@@ -187,20 +188,16 @@ class EngineCore:
         """Count each sampled token as pending; sequences that reached their length limit leave the
         scheduler now (their last token is still read back and reported)."""
         sampled = []
+        get_request, max_model_len = self.scheduler.get_request, self.max_model_len
         for seq_info in batch.sampled_seqs:
-            seq = self.scheduler.get_request(seq_info.request_id)
+            seq = get_request(seq_info.request_id)
             if seq is None:
                 continue
             seq.reserve_pending_token()
             sampled.append(seq)
-            if self._hit_length_limit(seq):
+            if _hit_length_limit(seq, max_model_len):
                 self.scheduler.finish(seq, None)  # no more compute; the reason is set once read back
         return sampled
-
-    def _hit_length_limit(self, seq: Request) -> bool:
-        max_tokens = seq.params.max_tokens
-        return (max_tokens is not None and seq.num_output_tokens >= max_tokens) or \
-            seq.num_tokens >= self.max_model_len
 
     def _read_back(self, in_flight: tuple[PendingStep, list[Request]]) -> CoreStepOutput:
         """The launched step's results as one ``CoreStepOutput``: each sampled sequence's token becomes
@@ -208,12 +205,7 @@ class EngineCore:
         pending, sampled = in_flight
         result = pending.result()
         prompt = [c for chunk in result.prompt_logprobs if (c := self._prompt_chunk(chunk)) is not None]
-        token_ids, logprobs = result.token_ids, result.logprobs
-        if len(token_ids) != len(sampled) or any(seq.finish_reason is not None for seq in sampled):
-            # aborted, or stopped in an earlier step: these tokens are dropped
-            rows = [row for row, seq in enumerate(sampled) if seq.finish_reason is None]
-            sampled, token_ids = [sampled[r] for r in rows], [token_ids[r] for r in rows]
-            logprobs = [logprobs[r] for r in rows] if logprobs is not None else None
+        sampled, token_ids, logprobs = _running_rows(sampled, result.token_ids, result.logprobs)
         # a sampled sequence was admitted, so its num_cached_tokens is set (>= 0)
         output = CoreStepOutput([s.group_id for s in sampled], [s.index for s in sampled], token_ids,
                                 [s.num_cached_tokens for s in sampled], prompt_logprobs=prompt)
@@ -257,6 +249,22 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.runner.shutdown()
+
+
+def _hit_length_limit(seq: Request, max_model_len: int) -> bool:
+    """Whether ``seq``, its pending tokens counted, reached ``max_tokens`` or the context limit."""
+    num_tokens, max_tokens = seq.num_tokens, seq.params.max_tokens
+    return num_tokens >= max_model_len or (max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens)
+
+
+def _running_rows(sampled: list[Request], token_ids: list[int], logprobs: list[LogprobEntries] | None):
+    """The read-back rows of the sequences still running: a sequence aborted, or stopped in an earlier
+    step, while its token was in flight has that token dropped. Returns (sequences, tokens, logprobs)."""
+    if len(token_ids) == len(sampled) and all(seq.finish_reason is None for seq in sampled):
+        return sampled, token_ids, logprobs  # the common case: nothing to drop
+    rows = [row for row, seq in enumerate(sampled) if seq.finish_reason is None]
+    return ([sampled[r] for r in rows], [token_ids[r] for r in rows],
+            [logprobs[r] for r in rows] if logprobs is not None else None)
 
 
 def make_sequence(request: EngineCoreRequest, index: int, eos_token_ids: frozenset[int]) -> Request:
