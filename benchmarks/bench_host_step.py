@@ -5,7 +5,11 @@ steady decode. For each step it times ``engine.step()`` as a whole and the model
 sampler inside it; the difference is the engine's host time (scheduling, batch building, tensor
 preparation, read-back, stop checks, outputs). Usage:
 
-    python benchmarks/bench_host_step.py [--num-seqs 256] [--steps 50] [--repeat 3]
+    python benchmarks/bench_host_step.py [--num-seqs 256] [--steps 50] [--repeat 3] [--server]
+
+``--server`` times the server's engine-core loop instead of ``LLMEngine.step``: one step of
+``allmos.server.core_process.EngineCore`` plus encoding its ``StepOutputs`` frame (what the core process
+does per step before writing to its pipe).
 
 Prints the median host ms per step over the timed steps (after a few warm-up steps), per repeat.
 """
@@ -51,7 +55,7 @@ class Timer:
         return value
 
 
-def run(num_seqs: int, steps: int, warmup: int = 5) -> float:
+def run(num_seqs: int, steps: int, warmup: int = 5, server: bool = False) -> float:
     from allmos import LLM, SamplingParams
 
     folder = Path(tempfile.mkdtemp(prefix="allmos-host-step-"))
@@ -65,20 +69,43 @@ def run(num_seqs: int, steps: int, warmup: int = 5) -> float:
     runner.model.compute_logits = compute.wrap(runner.model.compute_logits)
     runner.sampler.forward = compute.wrap(runner.sampler.forward)
     params = SamplingParams(temperature=0.8, seed=1, max_tokens=warmup + steps + 8, ignore_eos=True)
-    for i in range(num_seqs):
-        engine.add_request(f"r{i}", [(7 * i + j) % 500 + 3 for j in range(32)], params)
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(32)] for i in range(num_seqs)]
+    step = _server_loop(engine, prompts, params) if server else _engine_loop(engine, prompts, params)
     while _num_prefilling(engine):  # prefill until every sequence decodes
-        engine.step()
+        step()
     host = []
     for i in range(warmup + steps):
         compute.take()
         start = time.perf_counter()
-        engine.step()
+        step()
         wall = time.perf_counter() - start
         if i >= warmup:
             host.append(wall - compute.take())
     llm.shutdown()
     return statistics.median(host) * 1e3
+
+
+def _engine_loop(engine, prompts: list[list[int]], params):
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    return engine.step
+
+
+def _server_loop(engine, prompts: list[list[int]], params):
+    """The core process's per-step work: the adapter's step and the frame it sends."""
+    from allmos.server.core_process import EngineCore
+    from allmos.server.protocol import AddRequest, Codec, CoreMessage, SamplingSettings, StepOutputs
+
+    core, codec = EngineCore(engine), Codec(CoreMessage)
+    settings = SamplingSettings(temperature=params.temperature, seed=params.seed, max_tokens=params.max_tokens,
+                                ignore_eos=params.ignore_eos)
+    for i, prompt in enumerate(prompts):
+        core.add(AddRequest(f"r{i}", prompt, settings, time.time()))
+
+    def step() -> None:
+        outputs, scheduled = core.step()
+        codec.frame(StepOutputs(outputs, [], scheduled, core.stats(), time.time()))
+    return step
 
 
 def _local_runner(engine):
@@ -98,10 +125,12 @@ def main() -> None:
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--server", action="store_true", help="time the server's engine-core loop")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    results = [run(args.num_seqs, args.steps) for _ in range(args.repeat)]
-    print(f"host ms per decode step at {args.num_seqs} sequences (median of {args.steps} steps), per repeat: "
+    results = [run(args.num_seqs, args.steps, server=args.server) for _ in range(args.repeat)]
+    loop = "server core loop" if args.server else "LLMEngine.step"
+    print(f"host ms per decode step ({loop}) at {args.num_seqs} sequences (median of {args.steps} steps), per repeat: "
           + ", ".join(f"{r:.3f}" for r in results))
 
 
