@@ -5,7 +5,13 @@ steady decode. For each step it times ``engine.step()`` as a whole and the model
 sampler inside it; the difference is the engine's host time (scheduling, batch building, tensor
 preparation, read-back, stop checks, outputs). Usage:
 
-    python benchmarks/bench_host_step.py [--num-seqs 256] [--steps 50] [--repeat 3]
+    python benchmarks/bench_host_step.py [--num-seqs 256] [--steps 50] [--repeat 3] [--server] [--clock thread]
+
+``--server`` times the server's engine-core loop instead of ``LLMEngine.step``: one step of
+``allmos.server.core_process.EngineCore`` plus encoding its ``StepOutputs`` frame (what the core process
+does per step before writing to its pipe). ``--clock thread`` times with this thread's CPU time
+(``time.thread_time``) instead of the wall clock: on a shared machine, time the process spends waiting for
+a core then does not count (the model runs on this thread: ``torch.set_num_threads(1)``).
 
 Prints the median host ms per step over the timed steps (after a few warm-up steps), per repeat.
 """
@@ -31,19 +37,22 @@ TINY_QWEN3 = {
 
 
 class Timer:
-    """Wraps callables; accumulates their wall time until ``take()``."""
+    """Wraps callables; accumulates their time on ``clock`` until ``take()``."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock=time.perf_counter) -> None:
+        self.clock = clock
         self.total = 0.0
 
     def wrap(self, fn):
+        clock = self.clock
+
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
+            start = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.total += time.perf_counter() - start
+                self.total += clock() - start
         return wrapper
 
     def take(self) -> float:
@@ -51,7 +60,7 @@ class Timer:
         return value
 
 
-def run(num_seqs: int, steps: int, warmup: int = 5) -> float:
+def run(num_seqs: int, steps: int, warmup: int = 5, server: bool = False, clock=time.perf_counter) -> float:
     from allmos import LLM, SamplingParams
 
     folder = Path(tempfile.mkdtemp(prefix="allmos-host-step-"))
@@ -60,25 +69,48 @@ def run(num_seqs: int, steps: int, warmup: int = 5) -> float:
               kvcache_block_size=16, enforce_eager=True)
     engine = llm.llm_engine if hasattr(llm, "llm_engine") else llm.engine
     runner = _local_runner(engine)
-    compute = Timer()
+    compute = Timer(clock)
     runner.model.forward = compute.wrap(runner.model.forward)
     runner.model.compute_logits = compute.wrap(runner.model.compute_logits)
     runner.sampler.forward = compute.wrap(runner.sampler.forward)
     params = SamplingParams(temperature=0.8, seed=1, max_tokens=warmup + steps + 8, ignore_eos=True)
-    for i in range(num_seqs):
-        engine.add_request(f"r{i}", [(7 * i + j) % 500 + 3 for j in range(32)], params)
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(32)] for i in range(num_seqs)]
+    step = _server_loop(engine, prompts, params) if server else _engine_loop(engine, prompts, params)
     while _num_prefilling(engine):  # prefill until every sequence decodes
-        engine.step()
+        step()
     host = []
     for i in range(warmup + steps):
         compute.take()
-        start = time.perf_counter()
-        engine.step()
-        wall = time.perf_counter() - start
+        start = clock()
+        step()
+        wall = clock() - start
         if i >= warmup:
             host.append(wall - compute.take())
     llm.shutdown()
     return statistics.median(host) * 1e3
+
+
+def _engine_loop(engine, prompts: list[list[int]], params):
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    return engine.step
+
+
+def _server_loop(engine, prompts: list[list[int]], params):
+    """The core process's per-step work: the adapter's step and the frame it sends."""
+    from allmos.server.core_process import EngineCore
+    from allmos.server.protocol import AddRequest, Codec, CoreMessage, SamplingSettings, StepOutputs
+
+    core, codec = EngineCore(engine), Codec(CoreMessage)
+    settings = SamplingSettings(temperature=params.temperature, seed=params.seed, max_tokens=params.max_tokens,
+                                ignore_eos=params.ignore_eos)
+    for i, prompt in enumerate(prompts):
+        core.add(AddRequest(f"r{i}", prompt, settings, time.time()))
+
+    def step() -> None:
+        outputs, scheduled = core.step()
+        codec.frame(StepOutputs(outputs, [], scheduled, core.stats(), time.time()))
+    return step
 
 
 def _local_runner(engine):
@@ -98,11 +130,15 @@ def main() -> None:
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--server", action="store_true", help="time the server's engine-core loop")
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    results = [run(args.num_seqs, args.steps) for _ in range(args.repeat)]
-    print(f"host ms per decode step at {args.num_seqs} sequences (median of {args.steps} steps), per repeat: "
-          + ", ".join(f"{r:.3f}" for r in results))
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    results = [run(args.num_seqs, args.steps, server=args.server, clock=clock) for _ in range(args.repeat)]
+    loop = "server core loop" if args.server else "LLMEngine.step"
+    print(f"host ms ({args.clock} clock) per decode step ({loop}) at {args.num_seqs} sequences "
+          f"(median of {args.steps} steps), per repeat: " + ", ".join(f"{r:.3f}" for r in results))
 
 
 if __name__ == "__main__":

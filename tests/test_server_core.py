@@ -28,8 +28,8 @@ from allmos.server.protocol import (  # noqa: E402
     CoreMessage,
     CoreStats,
     FrontendMessage,
+    NewTokens,
     SamplingSettings,
-    SeqDelta,
     StepOutputs,
     frame_length,
 )
@@ -44,8 +44,8 @@ def test_frames_round_trip():
     frame = front.frame(add)
     assert frame_length(frame[:4]) == len(frame) - 4
     assert core.decode(frame[4:]) == add
-    step = StepOutputs([SeqDelta("r1", 0, [4, 5], [[(4, -0.1), (8, -2.0)], [(5, -0.3)]], "stop", 9)], [], [],
-                       CoreStats(num_running_reqs=1, kv_cache_usage=0.25), 1.0)
+    step = StepOutputs(NewTokens(["r1", "r2"], [0, 1], [4, 5], {1: ("stop", 9)}, {0: [(4, -0.1), (8, -2.0)]}),
+                       [], [], CoreStats(num_running_reqs=1, kv_cache_usage=0.25), 1.0)
     assert front.decode(core.frame(step)[4:]) == step
     assert core.decode(front.frame(AbortRequests(["a", "b"]))[4:]) == AbortRequests(["a", "b"])
     with pytest.raises(ValueError):
@@ -111,12 +111,12 @@ def test_engine_core_adapter(tiny_engine):
     for _ in range(100):
         if not core.has_work():
             break
-        deltas, new = core.step()
+        new_tokens, new = core.step()
         scheduled += new
-        for d in deltas:
-            tokens[d.request_id] += d.token_ids
-            if d.finish_reason:
-                finishes.append((d.request_id, d.finish_reason))
+        for request_id, _, token, finish in _rows(new_tokens):
+            tokens[request_id].append(token)
+            if finish:
+                finishes.append((request_id, finish[0]))
         if len(tokens["b"]) >= 2 and ("b", "abort") not in finishes:
             core.abort(["b"])
             finishes.append(("b", "abort"))
@@ -140,10 +140,43 @@ def test_engine_core_matches_offline(qwen3_dir, tiny_engine):
     for _ in range(100):
         if not core.has_work():
             break
-        for d in core.step()[0]:
-            got += d.token_ids
-            finish = (d.finish_reason, d.stop_reason) if d.finish_reason else finish
+        for _, _, token, row_finish in _rows(core.step()[0]):
+            got.append(token)
+            finish = row_finish or finish
     assert got == ref.token_ids and finish == (ref.finish_reason, ref.stop_reason)
+
+
+def test_engine_core_sampled_logprobs_match_offline(qwen3_dir, tiny_engine):
+    """n > 1, seeded sampling, logprobs: the adapter's rows, gathered per sequence, carry the offline
+    engine's tokens, logprob pairs (sampled token first, no repeats) and finish reasons."""
+    params = SamplingParams(n=2, temperature=0.8, seed=11, max_tokens=7, logprobs=2, stop_token_ids=[7])
+    llm = LLM(str(qwen3_dir), max_model_len=256, kvcache_block_size=16, num_kvcache_blocks=64)
+    ref = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs
+    llm.shutdown()
+    core = EngineCore(tiny_engine)
+    settings = SamplingSettings(n=2, temperature=0.8, seed=11, max_tokens=7, logprobs=2, stop_token_ids=[7])
+    core.add(AddRequest("s", PROMPT, settings, 0.0))
+    tokens, logprobs, finishes = {0: [], 1: []}, {0: [], 1: []}, {}
+    for _ in range(100):
+        if not core.has_work():
+            break
+        new = core.step()[0]
+        assert set(new.logprobs) == set(range(len(new.token_ids)))  # every row of a request that asked
+        for row, (_, index, token, finish) in enumerate(_rows(new)):
+            tokens[index].append(token)
+            logprobs[index].append(new.logprobs[row])
+            if finish:
+                finishes[index] = finish
+    for c in ref:
+        assert tokens[c.index] == c.token_ids
+        assert logprobs[c.index] == [[(t, lp.logprob) for t, lp in d.items()] for d in c.logprobs]
+        assert finishes[c.index] == (c.finish_reason, c.stop_reason)
+
+
+def _rows(new: NewTokens) -> list[tuple[str, int, int, tuple[str, int | None] | None]]:
+    """(request id, completion index, token, (finish_reason, stop_reason) or None) per row."""
+    return [(r, i, t, new.finished.get(row))
+            for row, (r, i, t) in enumerate(zip(new.request_ids, new.indices, new.token_ids, strict=True))]
 
 
 # ---------------------------------------------------------------------- front-end output processing
@@ -154,8 +187,12 @@ def tokenizer(default_model_dir):
     return AutoTokenizer.from_pretrained(default_model_dir)
 
 
-def _step(*deltas: SeqDelta) -> StepOutputs:
-    return StepOutputs(list(deltas), [], [], CoreStats(), 0.0)
+def _step(request_id: str, index: int, token_ids: list[int], finish_reason: str | None = None,
+          stop_reason: int | None = None) -> StepOutputs:
+    """One sequence's tokens as rows of one message; the finish (if any) on the last row."""
+    finished = {len(token_ids) - 1: (finish_reason, stop_reason)} if finish_reason else {}
+    new = NewTokens([request_id] * len(token_ids), [index] * len(token_ids), list(token_ids), finished)
+    return StepOutputs(new, [], [], CoreStats(), 0.0)
 
 
 def test_stop_string_inside_a_multi_token_delta(tokenizer):
@@ -164,7 +201,7 @@ def test_stop_string_inside_a_multi_token_delta(tokenizer):
     processor = OutputProcessor()
     state = new_request_state("r", prompt, SamplingParams(stop=["three"], max_tokens=50), tokenizer)
     processor.add(state)
-    to_abort = processor.process(_step(SeqDelta("r", 0, ids)))
+    to_abort = processor.process(_step("r", 0, ids))
     _, outs = state.queue.get_nowait()
     assert outs[0].text == " one two " and outs[0].finish_reason == "stop" and outs[0].stop_reason == "three"
     kept = outs[0].token_ids
@@ -178,13 +215,36 @@ def test_stop_token_wins_over_stop_string_and_siblings_continue(tokenizer):
     state = new_request_state("r", [1, 2], SamplingParams(n=2, stop=["beta"], max_tokens=50), tokenizer)
     processor.add(state)
     # sequence 0: the core ended it on the token that also completes the stop string -> the core's reason
-    assert processor.process(_step(SeqDelta("r", 0, ids, None, "stop", ids[-1]))) == []
+    assert processor.process(_step("r", 0, ids, "stop", ids[-1])) == []
     _, outs = state.queue.get_nowait()
     assert (outs[0].finish_reason, outs[0].stop_reason) == ("stop", ids[-1])
     # sequence 1: the stop string ends it here while the core still runs it -> the request is aborted
-    assert processor.process(_step(SeqDelta("r", 1, ids))) == ["r"]
+    assert processor.process(_step("r", 1, ids)) == ["r"]
     _, outs = state.queue.get_nowait()
     assert (outs[0].text, outs[0].finish_reason, outs[0].stop_reason) == (" alpha ", "stop", "beta")
+
+
+def test_rows_of_several_requests_in_one_step(tokenizer):
+    """Rows interleave requests and come in any completion order: each request gets one item with its
+    outputs in completion order, logprobs per kept token, and the finished sequence's reason."""
+    ids = tokenizer.encode(" red green blue", add_special_tokens=False)
+    processor = OutputProcessor()
+    a = new_request_state("a", [1], SamplingParams(n=2, max_tokens=50, logprobs=1), tokenizer)
+    b = new_request_state("b", [1], SamplingParams(max_tokens=50), tokenizer)
+    processor.add(a)
+    processor.add(b)
+    pairs = [[(t, -0.5), (3, -1.5)] for t in ids]
+    new = NewTokens(["a", "b", "a", "a"], [1, 0, 0, 1], [ids[0], ids[1], ids[2], ids[1]],
+                    {1: ("length", None)}, {0: pairs[0], 2: pairs[2], 3: pairs[1]})
+    assert processor.process(StepOutputs(new, [], [], CoreStats(), 0.0)) == []
+    _, outs_a = a.queue.get_nowait()
+    assert [(o.index, o.token_ids, o.logprobs) for o in outs_a] == [(0, [ids[2]], [pairs[2]]),
+                                                                    (1, [ids[0], ids[1]], [pairs[0], pairs[1]])]
+    assert (outs_a[0].text, outs_a[1].text) == (tokenizer.decode([ids[2]]), tokenizer.decode(ids[:2]))
+    _, outs_b = b.queue.get_nowait()
+    assert [(o.index, o.token_ids, o.logprobs, o.finish_reason) for o in outs_b] == [(0, [ids[1]], None, "length")]
+    assert outs_b[0].text == tokenizer.decode([ids[1]])  # flushed at the finish
+    assert "b" not in processor.states and "a" in processor.states
 
 
 def test_finish_flushes_held_back_text(tokenizer):
@@ -195,7 +255,7 @@ def test_finish_flushes_held_back_text(tokenizer):
     texts = []
     for i, token in enumerate(ids):
         last = i == len(ids) - 1
-        processor.process(_step(SeqDelta("r", 0, [token], None, "length" if last else None)))
+        processor.process(_step("r", 0, [token], "length" if last else None))
         texts += [o.text for o in state.queue.get_nowait()[1]]
     assert "".join(texts) == tokenizer.decode(ids)
 

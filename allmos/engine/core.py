@@ -1,16 +1,18 @@
-"""The engine core: ``EngineCoreRequest`` in, one ``step()`` -> ``list[CoreOutput]`` out.
+"""The engine core: ``EngineCoreRequest`` in, one ``step()`` -> ``CoreStepOutput`` out.
 
 Contract:
 - ``add_request`` queues a validated request (``allmos.engine.input_processor`` validates prompts and
   sampling settings); it raises ValueError, and queues nothing, if the request id is in use or the request
   could never fit the KV cache. A request with ``n > 1`` becomes ``n`` sequences; completions 1..n-1 wait
   until completion 0 has computed the prompt, then start from its cached prompt blocks.
-- ``step`` schedules and launches one forward pass, then reads back the previous one, and returns a
-  ``CoreOutput`` for every sequence that advanced (new token ids since its last output, logprob entries,
-  prompt-logprob chunks, finish reason). Stops decided here are by token: EOS, ``stop_token_ids``
+- ``step`` schedules and launches one forward pass, then reads back the previous one, and returns one
+  ``CoreStepOutput``: a row per sequence that advanced (its new token, the finish reason when that token
+  ended it, logprob entries when asked for) and the prompt-logprob chunks read back, column by column, so
+  the step's bookkeeping costs no object per sequence. Stops decided here are by token: EOS, ``stop_token_ids``
   (not before ``min_tokens``), ``max_tokens`` and the context limit. Text, and so stop strings, belong to
   the caller, which ends a sequence with ``abort_sequences``.
-- ``abort_requests`` ends whole requests and returns their final outputs (``finish_reason="abort"``).
+- ``abort_requests`` ends whole requests and returns their sequences that were still running
+  (``AbortedSequence``, finish reason "abort").
 - ``has_unfinished`` / ``get_stats`` report state.
 
 The core owns the scheduler, the block manager, the model runner and the in-flight step (overlap): tokens
@@ -33,7 +35,14 @@ from typing import TYPE_CHECKING
 
 from allmos.config import EngineConfig
 from allmos.engine.batch import ScheduledBatch
-from allmos.engine.core_types import CoreOutput, EngineCoreRequest, EngineCoreStats, PromptLogprobsResult
+from allmos.engine.core_types import (
+    AbortedSequence,
+    CoreStepOutput,
+    EngineCoreRequest,
+    EngineCoreStats,
+    LogprobEntries,
+    PromptLogprobsResult,
+)
 from allmos.engine.request import Request, RequestStatus
 from allmos.engine.scheduler import ContinuousBatchingScheduler, Scheduler, SchedulerConfig
 from allmos.memory.block_manager import BlockManager
@@ -80,18 +89,17 @@ class EngineCore:
         if seqs[0].num_prompt_logprobs is not None:
             self._prompt_logprob_seqs[seqs[0].request_id] = seqs[0]
 
-    def abort_requests(self, request_ids: Iterable[str]) -> list[CoreOutput]:
-        """End these requests now and free their blocks; returns a final output (``finish_reason="abort"``)
-        for each of their sequences still running. Unknown or finished ids are ignored."""
-        outputs = []
+    def abort_requests(self, request_ids: Iterable[str]) -> list[AbortedSequence]:
+        """End these requests now and free their blocks; returns each of their sequences that was still
+        running (finish reason "abort"). Unknown or finished ids are ignored."""
+        aborted = []
         for request_id in request_ids:
             seqs = self._forget(request_id)
             for seq in seqs or ():
                 if seq.finish_reason is None:
                     self._finish(seq, "abort")
-                    outputs.append(CoreOutput(request_id, seq.index, finish_reason="abort",
-                                              num_cached_tokens=max(0, seq.num_cached_tokens)))
-        return outputs
+                    aborted.append(AbortedSequence(request_id, seq.index, max(0, seq.num_cached_tokens)))
+        return aborted
 
     def abort_sequences(self, seq_refs: Iterable[tuple[str, int]]) -> None:
         """End single sequences, given as (request id, completion index), that the caller finished (a stop
@@ -144,28 +152,28 @@ class EngineCore:
                                self.num_generated_tokens)
 
     # ------------------------------------------------------------------ the loop
-    def step(self) -> list[CoreOutput]:
+    def step(self) -> CoreStepOutput:
         """Launch one forward pass, then read back the previous one (see the module docstring)."""
-        outputs = self.read_back_if_sync()
+        output = self.read_back_if_sync()
         batch = self.scheduler.schedule()
         launched = None
         if not batch.is_empty:
             pending = self.runner.execute(batch)
             self.scheduler.on_step_done(batch)
             launched = (pending, self._reserve_samples(batch))
-        if self._in_flight is not None:
-            outputs += self._read_back(self._in_flight)
+        if self._in_flight is not None:  # not read back by read_back_if_sync: ``output`` is empty
+            output = self._read_back(self._in_flight)
         self._in_flight = launched
-        return outputs
+        return output
 
-    def read_back_if_sync(self) -> list[CoreOutput]:
+    def read_back_if_sync(self) -> CoreStepOutput:
         """Queue the n > 1 siblings whose shared prompt is computed; then, if the next step must see the
-        previous step's tokens (a request with penalties runs), read that step back now. ``step`` calls
-        this itself; a driver that ends sequences on stop strings calls it first, so a sequence it ends is
-        not scheduled again."""
+        previous step's tokens (a request with penalties runs), read that step back now (else the output is
+        empty). ``step`` calls this itself; a driver that ends sequences on stop strings calls it first, so
+        a sequence it ends is not scheduled again."""
         self._release_deferred()
         if self._in_flight is None or not self._penalized:
-            return []
+            return CoreStepOutput()
         in_flight, self._in_flight = self._in_flight, None
         return self._read_back(in_flight)
 
@@ -180,49 +188,46 @@ class EngineCore:
         """Count each sampled token as pending; sequences that reached their length limit leave the
         scheduler now (their last token is still read back and reported)."""
         sampled = []
+        get_request, max_model_len = self.scheduler.get_request, self.max_model_len
         for seq_info in batch.sampled_seqs:
-            seq = self.scheduler.get_request(seq_info.request_id)
+            seq = get_request(seq_info.request_id)
             if seq is None:
                 continue
             seq.reserve_pending_token()
             sampled.append(seq)
-            if self._hit_length_limit(seq):
+            if _hit_length_limit(seq, max_model_len):
                 self.scheduler.finish(seq, None)  # no more compute; the reason is set once read back
         return sampled
 
-    def _hit_length_limit(self, seq: Request) -> bool:
-        max_tokens = seq.params.max_tokens
-        return (max_tokens is not None and seq.num_output_tokens >= max_tokens) or \
-            seq.num_tokens >= self.max_model_len
-
-    def _read_back(self, in_flight: tuple[PendingStep, list[Request]]) -> list[CoreOutput]:
+    def _read_back(self, in_flight: tuple[PendingStep, list[Request]]) -> CoreStepOutput:
+        """The launched step's results as one ``CoreStepOutput``: each sampled sequence's token becomes
+        known, and the few tokens that may end a sequence go through ``_check_stop``."""
         pending, sampled = in_flight
         result = pending.result()
-        outputs = [out for chunk in result.prompt_logprobs if (out := self._prompt_output(chunk)) is not None]
+        prompt = [c for chunk in result.prompt_logprobs if (c := self._prompt_chunk(chunk)) is not None]
+        sampled, token_ids, logprobs = _running_rows(sampled, result.token_ids, result.logprobs)
+        # a sampled sequence was admitted, so its num_cached_tokens is set (>= 0)
+        output = CoreStepOutput([s.group_id for s in sampled], [s.index for s in sampled], token_ids,
+                                [s.num_cached_tokens for s in sampled], prompt_logprobs=prompt)
+        eos, finished = self.eos_token_ids, RequestStatus.FINISHED
         for row, seq in enumerate(sampled):
-            if seq.finish_reason is not None:
-                continue  # aborted, or stopped in an earlier step: this token is dropped
-            token = result.token_ids[row]
+            token = token_ids[row]
             seq.resolve_pending_token(token)
-            self.num_generated_tokens += 1
-            out = CoreOutput(seq.group_id, seq.index, [token], num_cached_tokens=max(0, seq.num_cached_tokens))
-            if result.logprobs is not None and seq.params.logprobs is not None:
-                out.new_logprobs = [result.logprobs[row]]
-            if seq.status is RequestStatus.FINISHED or token in self.eos_token_ids or \
-                    token in seq.params.stop_token_ids:  # else nothing can end it (the common case)
-                self._check_stop(seq, token, out)
-            outputs.append(out)
-        return outputs
+            if seq.status is finished or token in eos or token in seq.params.stop_token_ids:
+                self._check_stop(seq, token, output, row)  # else nothing can end it (the common case)
+        if logprobs is not None:
+            output.logprobs = {row: logprobs[row] for row, seq in enumerate(sampled) if seq.params.logprobs is not None}
+        self.num_generated_tokens += len(sampled)
+        return output
 
-    def _prompt_output(self, chunk: PromptLogprobsResult) -> CoreOutput | None:
+    def _prompt_chunk(self, chunk: PromptLogprobsResult) -> PromptLogprobsResult | None:
+        """A runner's chunk (named by sequence) as the request's (completion 0 computes them)."""
         first = self._prompt_logprob_seqs.get(chunk.request_id)
         if first is None:
             return None
-        return CoreOutput(first.group_id, 0, prompt_logprobs=PromptLogprobsResult(first.group_id, chunk.start_pos,
-                                                                                   chunk.entries),
-                          num_cached_tokens=max(0, first.num_cached_tokens))
+        return PromptLogprobsResult(first.group_id, chunk.start_pos, chunk.entries, max(0, first.num_cached_tokens))
 
-    def _check_stop(self, seq: Request, token: int, out: CoreOutput) -> None:
+    def _check_stop(self, seq: Request, token: int, output: CoreStepOutput, row: int) -> None:
         """Decide whether ``token`` (just read back) ends ``seq``: EOS / stop ids (from ``min_tokens`` on),
         then the length limit (the sequence left the scheduler when its last slot was reserved)."""
         params = seq.params
@@ -237,13 +242,29 @@ class EngineCore:
         if reason is None:
             return
         self._finish(seq, reason, stop_reason)
-        out.finish_reason, out.stop_reason = reason, stop_reason
+        output.finished[row] = (reason, stop_reason)
         seqs = self._groups.get(seq.group_id)
         if seqs is not None and all(s.finish_reason is not None for s in seqs):
             self._forget(seq.group_id)
 
     def shutdown(self) -> None:
         self.runner.shutdown()
+
+
+def _hit_length_limit(seq: Request, max_model_len: int) -> bool:
+    """Whether ``seq``, its pending tokens counted, reached ``max_tokens`` or the context limit."""
+    num_tokens, max_tokens = seq.num_tokens, seq.params.max_tokens
+    return num_tokens >= max_model_len or (max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens)
+
+
+def _running_rows(sampled: list[Request], token_ids: list[int], logprobs: list[LogprobEntries] | None):
+    """The read-back rows of the sequences still running: a sequence aborted, or stopped in an earlier
+    step, while its token was in flight has that token dropped. Returns (sequences, tokens, logprobs)."""
+    if len(token_ids) == len(sampled) and all(seq.finish_reason is None for seq in sampled):
+        return sampled, token_ids, logprobs  # the common case: nothing to drop
+    rows = [row for row, seq in enumerate(sampled) if seq.finish_reason is None]
+    return ([sampled[r] for r in rows], [token_ids[r] for r in rows],
+            [logprobs[r] for r in rows] if logprobs is not None else None)
 
 
 def make_sequence(request: EngineCoreRequest, index: int, eos_token_ids: frozenset[int]) -> Request:

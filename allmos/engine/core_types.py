@@ -2,7 +2,8 @@
 
 Plain dataclasses of plain values (strings, ints, floats, lists, ``SamplingParams``), free of torch and of
 text, so the core can run in its own process behind a message channel. ``EngineCoreRequest`` is made by
-``allmos.engine.input_processor``; ``CoreOutput`` is read by ``allmos.engine.output_processor``.
+``allmos.engine.input_processor``; ``CoreStepOutput`` (one per step, columnar) and ``AbortedSequence`` are
+read by ``allmos.engine.output_processor`` and by the server's engine-core process.
 """
 
 from __future__ import annotations
@@ -40,35 +41,56 @@ class EngineCoreRequest:
 class PromptLogprobsResult:
     """One chunk's prompt logprobs: ``entries[i]`` belongs to the prompt token at ``start_pos + i + 1``.
     ``request_id`` names the sequence that computed it (from the runner) or the request (in a
-    ``CoreOutput``)."""
+    ``CoreStepOutput``, which also sets ``num_cached_tokens``: the request's prompt tokens found in the
+    prefix cache; the runner leaves it 0)."""
 
     request_id: str
     start_pos: int
     entries: list[LogprobEntries]
+    num_cached_tokens: int = 0
 
 
 @dataclass(slots=True)
-class CoreOutput:
-    """What one step read back for one sequence (completion ``index`` of request ``request_id``).
+class CoreStepOutput:
+    """What one ``EngineCore.step`` read back, column by column (one object per step, not per sequence).
 
-    ``new_token_ids``: the tokens read back since this sequence's last output (at most one per step);
-    ``new_logprobs``: one ``LogprobEntries`` per new token, when the request asked for logprobs;
-    ``prompt_logprobs``: a chunk of prompt logprobs (completion 0 only; a chunk recomputed after a
-    preemption comes again and replaces what it covers). A step reports a sequence's prompt-logprob chunk
-    in an output of its own, before its token outputs.
-    ``finish_reason``: "stop" (EOS or a stop token id, then ``stop_reason`` is that id or None for EOS),
-    "length", or "abort"; None while the sequence runs. Stop strings are not the core's business: the
-    output processor finds them and has the core abort the sequence.
-    ``num_cached_tokens``: prompt tokens found in the prefix cache when the sequence was first admitted."""
+    Row ``i`` is one new token: ``token_ids[i]`` of completion ``indices[i]`` of request ``request_ids[i]``.
+    Rows are in sampling order; a sequence has at most one row per step. Per row, always:
+    ``num_cached_tokens[i]``: prompt tokens of that sequence found in the prefix cache when it was first
+    admitted (constant from then on).
+    Sparse, keyed by row, only for the rows that have them:
+    ``finished``: row -> (finish_reason, stop_reason) for a sequence that this row's token ended: "stop"
+    (EOS or a stop token id; ``stop_reason`` is that id, or None for EOS) or "length". Stop strings are not
+    the core's business: the output processor finds them and has the core abort the sequence.
+    ``logprobs``: row -> ``LogprobEntries`` of the row's token, for requests that asked for logprobs.
+    ``prompt_logprobs``: chunks of prompt logprobs by request (completion 0 computes them); a consumer files
+    them before the rows. A chunk recomputed after a preemption comes again and replaces what it covers.
+
+    The columns are plain lists, so the message crosses a process boundary as it is (see
+    ``allmos.server.protocol``). A consumer may keep the lists: the core never touches them again.
+    """
+
+    request_ids: list[str] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    num_cached_tokens: list[int] = field(default_factory=list)
+    finished: dict[int, tuple[str, int | None]] = field(default_factory=dict)
+    logprobs: dict[int, LogprobEntries] = field(default_factory=dict)
+    prompt_logprobs: list[PromptLogprobsResult] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        """No new token and no prompt logprobs."""
+        return not self.token_ids and not self.prompt_logprobs
+
+
+@dataclass(frozen=True, slots=True)
+class AbortedSequence:
+    """A sequence that ``EngineCore.abort_requests`` ended (finish reason "abort", no new token)."""
 
     request_id: str
     index: int
-    new_token_ids: list[int] = field(default_factory=list)
-    new_logprobs: list[LogprobEntries] | None = None
-    prompt_logprobs: PromptLogprobsResult | None = None
-    finish_reason: str | None = None
-    stop_reason: int | None = None
-    num_cached_tokens: int = 0
+    num_cached_tokens: int  # as in ``CoreStepOutput``; 0 if it was never admitted
 
 
 @dataclass(frozen=True)

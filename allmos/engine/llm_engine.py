@@ -1,6 +1,6 @@
 """``LLMEngine``: input processing, the engine core and output processing, composed.
 
-    prompt, SamplingParams --InputProcessor--> EngineCoreRequest --EngineCore.step--> CoreOutput
+    prompt, SamplingParams --InputProcessor--> EngineCoreRequest --EngineCore.step--> CoreStepOutput
         --OutputProcessor--> RequestOutput   (stop strings flow back: OutputProcessor -> core aborts)
 
 Usable online: ``add_request`` / ``step`` / ``abort`` / ``has_unfinished`` (``LLM``, ``LLM.stream`` and the
@@ -18,7 +18,7 @@ import torch
 
 from allmos.config import EngineConfig
 from allmos.engine.core import EngineCore, kv_cache_summary, make_runner
-from allmos.engine.core_types import CoreOutput, EngineCoreStats
+from allmos.engine.core_types import CoreStepOutput, EngineCoreStats
 from allmos.engine.input_processor import InputProcessor, eos_token_ids, load_tokenizer
 from allmos.engine.output_processor import OutputProcessor
 from allmos.engine.warmup import warm_up
@@ -119,8 +119,8 @@ class LLMEngine:
         """Stop a request now and free its blocks; its final output (``finish_reason='abort'``) is returned
         and, with ``emit_output``, also delivered by the next ``step``. An unknown or already finished id
         changes nothing and returns None."""
-        core_outputs = self.core.abort_requests([request_id])
-        out = self.output_processor.abort(request_id, core_outputs)
+        aborted = self.core.abort_requests([request_id])
+        out = self.output_processor.abort(request_id, aborted)
         if out is not None and emit_output:
             self._pending_outputs.append(out)
         return out
@@ -157,10 +157,10 @@ class LLMEngine:
         outputs += self._process(self.core.step())
         return outputs
 
-    def _process(self, core_outputs: list[CoreOutput]) -> list[RequestOutput]:
-        if not core_outputs:
+    def _process(self, step_output: CoreStepOutput) -> list[RequestOutput]:
+        if step_output.is_empty:
             return []
-        outputs, to_abort = self.output_processor.process(core_outputs)
+        outputs, to_abort = self.output_processor.process(step_output)
         if to_abort:
             self.core.abort_sequences(to_abort)
         return outputs

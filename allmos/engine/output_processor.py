@@ -1,8 +1,9 @@
-"""Output processing: the core's ``CoreOutput``s -> ``RequestOutput``s with text.
+"""Output processing: the core's ``CoreStepOutput`` -> ``RequestOutput``s with text.
 
-Contract of ``OutputProcessor.process(core_outputs)``: for every request with a sequence that advanced
-(or finished) it detokenizes the new tokens (``IncrementalDetokenizer``), checks stop strings, turns logprob
-entries into ``Logprob`` objects with ``decoded_token``, files prompt-logprob chunks, and returns
+Contract of ``OutputProcessor.process(step_output)``: in one pass over the step's rows (prompt-logprob
+chunks first), for every request with a sequence that advanced (or finished) it detokenizes the new
+tokens (``IncrementalDetokenizer``), checks stop strings, turns logprob entries into ``Logprob`` objects
+with ``decoded_token``, files prompt-logprob chunks, and returns
 ``(outputs, to_abort)``: a ``RequestOutput`` per request that finished, or that streams and advanced, and
 the (request id, completion index) of every sequence a stop string ended, which the caller aborts in the
 core. The stop order is vLLM's: EOS / stop token ids (decided by the core), then stop strings, then the
@@ -20,13 +21,19 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from allmos.engine.core_types import CoreOutput, EngineCoreRequest, LogprobEntries, PromptLogprobsResult
+from allmos.engine.core_types import (
+    AbortedSequence,
+    CoreStepOutput,
+    EngineCoreRequest,
+    LogprobEntries,
+    PromptLogprobsResult,
+)
 from allmos.engine.detokenizer import IncrementalDetokenizer
 from allmos.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from allmos.sampling_params import SamplingParams
 
 
-@dataclass
+@dataclass(slots=True)
 class _SeqState:
     """One completion as the caller sees it."""
 
@@ -45,7 +52,7 @@ class _SeqState:
     sent_final: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class _RequestState:
     request_id: str
     prompt: str | None
@@ -65,7 +72,7 @@ class _RequestState:
 
 
 class OutputProcessor:
-    """``CoreOutput``s in, ``RequestOutput``s out (see the module docstring)."""
+    """``CoreStepOutput``s in, ``RequestOutput``s out (see the module docstring)."""
 
     def __init__(self, tokenizer, eos_token_ids: Iterable[int]) -> None:
         self.tokenizer = tokenizer
@@ -93,56 +100,55 @@ class OutputProcessor:
         return bool(self.requests)
 
     # ------------------------------------------------------------------ core outputs
-    def process(self, core_outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
+    def process(self, step: CoreStepOutput) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
+        for chunk in step.prompt_logprobs:
+            self._store_prompt_logprobs(chunk)
         touched: dict[str, _RequestState] = {}
         to_abort: list[tuple[str, int]] = []
         now = time.time()
-        for out in core_outputs:
-            state = self.requests.get(out.request_id)
+        requests, finished, logprobs = self.requests, step.finished, step.logprobs
+        rare = finished.keys() | logprobs.keys() if finished or logprobs else ()  # rows with a finish or logprobs
+        for row, (request_id, index, token, cached) in enumerate(zip(
+                step.request_ids, step.indices, step.token_ids, step.num_cached_tokens, strict=True)):
+            state = requests.get(request_id)
             if state is None:
                 continue
-            seq = state.seqs[out.index]
-            seq.num_cached_tokens = out.num_cached_tokens
-            if out.prompt_logprobs is not None:
-                self._store_prompt_logprobs(out.prompt_logprobs)
-            if seq.finish_reason is not None or not (out.new_token_ids or out.finish_reason):
+            seq = state.seqs[index]
+            seq.num_cached_tokens = cached
+            if seq.finish_reason is not None:
                 continue
-            if not (state.stream or out.finish_reason or seq.detokenizer or out.new_logprobs):  # the common case
-                seq.token_ids += out.new_token_ids
+            if not (state.stream or seq.detokenizer or row in rare):  # the common case
+                seq.token_ids.append(token)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 continue
-            if self._advance(state, seq, out, now):
-                to_abort.append((out.request_id, out.index))
-            touched[state.request_id] = state
+            if self._advance(state, seq, token, finished.get(row, (None, None)), logprobs.get(row), now):
+                to_abort.append((request_id, index))
+            touched[request_id] = state
         outputs = []
         for state in touched.values():
-            finished = state.finished
-            if finished or state.stream:
+            done = state.finished
+            if done or state.stream:
                 outputs.append(self._make_output(state))
-            if finished:
+            if done:
                 del self.requests[state.request_id]
         return outputs, to_abort
 
-    def _advance(self, state: _RequestState, seq: _SeqState, out: CoreOutput, now: float) -> bool:
-        """Take ``out``'s tokens into ``seq`` and decide whether it finished; True when a stop string ended
-        a sequence the core still runs."""
+    def _advance(self, state: _RequestState, seq: _SeqState, token: int, finish: tuple[str | None, int | None],
+                 entries: LogprobEntries | None, now: float) -> bool:
+        """Take ``token`` into ``seq`` and decide whether it finished (``finish``: the core's reason and stop
+        token, or Nones); True when a stop string ended a sequence the core still runs."""
+        seq.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if entries is not None and state.params.logprobs is not None:
+            seq.cumulative_logprob += entries[0][1]
+            seq.logprobs.append(self._logprob_dict(entries))
         stop_string = None
-        for i, token in enumerate(out.new_token_ids):
-            seq.token_ids.append(token)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            if out.new_logprobs is not None and state.params.logprobs is not None:
-                entries = out.new_logprobs[i]
-                seq.cumulative_logprob += entries[0][1]
-                seq.logprobs.append(self._logprob_dict(entries))
-            detok = seq.detokenizer
-            if detok is not None:
-                update = detok.update([token], check_stops=len(seq.token_ids) > state.params.min_tokens)
-                stop_string = update.stop_string if update is not None else None
-            if stop_string is not None:
-                break
-        reason, stop_reason = out.finish_reason, out.stop_reason
+        if seq.detokenizer is not None:
+            update = seq.detokenizer.update([token], check_stops=len(seq.token_ids) > state.params.min_tokens)
+            stop_string = update.stop_string if update is not None else None
+        reason, stop_reason = finish
         if reason != "stop" and stop_string is not None:
             reason, stop_reason = "stop", stop_string
         if reason is None:
@@ -150,14 +156,16 @@ class OutputProcessor:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         if seq.detokenizer is not None:
             seq.detokenizer.finish()
-        return out.finish_reason is None
+        return finish[0] is None
 
     def _store_prompt_logprobs(self, chunk: PromptLogprobsResult) -> None:
-        """File one chunk's prompt logprobs; a chunk recomputed after a preemption replaces what it
-        covers, and once every position is filled later chunks are ignored."""
+        """File one chunk's prompt logprobs (and completion 0's cached prompt tokens); a chunk recomputed
+        after a preemption replaces what it covers, and once every position is filled later chunks are
+        ignored."""
         state = self.requests.get(chunk.request_id)
         if state is None:
             return
+        state.seqs[0].num_cached_tokens = chunk.num_cached_tokens
         stored, wanted = state.prompt_logprobs, len(state.prompt_token_ids) - 1
         if len(stored) >= wanted or chunk.start_pos > len(stored):
             return
@@ -182,14 +190,14 @@ class OutputProcessor:
         return text
 
     # ------------------------------------------------------------------ aborts
-    def abort(self, request_id: str, core_outputs: list[CoreOutput]) -> RequestOutput | None:
-        """The final output of an aborted request (``core_outputs``: the core's abort outputs for it);
-        None if the request is unknown or already finished."""
+    def abort(self, request_id: str, aborted: list[AbortedSequence]) -> RequestOutput | None:
+        """The final output of an aborted request (``aborted``: what the core's ``abort_requests`` returned
+        for it); None if the request is unknown or already finished."""
         state = self.requests.pop(request_id, None)
         if state is None:
             return None
-        for out in core_outputs:
-            state.seqs[out.index].num_cached_tokens = out.num_cached_tokens
+        for seq in aborted:
+            state.seqs[seq.index].num_cached_tokens = seq.num_cached_tokens
         for seq in state.seqs:
             if seq.finish_reason is None:
                 seq.finish_reason = "abort"

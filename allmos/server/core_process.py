@@ -1,4 +1,4 @@
-"""The engine-core process: runs ``LLMEngine``'s step loop and nothing else.
+"""The engine-core process: runs the engine core's step loop and nothing else.
 
 Started by the front end as ``python -m allmos.server.core_process CONFIG_JSON`` (a fresh interpreter:
 nothing of the parent is pickled or imported). ``CONFIG_JSON`` holds ``model``, ``log_level`` and the
@@ -7,7 +7,8 @@ nothing of the parent is pickled or imported). ``CONFIG_JSON`` holds ``model``, 
 Threads: a reader turns stdin frames into commands on a queue; a writer sends the encoded step outputs;
 the main thread only admits/aborts requests and steps the engine, so it never waits for the front end
 (it blocks only when it has nothing to compute). ``EngineCore`` is the thin adapter between the engine
-and the protocol: token ids in, per-step token deltas out, no text.
+and the protocol: token ids in (validated by the engine's input processor), the core's columnar step
+output out (``NewTokens``), no text: detokenization and stop strings live in the front end.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import traceback
 
 import msgspec
 
+from allmos.engine.core_types import CoreStepOutput, LogprobEntries
 from allmos.server.protocol import (
     AbortRequests,
     AddRequest,
@@ -32,9 +34,9 @@ from allmos.server.protocol import (
     CoreReady,
     CoreStats,
     FrontendMessage,
+    NewTokens,
     Rejected,
     Scheduled,
-    SeqDelta,
     Shutdown,
     StepOutputs,
     frame_length,
@@ -46,12 +48,15 @@ _DEFAULT_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_
 
 
 class EngineCore:
-    """Admits requests as token ids, steps the engine, and reports each step's new tokens per sequence."""
+    """Admits requests as token ids, steps ``engine.core`` and reports each step's new tokens, columnar.
+
+    The ``LLMEngine`` is built for its parts: its input processor validates requests, its core computes;
+    its output processor is not used (text is the front end's)."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
+        self.core = engine.core
         self._unscheduled: dict[str, int] = {}  # request id -> prompt length, until first scheduled
-        self._finished_seqs: set[tuple[str, int]] = set()  # n > 1: sequences whose end was reported
         self._prefix_queries = 0
         self._prefix_hits = 0
 
@@ -70,58 +75,30 @@ class EngineCore:
 
         try:
             params = SamplingParams(**msgspec.structs.asdict(msg.sampling))
-            self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, stream=True,
-                                    arrival_time=msg.arrival_time, detokenize=False, delta=True)
+            request, _ = self.engine.input_processor.process(msg.request_id, msg.prompt_token_ids, params,
+                                                             msg.arrival_time)
+            self.core.add_request(request)
         except ValueError as exc:
             return Rejected(msg.request_id, str(exc))
         self._unscheduled[msg.request_id] = len(msg.prompt_token_ids)
         return None
 
     def abort(self, request_ids: list[str]) -> None:
+        self.core.abort_requests(request_ids)
         for request_id in request_ids:
-            out = self.engine.abort(request_id, emit_output=False)
             self._unscheduled.pop(request_id, None)
-            if out is not None:
-                self._forget(request_id, len(out.outputs))
 
     def has_work(self) -> bool:
-        return self.engine.has_unfinished()
+        return self.core.has_unfinished()
 
-    def step(self) -> tuple[list[SeqDelta], list[Scheduled]]:
+    def step(self) -> tuple[NewTokens, list[Scheduled]]:
         start = time.time()
-        outputs = self.engine.step()
-        deltas: list[SeqDelta] = []
-        for out in outputs:
-            for completion in out.outputs:
-                delta = self._delta(out.request_id, completion)
-                if delta is not None:
-                    deltas.append(delta)
-            if out.finished:
-                self._forget(out.request_id, len(out.outputs))
-        return deltas, self._newly_scheduled(start)
-
-    def _delta(self, request_id: str, completion) -> SeqDelta | None:
-        key = (request_id, completion.index)
-        if completion.finish_reason is not None:
-            if key in self._finished_seqs:
-                return None
-            self._finished_seqs.add(key)
-        elif not completion.token_ids:
-            return None
-        logprobs = ([[(token, lp.logprob) for token, lp in entry.items()] for entry in completion.logprobs]
-                    if completion.logprobs is not None else None)
-        stop_reason = completion.stop_reason if isinstance(completion.stop_reason, int) else None
-        return SeqDelta(request_id, completion.index, completion.token_ids, logprobs, completion.finish_reason,
-                        stop_reason)
-
-    def _forget(self, request_id: str, n: int) -> None:
-        for index in range(n):
-            self._finished_seqs.discard((request_id, index))
+        return new_tokens(self.core.step()), self._newly_scheduled(start)
 
     def _newly_scheduled(self, step_start: float) -> list[Scheduled]:
         found = []
         for request_id, prompt_len in list(self._unscheduled.items()):
-            cached = self.engine.num_cached_tokens(request_id)
+            cached = self.core.num_cached_tokens(request_id)
             if cached is None:
                 continue
             del self._unscheduled[request_id]
@@ -136,6 +113,20 @@ class EngineCore:
                          kv_cache_usage=s.kv_cache_usage, num_free_blocks=s.num_free_blocks,
                          num_kv_blocks=s.num_blocks, num_preemptions=s.num_preemptions,
                          prefix_cache_queries=self._prefix_queries, prefix_cache_hits=self._prefix_hits)
+
+
+def new_tokens(step: CoreStepOutput) -> NewTokens:
+    """The core's step output as the wire's ``NewTokens``: the columns as they are; logprob entries
+    reduced to (token id, logprob) pairs without repeats (the sampled token keeps its place first)."""
+    logprobs = {row: _logprob_pairs(entries) for row, entries in step.logprobs.items()}
+    return NewTokens(step.request_ids, step.indices, step.token_ids, step.finished, logprobs)
+
+
+def _logprob_pairs(entries: LogprobEntries) -> list[tuple[int, float]]:
+    pairs: dict[int, float] = {}
+    for token, logprob, _rank in entries:
+        pairs.setdefault(token, logprob)
+    return list(pairs.items())
 
 
 # ---------------------------------------------------------------------- pipes
@@ -192,9 +183,9 @@ class CoreLoop:
             rejected, stop = self._apply(commands)
             if stop:
                 return
-            deltas, scheduled = self.core.step() if self.core.has_work() else ([], [])
-            if deltas or rejected or scheduled or commands:
-                self.send(StepOutputs(deltas, rejected, scheduled, self.core.stats(), time.time()))
+            tokens, scheduled = self.core.step() if self.core.has_work() else (NewTokens(), [])
+            if tokens.token_ids or rejected or scheduled or commands:
+                self.send(StepOutputs(tokens, rejected, scheduled, self.core.stats(), time.time()))
 
     def _next_commands(self, block: bool) -> list:
         commands = [self.inbox.get()] if block else []

@@ -1,11 +1,13 @@
-"""Front-end output processing: the core's per-step token deltas become text deltas per sequence.
+"""Front-end output processing: the core's per-step new tokens (columnar) become text deltas per sequence.
 
 For each open request the front end keeps a ``RequestState``: one ``IncrementalDetokenizer`` per
 sequence (stop strings are matched here, so the core never sees text), timing for the metrics, and an
 ``asyncio.Queue`` on which the HTTP handler receives ``(state, list[SeqOutput])`` items, or
 ``(state, exception)`` when the request ends in an error (several states may share one queue).
-``OutputProcessor.process`` handles one ``StepOutputs`` message and returns the ids of requests that a
-stop string ended, which the caller then aborts in the core.
+``OutputProcessor.process`` handles one ``StepOutputs`` message in one pass over its ``NewTokens`` rows
+(several rows of one sequence are taken in order and make one ``SeqOutput``; a request's outputs are put
+on its queue in completion order) and returns the ids of requests that a stop string ended, which the
+caller then aborts in the core.
 
 Stop decisions follow the offline engine's order for the same token: a stop token id or EOS (decided
 by the core) wins over a stop string, which wins over the length limit.
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 from allmos.engine.detokenizer import IncrementalDetokenizer
 from allmos.sampling_params import SamplingParams
-from allmos.server.protocol import Scheduled, SeqDelta, StepOutputs
+from allmos.server.protocol import NewTokens, Scheduled, StepOutputs
 
 
 @dataclass
@@ -98,16 +100,8 @@ class OutputProcessor:
             state = self.states.pop(rejected.request_id, None)
             if state is not None:
                 state.queue.put_nowait((state, ValueError(rejected.message)))
-        updates: dict[str, list[SeqOutput]] = {}
         to_abort: list[str] = []
-        for delta in step.outputs:
-            state = self.states.get(delta.request_id)
-            if state is None:
-                continue  # aborted here while the step ran
-            out = self._apply(state, delta)
-            if out is not None:
-                updates.setdefault(delta.request_id, []).append(out)
-        for request_id, outs in updates.items():
+        for request_id, outs in self._apply_tokens(step.outputs).items():
             state = self.states[request_id]
             self._observe_tokens(state, outs, now)
             if state.finished:
@@ -127,42 +121,50 @@ class OutputProcessor:
             state.queue.put_nowait((state, error))
 
     # ------------------------------------------------------------------ per sequence
-    def _apply(self, state: RequestState, delta: SeqDelta) -> SeqOutput | None:
-        seq = state.seqs[delta.index]
-        seq.core_finished |= delta.finish_reason is not None
-        if seq.finish_reason is not None:
-            return None  # ended here by a stop string while its siblings run on
-        params = state.params
-        text, kept, stop_string = self._detokenize(seq, delta.token_ids, params)
-        logprobs = delta.logprobs[:kept] if delta.logprobs is not None else None
-        token_ids = delta.token_ids[:kept]
-        finish_reason, stop_reason = delta.finish_reason, delta.stop_reason
-        core_stopped_here = finish_reason == "stop" and kept == len(delta.token_ids)
-        if stop_string is not None and not core_stopped_here:
-            finish_reason, stop_reason = "stop", stop_string  # a stop id / EOS on the same token wins
-        elif finish_reason is not None and stop_string is None and seq.detokenizer is not None:
-            text += seq.detokenizer.finish()
-        seq.finish_reason = finish_reason
-        return SeqOutput(delta.index, text, token_ids, logprobs, finish_reason, stop_reason)
+    def _apply_tokens(self, new: NewTokens) -> dict[str, list[SeqOutput]]:
+        """Take every row into its sequence; returns each request's outputs, in completion order, for the
+        requests with news (a sequence a stop string already ended here has none)."""
+        updates: dict[str, dict[int, SeqOutput]] = {}
+        finished, logprobs = new.finished, new.logprobs
+        for row, (request_id, index, token) in enumerate(zip(new.request_ids, new.indices, new.token_ids,
+                                                             strict=True)):
+            state = self.states.get(request_id)
+            if state is None:
+                continue  # aborted here while the step ran
+            seq = state.seqs[index]
+            finish = finished.get(row)
+            seq.core_finished |= finish is not None
+            if seq.finish_reason is not None:
+                continue  # ended here by a stop string while its siblings run on
+            outs = updates.setdefault(request_id, {})
+            out = outs.get(index)
+            if out is None:
+                out = outs[index] = SeqOutput(index, "", [], [] if state.params.logprobs is not None else None)
+            self._apply(state, seq, out, token, finish, logprobs.get(row))
+        return {request_id: [outs[i] for i in sorted(outs)] if len(outs) > 1 else list(outs.values())
+                for request_id, outs in updates.items()}
 
     @staticmethod
-    def _detokenize(seq: SeqState, token_ids: list[int], params: SamplingParams) -> tuple[str, int, str | None]:
-        """Feed the tokens; returns (text, number of tokens kept, stop string matched or None)."""
-        detok = seq.detokenizer
-        if detok is None:
-            seq.num_tokens += len(token_ids)
-            return "", len(token_ids), None
-        if not params.stop:
-            seq.num_tokens += len(token_ids)
-            return detok.update(token_ids).delta, len(token_ids), None
-        parts = []
-        for i, token in enumerate(token_ids):  # token by token: a stop string ends the output exactly there
-            seq.num_tokens += 1
-            update = detok.update([token], check_stops=seq.num_tokens > params.min_tokens)
-            parts.append(update.delta)
-            if update.stop_string is not None:
-                return "".join(parts), i + 1, update.stop_string
-        return "".join(parts), len(token_ids), None
+    def _apply(state: RequestState, seq: SeqState, out: SeqOutput, token: int,
+               finish: tuple[str, int | None] | None, entries: list[tuple[int, float]] | None) -> None:
+        """One new token of ``seq`` into ``out``. The order of stop decisions for one token: a stop id or
+        EOS (the core's "stop") wins over a stop string, which wins over the length limit."""
+        seq.num_tokens += 1
+        stop_string = None
+        if seq.detokenizer is not None:
+            update = seq.detokenizer.update([token], check_stops=seq.num_tokens > state.params.min_tokens)
+            out.text += update.delta
+            stop_string = update.stop_string
+        out.token_ids.append(token)
+        if out.logprobs is not None and entries is not None:
+            out.logprobs.append(entries)
+        finish_reason, stop_reason = finish if finish is not None else (None, None)
+        if stop_string is not None and finish_reason != "stop":
+            finish_reason, stop_reason = "stop", stop_string
+        elif finish_reason is not None and stop_string is None and seq.detokenizer is not None:
+            out.text += seq.detokenizer.finish()
+        seq.finish_reason = out.finish_reason = finish_reason
+        out.stop_reason = stop_reason
 
     # ------------------------------------------------------------------ timings
     def _on_scheduled(self, item: Scheduled) -> None:

@@ -12,8 +12,10 @@ Conversation:
 - front end -> core: ``AddRequest`` (token ids and sampling settings; stop *strings* are not sent: the
   front end detokenizes and matches them, then aborts the request), ``AbortRequests``, ``Shutdown``.
 - core -> front end, once per engine step that produced anything (and after commands while idle):
-  ``StepOutputs`` with every request's new tokens of that step, the requests rejected at admission,
-  the requests scheduled for the first time, and a ``CoreStats`` snapshot for the metrics.
+  ``StepOutputs`` with every sequence's new token of that step (``NewTokens``: column by column, the
+  engine core's ``CoreStepOutput`` as it is, so a step costs no message object per sequence), the
+  requests rejected at admission, the requests scheduled for the first time, and a ``CoreStats`` snapshot
+  for the metrics.
 
 End of file on either pipe means the other side is gone: the core exits, the front end fails every
 open request and reports itself unhealthy.
@@ -83,17 +85,21 @@ class CoreFailed(msgspec.Struct, tag="failed", frozen=True):
     message: str
 
 
-class SeqDelta(msgspec.Struct, array_like=True, frozen=True):
-    """One sequence's news from one step. ``logprobs``: per new token, (token id, logprob) pairs, the
-    sampled token first, then the top-k; None when not asked for. ``stop_reason``: the stop token id
-    that ended it (None for EOS, length or still running)."""
+class NewTokens(msgspec.Struct, array_like=True, frozen=True):
+    """New tokens, column by column: row ``i`` is token ``token_ids[i]`` of completion ``indices[i]`` of
+    request ``request_ids[i]``. The core sends at most one row per sequence per step; a receiver takes
+    several rows of one sequence in row order.
 
-    request_id: str
-    index: int
-    token_ids: list[int]
-    logprobs: list[list[tuple[int, float]]] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | None = None
+    Sparse, keyed by row, only for the rows that have them: ``finished``: row -> (finish_reason,
+    stop_reason) when that row's token ended its sequence ("stop" with the stop token id, or None for EOS;
+    "length"); ``logprobs``: row -> (token id, logprob) pairs, the sampled token first, then the top-k
+    not already listed (only for requests that asked for logprobs)."""
+
+    request_ids: list[str] = []
+    indices: list[int] = []
+    token_ids: list[int] = []
+    finished: dict[int, tuple[str, int | None]] = {}
+    logprobs: dict[int, list[tuple[int, float]]] = {}
 
 
 class Rejected(msgspec.Struct, array_like=True, frozen=True):
@@ -121,7 +127,7 @@ class CoreStats(msgspec.Struct, frozen=True):
 
 
 class StepOutputs(msgspec.Struct, tag="step", frozen=True):
-    outputs: list[SeqDelta]
+    outputs: NewTokens
     rejected: list[Rejected]
     scheduled: list[Scheduled]
     stats: CoreStats
