@@ -31,6 +31,8 @@ def _engine_args(p: argparse.ArgumentParser, model_help: str = DEFAULT_MODEL_HEL
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks that split each layer (default: 1)")
     p.add_argument("--load-format", default="auto", help="auto, safetensors, gguf or dummy (default: auto)")
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="CPU weight-only quantization (default: automatic, the model's own format where it pays)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +47,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                 max_num_batched_tokens=a.max_num_batched_tokens, kvcache_block_size=a.kvcache_block_size,
                 dtype=a.dtype, device=a.device, enforce_eager=a.enforce_eager,
-                tensor_parallel_size=a.tensor_parallel_size, load_format=a.load_format)
+                tensor_parallel_size=a.tensor_parallel_size, load_format=a.load_format, quantization=a.quantization)
 
 
 def _params(a: argparse.Namespace):
@@ -124,6 +126,12 @@ def cmd_bench(a: argparse.Namespace) -> None:
     print(f"Total: {result.output_tokens}tok, Time: {result.seconds:.2f}s, Throughput: {result.tokens_per_s:.2f}tok/s")
 
 
+def serve_engine_kwargs(a: argparse.Namespace) -> dict:
+    """The ``LLM`` keyword arguments among ``allmos serve``'s flags."""
+    return dict(_engine_kwargs(a), gpu_memory_utilization=a.gpu_memory_utilization,
+                enable_prefix_caching=a.enable_prefix_caching, num_kvcache_blocks=a.num_kvcache_blocks, seed=a.seed)
+
+
 def cmd_serve(a) -> None:
     import os
 
@@ -135,12 +143,7 @@ def cmd_serve(a) -> None:
         raise SystemExit(f"allmos serve needs the server's dependencies ({exc.name} is missing): "
                          "pip install 'allmos[serve]'") from None
 
-    engine = dict(max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-                  max_num_batched_tokens=a.max_num_batched_tokens, kvcache_block_size=a.kvcache_block_size,
-                  dtype=a.dtype, device=a.device, enforce_eager=a.enforce_eager,
-                  tensor_parallel_size=a.tensor_parallel_size, load_format=a.load_format,
-                  gpu_memory_utilization=a.gpu_memory_utilization, enable_prefix_caching=a.enable_prefix_caching,
-                  num_kvcache_blocks=a.num_kvcache_blocks, seed=a.seed)
+    engine = serve_engine_kwargs(a)
     api_key = a.api_key or os.environ.get("ALLMOS_API_KEY")
     run_server(ServerArgs(model=a.model, host=a.host, port=a.port, api_key=api_key,
                           served_model_name=tuple(a.served_model_name or ()), chat_template=a.chat_template,

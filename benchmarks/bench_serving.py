@@ -195,14 +195,9 @@ class LaunchedServer:
 
 def engine_kwargs(server_args: list[str]) -> dict:
     """The engine settings among the server flags (for the offline run)."""
-    from allmos.cli import build_parser
+    from allmos.cli import build_parser, serve_engine_kwargs
 
-    a = build_parser().parse_args(["serve", *server_args])
-    return dict(max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-                max_num_batched_tokens=a.max_num_batched_tokens, kvcache_block_size=a.kvcache_block_size,
-                dtype=a.dtype, device=a.device, enforce_eager=a.enforce_eager, load_format=a.load_format,
-                gpu_memory_utilization=a.gpu_memory_utilization, enable_prefix_caching=a.enable_prefix_caching,
-                num_kvcache_blocks=a.num_kvcache_blocks, seed=a.seed, tensor_parallel_size=a.tensor_parallel_size)
+    return serve_engine_kwargs(build_parser().parse_args(["serve", *server_args]))
 
 
 def run_offline(model: str | None, kwargs: dict, requests: list[Request], chat: bool, temperature: float) -> dict:

@@ -122,3 +122,19 @@ def test_bench_runs_a_tiny_workload(tiny_model_factory, capsys):
 
     expected_tokens = standard_workload(3, 4, 9, 2, 5).num_output_tokens
     assert line.startswith(f"Total: {expected_tokens}tok, Time: ") and line.endswith("tok/s")
+
+
+def test_quantization_flag_reaches_the_engine(tiny_llama_real_tokenizer, capsys, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="allmos"):
+        main(["generate", "--model", str(tiny_llama_real_tokenizer), "--max-tokens", "3", "--quantization", "int8",
+              "--dtype", "float32", *ENGINE_FLAGS, "hello"])
+    assert any("quantization=int8" in r.getMessage() for r in caplog.records)
+    serve = build_parser().parse_args(["serve", "--quantization", "int4"])
+    from allmos.cli import serve_engine_kwargs
+
+    assert serve_engine_kwargs(serve)["quantization"] == "int4"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--quantization", "fp4"])
+    assert "invalid choice" in capsys.readouterr().err
