@@ -90,7 +90,7 @@ def run_cascade(case: SharedCase, groups: list[CascadeGroup], num_heads: int, dt
     num_seqs = len(case.seq_lens)
     query = random_query(num_seqs, num_heads, head_dim, dtype, seed)
     cfg = config or default_cascade_config(num_heads // num_kv_heads, head_dim, dtype, 1 << 30)
-    workspace = CascadeWorkspace.allocate(num_seqs, num_heads, head_dim, prefix_splits, DEVICE)
+    workspace = CascadeWorkspace.allocate(num_seqs * prefix_splits, num_heads, head_dim, DEVICE)
     workspace.partial_out.fill_(float("nan"))
     workspace.lse.fill_(float("nan"))
     decode_ws = DecodeWorkspace.allocate(num_seqs, num_heads, head_dim, max(num_splits, 1), DEVICE,
@@ -98,8 +98,8 @@ def run_cascade(case: SharedCase, groups: list[CascadeGroup], num_heads: int, dt
     decode_ws.partial_out.fill_(float("nan"))
     out = torch.full_like(query, float("nan"))
     scale = head_dim ** -0.5
-    cascade_decode_attention(query, case.k_cache, case.v_cache, case.seq_lens_tensor, case.block_tables,
-                             tiles_for(groups, num_seqs, members_per_tile(num_heads // num_kv_heads, cfg)), scale,
+    tiles = tiles_for(groups, num_seqs, members_per_tile(num_heads // num_kv_heads, cfg.block_m))
+    cascade_decode_attention(query, case.k_cache, case.v_cache, case.seq_lens_tensor, case.block_tables, tiles, scale,
                              num_prefix_splits=prefix_splits, num_splits=num_splits, out=out, workspace=workspace,
                              decode_workspace=decode_ws, config=cfg, fold_merge=fold_merge)
     valid = [n > 0 for n in case.seq_lens]
@@ -166,7 +166,7 @@ def test_padded_rows_give_zeros():
     case = make_shared_case([0, 0, None], [2], [40, 35, 0], 2, 32, 16, torch.float32, seed=4)
     num_heads, head_dim = 4, 32
     query = random_query(3, num_heads, head_dim, torch.float32, seed=4)
-    tiles = tiles_for([CascadeGroup(np.array([0, 1]), 2)], 3, members_per_tile(2, SMALL))
+    tiles = tiles_for([CascadeGroup(np.array([0, 1]), 2)], 3, members_per_tile(2, SMALL.block_m))
     out = cascade_decode_attention(query, case.k_cache, case.v_cache, case.seq_lens_tensor, case.block_tables,
                                    tiles, 0.2, num_prefix_splits=2, num_splits=2, config=SMALL)
     ref = paged_attention_ref(query[:2], case.k_cache, case.v_cache, [0, 1, 2], case.seq_lens[:2],
@@ -187,7 +187,7 @@ def test_bad_arguments_raise_value_errors():
     with pytest.raises(ValueError, match="block_m"):
         cascade_decode_attention(query, case.k_cache, case.v_cache, case.seq_lens_tensor, case.block_tables,
                                  tiles, 0.1, num_prefix_splits=1, config=CascadeConfig(8, 16, 4, 1))
-    small = CascadeWorkspace.allocate(1, 4, 32, 1, DEVICE)
+    small = CascadeWorkspace.allocate(1, 4, 32, DEVICE)
     with pytest.raises(ValueError, match="cascade workspace"):
         cascade_decode_attention(query, case.k_cache, case.v_cache, case.seq_lens_tensor, case.block_tables,
                                  tiles, 0.1, workspace=small, **kwargs)
@@ -243,13 +243,13 @@ def test_cascade_cuda_graph_replays_follow_new_groups():
     case = make_shared_case([0] * 6 + [1] * 6 + [None] * 4, [20, 9], [400] * 6 + [200] * 6 + [50, 60, 70, 80],
                             8, head_dim, block_size, torch.bfloat16, seed=8)
     cfg = default_cascade_config(2, head_dim, torch.bfloat16, 1 << 30)
-    capacity = tiles_for([], 16, members_per_tile(2, cfg)).tiles.shape[0]
+    capacity = tiles_for([], 16, members_per_tile(2, cfg.block_m)).tiles.shape[0]
     static = CascadeTiles(torch.zeros(16, dtype=torch.int32, device=DEVICE),
                           torch.zeros(16, dtype=torch.int32, device=DEVICE),
                           torch.zeros(capacity, 3, dtype=torch.int32, device=DEVICE))
     query = random_query(16, num_heads, head_dim, torch.bfloat16, seed=8)
     out = torch.empty_like(query)
-    workspace = CascadeWorkspace.allocate(16, num_heads, head_dim, 4, DEVICE)
+    workspace = CascadeWorkspace.allocate(16 * 4, num_heads, head_dim, DEVICE)
 
     def step() -> None:
         cascade_decode_attention(query, case.k_cache, case.v_cache, case.seq_lens_tensor, case.block_tables,
@@ -261,7 +261,7 @@ def test_cascade_cuda_graph_replays_follow_new_groups():
     with torch.cuda.graph(graph):
         step()
     for seed, groups in enumerate([detect(case, block_size), [CascadeGroup(np.arange(6, 12), 9)], []]):
-        new = tiles_for(groups, 16, members_per_tile(2, cfg))
+        new = tiles_for(groups, 16, members_per_tile(2, cfg.block_m))
         for mine, theirs in zip((static.prefix_blocks, static.members, static.tiles), (new.prefix_blocks,
                                                                                         new.members, new.tiles)):
             mine.copy_(theirs)

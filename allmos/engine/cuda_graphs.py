@@ -7,6 +7,11 @@ attention backend's decode launch depends only on ``bs`` (never on sequence leng
 valid for every later step of that size. With ``capture=False`` (``enforce_eager``) the same padded
 forward runs eagerly, so eager and captured decode compute exactly the same thing.
 
+When the backend runs cascade attention (``cascade_members_per_tile``), each size of at least two also gets a
+cascade graph over persistent cascade buffers (docs/cascade_attention.md). A step whose metadata carries
+cascade groups replays it after rewriting every buffer entry the graph reads (unused tile slots and padded
+rows zeroed, so a replay never meets an earlier step's groups); other steps replay the plain graph.
+
 With ``ALLMOS_DECODE_KERNELS=1`` the decode kernels are switched on before capturing
 (``enable_decode_kernels``): small-batch Triton GEMVs chosen per captured size from timings on this device,
 the fused q/k-norm + RoPE + K/V store, and split decode attention that merges its splits in the same launch.
@@ -22,6 +27,7 @@ import os
 import torch
 
 from allmos.attention.backend import AttentionBackend
+from allmos.attention.cascade import MIN_GROUP_SIZE, tile_capacity
 from allmos.attention.context import ForwardContext, forward_context
 from allmos.attention.metadata import AttentionMetadata
 
@@ -81,8 +87,13 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(max_bs, **i32)
         self.query_start_loc = torch.arange(max_bs + 1, **i32)
         self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, **i32)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.tile_members = backend.cascade_members_per_tile  # None: no cascade graphs
+        if self.tile_members is not None:
+            self.cascade_prefix_blocks = torch.zeros(max_bs, **i32)
+            self.cascade_members = torch.zeros(max_bs, **i32)
+            self.cascade_tiles = torch.zeros(tile_capacity(max_bs, self.tile_members), 3, **i32)
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # by (batch size, cascade)
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self.max_seq_len = max_blocks_per_seq * kv_caches[0][0].shape[1]
         self.capture = capture
         if decode_kernels_enabled():
@@ -94,15 +105,26 @@ class DecodeGraphs:
     def max_batch_size(self) -> int:
         return self.sizes[-1]
 
-    def _metadata(self, bs: int) -> AttentionMetadata:
+    def _metadata(self, bs: int, cascade: bool) -> AttentionMetadata:
+        fields = {}
+        if cascade:
+            fields = dict(cascade_prefix_blocks=self.cascade_prefix_blocks[:bs],
+                          cascade_members=self.cascade_members[:bs],
+                          cascade_tiles=self.cascade_tiles[:tile_capacity(bs, self.tile_members)])
         md = AttentionMetadata(
             slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[: bs + 1],
             seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], max_query_len=1,
-            max_seq_len=self.max_seq_len, is_decode=True)
+            max_seq_len=self.max_seq_len, is_decode=True, **fields)
         return self.backend.prepare(md)
 
-    def _forward(self, bs: int) -> torch.Tensor:
-        ctx = ForwardContext(self._metadata(bs), self.kv_caches, self.backend, rope_seq_lens=self.seq_lens[:bs])
+    def _variants(self) -> list[tuple[int, bool]]:
+        """(batch size, cascade) of every graph, largest first."""
+        return [(bs, cascade) for bs in reversed(self.sizes) for cascade in (False, True)
+                if not cascade or (self.tile_members is not None and bs >= MIN_GROUP_SIZE)]
+
+    def _forward(self, bs: int, cascade: bool = False) -> torch.Tensor:
+        ctx = ForwardContext(self._metadata(bs, cascade), self.kv_caches, self.backend,
+                             rope_seq_lens=self.seq_lens[:bs])
         with forward_context(ctx):
             hidden = self.model(self.input_ids[:bs], self.positions[:bs])  # [bs, hidden]
         return self.model.compute_logits(hidden)  # [bs, vocab]
@@ -110,14 +132,14 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture_all(self) -> None:
         pool = None
-        for bs in reversed(self.sizes):
-            self._forward(bs)  # warm-up: compiles kernels outside the capture
+        for bs, cascade in self._variants():
+            self._forward(bs, cascade)  # warm-up: compiles kernels outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self._forward(bs)
+                self.outputs[bs, cascade] = self._forward(bs, cascade)
             pool = graph.pool() if pool is None else pool
-            self.graphs[bs] = graph
+            self.graphs[bs, cascade] = graph
         torch.cuda.synchronize()
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
@@ -133,7 +155,21 @@ class DecodeGraphs:
         if bs > n:
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].zero_()
+        cascade = metadata.cascade_tiles is not None
+        if cascade:
+            self._fill_cascade(metadata, n, bs)
         if not self.capture:
-            return self._forward(bs)[:n]
-        self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+            return self._forward(bs, cascade)[:n]
+        self.graphs[bs, cascade].replay()
+        return self.outputs[bs, cascade][:n]
+
+    def _fill_cascade(self, metadata: AttentionMetadata, n: int, bs: int) -> None:
+        """Write a step's cascade groups into the buffers a size-``bs`` cascade graph reads, zeroing the rest."""
+        if self.tile_members is None:
+            raise RuntimeError("cascade metadata reached decode graphs captured without cascade")
+        self.cascade_prefix_blocks[:n].copy_(metadata.cascade_prefix_blocks, non_blocking=True)
+        self.cascade_prefix_blocks[n:bs].zero_()
+        self.cascade_members[:n].copy_(metadata.cascade_members, non_blocking=True)
+        num_tiles = metadata.cascade_tiles.shape[0]
+        self.cascade_tiles[:num_tiles].copy_(metadata.cascade_tiles, non_blocking=True)
+        self.cascade_tiles[num_tiles:tile_capacity(bs, self.tile_members)].zero_()

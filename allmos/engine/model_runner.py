@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from allmos.attention import cascade
 from allmos.attention.backend import AttentionBackend
 from allmos.attention.context import ForwardContext, forward_context
 from allmos.attention.metadata import AttentionMetadata
@@ -152,7 +153,8 @@ def make_backend(name: str, model_config: ModelConfig, tp_size: int, config: Eng
     if name == "torch":
         return TorchAttentionBackend()
     from allmos.attention.triton_backend import TritonAttentionBackend
-    return TritonAttentionBackend(model_config, tp_size, config.max_num_seqs, config.max_model_len, device)
+    return TritonAttentionBackend(model_config, tp_size, config.max_num_seqs, config.max_model_len, device,
+                                  enable_cascade=config.enable_cascade_attention)
 
 
 class LocalModelRunner(ModelRunner):
@@ -331,21 +333,26 @@ class LocalModelRunner(ModelRunner):
         slot_mapping = (block_tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size
                         + positions % self.block_size)
         pending, pending_rows = _pending_sources(self._last_sampled, query_start_loc, seqs)
+        is_decode = bool((q_lens == 1).all())
+        groups = _cascade_groups(self.backend, block_tables, seq_lens, self.block_size) if is_decode else None
         i64_parts = [input_ids, positions, slot_mapping, seq_lens[seq_of_token], pending, pending_rows]
         i32_parts = [query_start_loc, seq_lens, block_tables.ravel()]
+        if groups is not None:
+            i32_parts += [groups.prefix_blocks, groups.members, groups.tiles.ravel()]
         i64, i64_starts = pack_aligned(i64_parts, np.int64)
         i32, i32_starts = pack_aligned(i32_parts, np.int32)
         input_ids_dev, positions_dev, slots_dev, rope_seq_lens, pending_dev, rows_dev = split_packed(
             to_device(i64, self.device), i64_starts, [p.size for p in i64_parts])
-        qsl_dev, seq_lens_dev, tables_dev = split_packed(to_device(i32, self.device), i32_starts,
-                                                         [p.size for p in i32_parts])
+        qsl_dev, seq_lens_dev, tables_dev, *groups_dev = split_packed(to_device(i32, self.device), i32_starts,
+                                                                      [p.size for p in i32_parts])
         if len(pending):
             input_ids_dev[pending_dev] = self._last_sampled[0][rows_dev]
         metadata = AttentionMetadata(
             slot_mapping=slots_dev, query_start_loc=qsl_dev, seq_lens=seq_lens_dev,
             block_tables=tables_dev.view(block_tables.shape),
-            max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()), is_decode=bool((q_lens == 1).all()),
+            max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()), is_decode=is_decode,
             query_start_loc_cpu=query_start_loc.tolist(), seq_lens_cpu=seq_lens.tolist(),
+            **_cascade_fields(groups_dev, None if groups is None else groups.tiles.shape),
         )
         return input_ids_dev, positions_dev, metadata, rope_seq_lens
 
@@ -386,6 +393,24 @@ def _pending_sources(last_sampled: tuple[torch.Tensor, dict[str, int]] | None, q
     except KeyError as exc:
         raise RuntimeError(f"request {exc} takes an input it did not sample in the previous step") from exc
     return query_start_loc[1:][from_sample] - 1, rows
+
+
+def _cascade_groups(backend: AttentionBackend, block_tables: np.ndarray, seq_lens: np.ndarray,
+                    block_size: int) -> cascade.CascadeArrays | None:
+    """A decode step's shared-prefix groups (``allmos.attention.cascade``) when the backend runs cascade
+    attention and sharing pays; else None."""
+    tile_members = backend.cascade_members_per_tile
+    if tile_members is None or len(seq_lens) < cascade.MIN_GROUP_SIZE:
+        return None
+    return cascade.plan_cascade(block_tables, seq_lens, block_size, tile_members, cascade.DEFAULT_CASCADE_POLICY)
+
+
+def _cascade_fields(parts: list[torch.Tensor], tiles_shape: tuple[int, int] | None) -> dict:
+    """``AttentionMetadata``'s cascade fields from the device copies of (prefix_blocks, members, tiles)."""
+    if tiles_shape is None:
+        return {}
+    prefix_blocks, members, tiles = parts
+    return dict(cascade_prefix_blocks=prefix_blocks, cascade_members=members, cascade_tiles=tiles.view(tiles_shape))
 
 
 def _sample_rows(batch: ScheduledBatch, metadata: AttentionMetadata, device: torch.device) -> torch.Tensor:

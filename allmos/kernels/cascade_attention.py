@@ -64,11 +64,15 @@ class CascadeTiles:
     tiles: torch.Tensor  # [capacity, 3] int32: (leader, first member index, member count)
 
 
+def cascade_block_m(group: int, head_dim: int) -> int:
+    """Default query rows per program: 128 (64 at head_dim above 128), at least one padded GQA group."""
+    return max(16, triton.next_power_of_2(group), 128 if head_dim <= 128 else 64)
+
+
 def default_cascade_config(group: int, head_dim: int, dtype: torch.dtype, shared_memory: int) -> CascadeConfig:
-    """128 query rows (64 at head_dim above 128) and key tiles of about 16 KiB per K (and per V), three
-    stages where they fit: the shape of a prefill attention tile, which this kernel's work resembles."""
-    group_p2 = triton.next_power_of_2(group)
-    block_m = max(16, group_p2, 128 if head_dim <= 128 else 64)
+    """``cascade_block_m`` query rows and key tiles of about 16 KiB per K (and per V), three stages where
+    they fit: the shape of a prefill attention tile, which this kernel's work resembles."""
+    block_m = cascade_block_m(group, head_dim)
     block_n = max(16, min(128, 16384 // (head_dim * dtype.itemsize)))
     stage_bytes = 2 * block_n * head_dim * dtype.itemsize
     q_bytes = block_m * head_dim * dtype.itemsize
@@ -77,9 +81,10 @@ def default_cascade_config(group: int, head_dim: int, dtype: torch.dtype, shared
                          num_stages=num_stages)
 
 
-def members_per_tile(group: int, config: CascadeConfig) -> int:
-    """Sequences per prefix-kernel tile: ``block_m`` rows over the GQA group padded to a power of two."""
-    return config.block_m // triton.next_power_of_2(group)
+def members_per_tile(group: int, block_m: int) -> int:
+    """Sequences per prefix-kernel tile: ``block_m`` rows over the GQA group padded to a power of two. The
+    tiles handed to the kernel must hold at most this many members for the ``block_m`` it runs with."""
+    return block_m // triton.next_power_of_2(group)
 
 
 def choose_prefix_splits(num_seqs: int, tile_members: int, num_kv_heads: int, max_seq_len: int,
@@ -93,18 +98,24 @@ def choose_prefix_splits(num_seqs: int, tile_members: int, num_kv_heads: int, ma
     return max(1, min(by_wave, by_length, MAX_PREFIX_SPLITS))
 
 
+def prefix_workspace_rows(max_num_seqs: int, tile_members: int, num_kv_heads: int, max_seq_len: int,
+                          num_sms: int = 132) -> int:
+    """(sequence, split) pairs a workspace needs for every batch size up to ``max_num_seqs`` (per head)."""
+    return max(n * choose_prefix_splits(n, tile_members, num_kv_heads, max_seq_len, num_sms)
+               for n in range(1, max_num_seqs + 1))
+
+
 @dataclass
 class CascadeWorkspace:
-    """Flat float32 buffers for the prefix partials of up to ``max_num_seqs`` x ``num_heads`` x ``max_splits``
-    rows; preallocate one to capture cascade decode in a CUDA graph."""
+    """Flat float32 buffers for the prefix partials of ``seq_splits`` (sequence, split) pairs x ``num_heads``
+    rows (see ``prefix_workspace_rows``); preallocate one to capture cascade decode in a CUDA graph."""
 
-    partial_out: torch.Tensor  # [max_num_seqs * num_heads * max_splits * head_dim] float32
-    lse: torch.Tensor  # [max_num_seqs * num_heads * max_splits] float32
+    partial_out: torch.Tensor  # [seq_splits * num_heads * head_dim] float32
+    lse: torch.Tensor  # [seq_splits * num_heads] float32
 
     @classmethod
-    def allocate(cls, max_num_seqs: int, num_heads: int, head_dim: int, max_splits: int,
-                 device: torch.device | str) -> CascadeWorkspace:
-        rows = max_num_seqs * num_heads * max_splits
+    def allocate(cls, seq_splits: int, num_heads: int, head_dim: int, device: torch.device | str) -> CascadeWorkspace:
+        rows = seq_splits * num_heads
         return cls(torch.empty(rows * head_dim, dtype=torch.float32, device=device),
                    torch.empty(rows, dtype=torch.float32, device=device))
 
@@ -216,7 +227,7 @@ def cascade_prefix_attention(
     if not 1 <= num_splits <= 65535:
         raise ValueError(f"num_splits must be in [1, 65535], got {num_splits}")
     if workspace is None:
-        workspace = CascadeWorkspace.allocate(num_seqs, num_heads, head_dim, num_splits, query.device)
+        workspace = CascadeWorkspace.allocate(num_seqs * num_splits, num_heads, head_dim, query.device)
     prefix = workspace.view(groups.prefix_blocks, query, num_splits)
     if num_seqs == 0 or groups.tiles.shape[0] == 0:
         return prefix
