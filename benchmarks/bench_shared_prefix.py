@@ -14,13 +14,15 @@ Without MODEL it uses the benchmark model (Qwen3-0.6B shapes with random weights
 benchmarks/qwen3-0.6b/config.json). Each mode runs in a fresh subprocess (its own GPU memory and CUDA
 graphs) with ``enable_cascade_attention`` set accordingly; the table compares them. ``--tiny`` runs a tiny
 random model on the CPU through the Triton interpreter (small sizes; it checks that the script and the
-cascade path run, not speed).
+cascade path run, not speed). On a checkout of allmos that predates the option, ``--cascade off`` runs that
+engine as it is, so the same script compares commits.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -61,6 +63,8 @@ def run_one(args: argparse.Namespace, cascade: bool) -> dict:
 
     prefix, prompts = shared_prefix_workload(args.num_requests, args.prefix_len, tuple(args.suffix_len), args.seed)
     engine = dict(max_model_len=args.max_model_len, enable_cascade_attention=cascade)
+    if not cascade and not _has_cascade_option():
+        del engine["enable_cascade_attention"]  # an engine from before cascade attention
     model = args.model
     if args.tiny:
         model = _tiny_model_folder()
@@ -87,7 +91,10 @@ def counting_cascade_steps() -> Iterator[dict[str, int]]:
     from allmos.engine import model_runner
 
     counts = {"decode": 0, "cascade": 0}
-    plan = model_runner._cascade_groups
+    plan = getattr(model_runner, "_cascade_groups", None)
+    if plan is None:  # an engine from before cascade attention
+        yield counts
+        return
 
     def counted(*args, **kwargs):
         groups = plan(*args, **kwargs)
@@ -100,6 +107,12 @@ def counting_cascade_steps() -> Iterator[dict[str, int]]:
         yield counts
     finally:
         model_runner._cascade_groups = plan
+
+
+def _has_cascade_option() -> bool:
+    from allmos.config import EngineConfig
+
+    return "enable_cascade_attention" in {f.name for f in dataclasses.fields(EngineConfig)}
 
 
 def _tiny_model_folder() -> str:

@@ -89,11 +89,11 @@ def _groups_at(tables: np.ndarray, caps: np.ndarray, rows: np.ndarray, depth: in
     keys = tables[rows, depth]
     order = np.argsort(keys, kind="stable")
     rows, keys = rows[order], keys[order]
-    bounds = np.flatnonzero(np.diff(keys)) + 1  # starts of runs of equal block ids
+    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))  # runs of equal block ids
+    ends = np.append(starts[1:], len(keys))
     groups = []
-    for run in np.split(rows, bounds):
-        if len(run) >= policy.min_group_size:
-            groups += _best_group(tables, caps, np.sort(run), depth + 1, policy)
+    for i in np.flatnonzero(ends - starts >= policy.min_group_size):  # no Python work for unshared blocks
+        groups += _best_group(tables, caps, np.sort(rows[starts[i]:ends[i]]), depth + 1, policy)
     return groups
 
 
