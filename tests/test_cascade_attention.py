@@ -250,9 +250,10 @@ def test_cascade_cuda_graph_replays_follow_new_groups():
     query = random_query(16, num_heads, head_dim, torch.bfloat16, seed=8)
     out = torch.empty_like(query)
     workspace = CascadeWorkspace.allocate(16 * 4, num_heads, head_dim, DEVICE)
+    seq_lens = case.seq_lens_tensor
 
     def step() -> None:
-        cascade_decode_attention(query, case.k_cache, case.v_cache, case.seq_lens_tensor, case.block_tables,
+        cascade_decode_attention(query, case.k_cache, case.v_cache, seq_lens, case.block_tables,
                                  static, head_dim ** -0.5, num_prefix_splits=4, out=out, workspace=workspace)
 
     step()
