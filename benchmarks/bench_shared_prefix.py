@@ -47,11 +47,13 @@ TINY_ENGINE = {"device": "cpu", "attention_backend": "triton", "dtype": "float32
 
 
 def shared_prefix_workload(num_requests: int, prefix_len: int, suffix_len: tuple[int, int],
-                           seed: int = 0) -> tuple[list[int], list[list[int]]]:
-    """(prefix, prompts): every prompt is the prefix plus its own random suffix."""
+                           seed: int = 0, round_: int = 0) -> tuple[list[int], list[list[int]]]:
+    """(prefix, prompts): every prompt is the prefix plus its own random suffix; ``round_`` > 0 draws other
+    suffixes for the same prefix."""
     rng = random.Random(seed)
     prefix = [rng.randint(0, 10000) for _ in range(prefix_len)]
-    prompts = [prefix + [rng.randint(0, 10000) for _ in range(rng.randint(*suffix_len))]
+    suffix_rng = rng if round_ == 0 else random.Random(f"{seed}-{round_}")
+    prompts = [prefix + [suffix_rng.randint(0, 10000) for _ in range(suffix_rng.randint(*suffix_len))]
                for _ in range(num_requests)]
     return prefix, prompts
 
@@ -75,6 +77,9 @@ def run_one(args: argparse.Namespace, cascade: bool) -> dict:
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4), use_tqdm=False)
     llm.generate([prefix + [1]], SamplingParams(max_tokens=1), use_tqdm=False)  # the prefix into the cache
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.output_len)
+    for round_ in range(1, args.warm_rounds + 1):  # untimed rounds on other suffixes of the same prefix
+        llm.generate(shared_prefix_workload(args.num_requests, args.prefix_len, tuple(args.suffix_len), args.seed,
+                                            round_)[1], params, use_tqdm=False)
     with counting_cascade_steps() as steps:
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -130,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warm-rounds", type=int, default=0,
+                   help="untimed rounds of the whole workload (other suffixes) before the timed one")
     p.add_argument("--cascade", nargs="+", choices=["on", "off"], default=["on", "off"])
     p.add_argument("--tiny", action="store_true", help="a tiny random model on the CPU (Triton interpreter)")
     p.add_argument("--child-timeout", type=float, default=None, help="seconds allowed for each mode's process")
@@ -141,7 +148,8 @@ def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
     cmd = [sys.executable, __file__, *([args.model] if args.model else []), "--single", mode,
            "--num-requests", str(args.num_requests), "--prefix-len", str(args.prefix_len),
            "--suffix-len", *map(str, args.suffix_len), "--output-len", str(args.output_len),
-           "--max-model-len", str(args.max_model_len), "--seed", str(args.seed)]
+           "--max-model-len", str(args.max_model_len), "--seed", str(args.seed),
+           "--warm-rounds", str(args.warm_rounds)]
     return cmd + (["--tiny"] if args.tiny else [])
 
 
