@@ -20,9 +20,10 @@ import numpy as np
 MIN_GROUP_SIZE = 2
 # One whole block is the least that can be shared (prefix caching shares full blocks only).
 MIN_PREFIX_BLOCKS = 1
-# The cascade path costs one extra kernel launch per layer (about 3 us inside a CUDA graph) plus the float32
-# partials; at 4.3 TB/s that is the time to read about 3,000 tokens of Qwen3-0.6B's per-layer KV (4 KiB per
-# token). A step uses cascade only when its groups skip at least this many token reads per layer in all.
+# The cascade path costs one extra kernel launch per layer (a few microseconds inside a CUDA graph) plus the
+# float32 partials; 3 us at 4.3 TB/s reads about 3,000 tokens of Qwen3-0.6B's per-layer KV (4 KiB per token).
+# A step uses cascade only when its groups skip at least this many token reads per layer in all (an estimate
+# from those figures, not a measured break-even).
 MIN_SAVED_TOKENS = 4096
 # Groups per step: each adds at most one partly filled tile to the prefix kernel's fixed grid (see
 # ``tile_capacity``), and every slot of that grid costs an (early-exiting) program even when unused.
