@@ -96,6 +96,8 @@ def test_thresholds():
     assert find_shared_prefixes(tables, lens, BS, CascadePolicy(min_saved_tokens=0, min_group_size=3)) == []
     # the default needs thousands of saved token reads
     assert find_shared_prefixes(tables, lens, BS) == []
+    with pytest.raises(ValueError, match="min_group_size"):
+        CascadePolicy(min_group_size=1)
 
 
 def test_at_most_max_groups_keeping_the_largest():

@@ -38,6 +38,11 @@ class CascadePolicy:
     min_prefix_blocks: int = MIN_PREFIX_BLOCKS
     min_saved_tokens: int = MIN_SAVED_TOKENS
 
+    def __post_init__(self) -> None:
+        if self.min_group_size < MIN_GROUP_SIZE or self.min_prefix_blocks < MIN_PREFIX_BLOCKS:
+            raise ValueError(f"CascadePolicy needs min_group_size >= {MIN_GROUP_SIZE} and min_prefix_blocks >= "
+                             f"{MIN_PREFIX_BLOCKS}, got {self.min_group_size} and {self.min_prefix_blocks}")
+
 
 DEFAULT_CASCADE_POLICY = CascadePolicy()
 
@@ -73,7 +78,7 @@ def find_shared_prefixes(block_tables: np.ndarray, seq_lens: np.ndarray, block_s
     padding and never compared); ``seq_lens`` [num_seqs] are context lengths including this step's token.
     """
     caps = (np.asarray(seq_lens, dtype=np.int64) - 1) // block_size  # [num_seqs] most blocks a member may share
-    rows = np.flatnonzero(caps >= max(1, policy.min_prefix_blocks))
+    rows = np.flatnonzero(caps >= policy.min_prefix_blocks)
     groups = _groups_at(block_tables, caps, rows, 0, policy)
     groups.sort(key=lambda g: -g.saved_blocks)
     groups = groups[:MAX_CASCADE_GROUPS]
