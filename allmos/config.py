@@ -4,6 +4,7 @@ validated once. Values discovered at run time (KV block count, EOS ids) live els
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class EngineConfig:
     trust_remote_code: bool = False  # accepted for vLLM compatibility; True is refused (no remote code runs)
     quantization: str | None = None  # None | "int8" | "int4": weight-only, CPU (allmos.layers.quantization)
     compilation_config: int = 0  # 3: torch.compile the CPU forward at start-up (engine.cpu_compile); 0: eager
+    enable_cascade_attention: bool = True  # shared-prefix decode attention (Triton backend; docs/cascade_attention.md)
 
     @classmethod
     def from_kwargs(cls, model: str | None, **kwargs: Any) -> EngineConfig:
@@ -79,6 +81,8 @@ class EngineConfig:
                              "(leave trust_remote_code unset or False)")
         if isinstance(self.dtype, str) and self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.enable_cascade_attention, bool):
+            raise ValueError(f"enable_cascade_attention must be True or False, got {self.enable_cascade_attention!r}")
         if self.compilation_config not in (0, 3):
             raise ValueError(f"compilation_config must be 0 (eager) or 3 (compile the CPU forward at start-up), "
                              f"got {self.compilation_config!r}")
@@ -121,8 +125,9 @@ class EngineConfig:
     def resolved_backend(self, device: torch.device) -> str:
         if self.attention_backend == "auto":
             return "triton" if device.type == "cuda" else "torch"
-        if self.attention_backend == "triton" and device.type != "cuda":
-            raise ValueError("attention_backend='triton' needs a CUDA device; use 'torch' on the CPU")
+        if self.attention_backend == "triton" and device.type != "cuda" and not triton_interpreted():
+            raise ValueError("attention_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1, for tests); "
+                             "use 'torch' on the CPU")
         return self.attention_backend
 
     @property
@@ -156,6 +161,11 @@ def _positive(cfg: EngineConfig, *names: str) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run on CPU tensors through its interpreter (``TRITON_INTERPRET=1``: slow; for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def cpu_has_native_bf16() -> bool:

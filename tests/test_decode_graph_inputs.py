@@ -39,7 +39,7 @@ def test_graph_input_path_matches_ordinary_path(engines, num_prompts):
     graphs = _attach_graphs(graphed, max_num_seqs=16)
     used = []
     original = graphs.replay
-    graphs.replay = lambda n: used.append(n) or original(n)
+    graphs.replay = lambda n, cascade=False: used.append(n) or original(n, cascade)
     prompts = _prompts(num_prompts, seed=num_prompts)
     params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
               SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True)]

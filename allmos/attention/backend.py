@@ -15,6 +15,9 @@ class AttentionBackend(abc.ABC):
 
     name: str = "abstract"
     accepts_stored_kv: bool = False  # forward takes key = value = None: the caller stored them (fused kernel)
+    # sequences per prefix tile when the backend runs cascade decode (the runner then fills the metadata's
+    # cascade fields, allmos.attention.cascade); None: it does not
+    cascade_members_per_tile: int | None = None
 
     def prepare(self, metadata: AttentionMetadata) -> AttentionMetadata:
         """Add backend-specific fields (split counts, workspaces) once per forward pass, before any

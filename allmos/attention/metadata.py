@@ -15,6 +15,12 @@ Layout invariants (all backends, all kernels):
   including this step's, from the cache.
 - Slots past a sequence's length hold finite values (the runner zero-fills the cache at allocation;
   later they hold stale K/V): a backend may read them as long as it masks them out.
+- Cascade (decode steps only; all three fields None otherwise): sequence ``s`` shares its first
+  ``cascade_prefix_blocks[s]`` blocks (0: none) with the other members of its group, and keeps at least its
+  last token after them. ``cascade_tiles`` rows are (leader sequence, first index into ``cascade_members``,
+  member count) with count 0 for unused rows; its row count is fixed per batch size
+  (``allmos.attention.cascade.tile_capacity``). A backend without cascade may ignore the fields: attention
+  over prefix plus suffix is attention over the whole context.
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int] | None = None  # host copies, used by the torch backend
     seq_lens_cpu: list[int] | None = None
     num_splits: int = 1  # decode: key-range splits (chosen by the backend's prepare, fixed per CUDA graph)
+    cascade_prefix_blocks: torch.Tensor | None = None  # [num_seqs] int32, shared leading blocks (0: none)
+    cascade_members: torch.Tensor | None = None  # [num_seqs] int32, sequence indices grouped by prefix
+    cascade_tiles: torch.Tensor | None = None  # [tile_capacity, 3] int32 (leader, first member, count)
+    num_prefix_splits: int = 1  # cascade: prefix key splits (chosen by the backend's prepare, fixed per graph)
 
     @property
     def num_seqs(self) -> int:

@@ -7,6 +7,11 @@ attention backend's decode launch depends only on ``bs`` (never on sequence leng
 valid for every later step of that size. With ``capture=False`` (``enforce_eager``) the same padded
 forward runs eagerly, so eager and captured decode compute exactly the same thing.
 
+When the backend runs cascade attention (``cascade_members_per_tile``), each size of at least two also gets a
+cascade graph over persistent cascade buffers (docs/cascade_attention.md). Every upload rewrites every
+cascade entry the graph reads (unused tile slots and padded rows zeroed, so a replay never meets an earlier
+step's groups); a step whose inputs carry cascade groups replays the cascade graph, other steps the plain one.
+
 With ``ALLMOS_DECODE_KERNELS=1`` the decode kernels are switched on before capturing
 (``enable_decode_kernels``): small-batch Triton GEMVs chosen per captured size from timings on this device,
 the fused q/k-norm + RoPE + K/V store, and split decode attention that merges its splits in the same launch.
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 
 from allmos.attention.backend import AttentionBackend
+from allmos.attention.cascade import MIN_GROUP_SIZE, CascadeArrays, tile_capacity
 from allmos.attention.context import ForwardContext, forward_context
 from allmos.attention.metadata import AttentionMetadata
 from allmos.utils.transfer import pack_aligned, split_packed, staged
@@ -77,8 +83,9 @@ class DecodeGraphs:
     Inputs reach a graph in two host-to-device copies straight into its buffers (``load``), laid out by
     ``_layout(bs)``: one int64 buffer holds ``input_ids | positions | slot_mapping`` (then the indices of
     inputs that are the previous step's samples, for the runner's device-side fill), one int32 buffer holds
-    ``seq_lens | block_tables``. Rows ``n..bs`` are padding written by the host (slot -1, seq_len 0); the
-    block-table rows past ``n`` are not sent (a row of seq_len 0 reads none). No device-to-device copy
+    ``seq_lens | cascade prefix blocks | cascade members | cascade tiles | block_tables``. Rows ``n..bs``
+    are padding written by the host (slot -1, seq_len 0, no cascade group); the block-table rows past ``n``
+    are not sent (a row of seq_len 0 reads none). No device-to-device copy
     separates the upload from the replay.
     """
 
@@ -87,13 +94,14 @@ class DecodeGraphs:
         self.model, self.backend, self.kv_caches, self.device = model, backend, kv_caches, device
         self.sizes = capture_sizes(max_num_seqs)
         self.max_blocks_per_seq = max_blocks_per_seq
+        self.tile_members = backend.cascade_members_per_tile  # None: no cascade graphs
         max_bs = self.sizes[-1]
-        i64_size, i32_size = _buffer_sizes(max_bs, max_blocks_per_seq)
+        i64_size, i32_size = _buffer_sizes(max_bs, max_blocks_per_seq, self.tile_members)
         self.i64 = torch.zeros(i64_size, dtype=torch.int64, device=device)
         self.i32 = torch.zeros(i32_size, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # by (batch size, cascade)
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self.max_seq_len = max_blocks_per_seq * kv_caches[0][0].shape[1]
         self.capture = capture
         self.inputs = {bs: self._views(bs) for bs in self.sizes}
@@ -118,14 +126,19 @@ class DecodeGraphs:
         views.positions.zero_()
         views.slot_mapping.fill_(-1)
         views.seq_lens.zero_()
+        views.cascade_prefix_blocks.zero_()
+        views.cascade_members.zero_()
+        views.cascade_tiles.zero_()
 
     def _views(self, bs: int) -> GraphInputs:
         """The views of the persistent buffers that the graph of size ``bs`` reads."""
-        i64, i32 = _layout(bs, self.max_blocks_per_seq)
+        i64, i32 = _layout(bs, self.max_blocks_per_seq, self.tile_members)
         ids, pos, slots = (self.i64[start:start + bs] for start in i64[:3])
-        seq_lens = self.i32[i32[0]:i32[0] + bs]
-        tables = self.i32[i32[1]:i32[1] + bs * self.max_blocks_per_seq].view(bs, self.max_blocks_per_seq)
-        return GraphInputs(ids, pos, slots, seq_lens, tables)
+        seq_lens, prefix_blocks, members = (self.i32[start:start + bs] for start in i32[:3])
+        capacity = _tile_capacity(bs, self.tile_members)
+        tiles = self.i32[i32[3]:i32[3] + capacity * 3].view(capacity, 3)
+        tables = self.i32[i32[4]:i32[4] + bs * self.max_blocks_per_seq].view(bs, self.max_blocks_per_seq)
+        return GraphInputs(ids, pos, slots, seq_lens, tables, prefix_blocks, members, tiles)
 
     def load(self, host: HostDecodeInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Copy one decode step's host inputs into the buffers of its size; returns the device views
@@ -139,7 +152,7 @@ class DecodeGraphs:
                      _padded(host.slot_mapping, bs, -1), host.pending, host.pending_rows]
         tables = np.zeros((n, width), dtype=np.int32)
         tables[:, :host.block_tables.shape[1]] = host.block_tables
-        i32_parts = [_padded(host.seq_lens, bs, 0), tables.ravel()]
+        i32_parts = [_padded(host.seq_lens, bs, 0), *self._cascade_parts(host.cascade, bs), tables.ravel()]
         i64, i64_starts = pack_aligned(i64_parts, np.int64)
         i32, _ = pack_aligned(i32_parts, np.int32)
         self.i64[:i64.size].copy_(staged(i64, self.device), non_blocking=True)
@@ -147,16 +160,34 @@ class DecodeGraphs:
         input_ids, _, _, pending, rows = split_packed(self.i64, i64_starts, [p.size for p in i64_parts])
         return input_ids[:n], pending, rows
 
-    def _metadata(self, bs: int, views: GraphInputs) -> AttentionMetadata:
+    def _cascade_parts(self, arrays: CascadeArrays | None, bs: int) -> list[np.ndarray]:
+        """The cascade entries of size ``bs``'s buffers: the step's groups, zeros elsewhere."""
+        capacity = _tile_capacity(bs, self.tile_members)
+        if arrays is None:
+            return [np.zeros(bs, np.int32), np.zeros(bs, np.int32), np.zeros(capacity * 3, np.int32)]
+        if self.tile_members is None:
+            raise RuntimeError("cascade groups reached decode graphs captured without cascade")
+        return [_padded(arrays.prefix_blocks, bs, 0), _padded(arrays.members, bs, 0),
+                _padded(arrays.tiles.ravel(), capacity * 3, 0)]
+
+    def _metadata(self, bs: int, views: GraphInputs, cascade: bool) -> AttentionMetadata:
+        fields = dict(cascade_prefix_blocks=views.cascade_prefix_blocks, cascade_members=views.cascade_members,
+                      cascade_tiles=views.cascade_tiles) if cascade else {}
         md = AttentionMetadata(
             slot_mapping=views.slot_mapping, query_start_loc=self.query_start_loc[: bs + 1],
             seq_lens=views.seq_lens, block_tables=views.block_tables, max_query_len=1,
-            max_seq_len=self.max_seq_len, is_decode=True)
+            max_seq_len=self.max_seq_len, is_decode=True, **fields)
         return self.backend.prepare(md)
 
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _variants(self) -> list[tuple[int, bool]]:
+        """(batch size, cascade) of every graph, largest first."""
+        return [(bs, cascade) for bs in reversed(self.sizes) for cascade in (False, True)
+                if not cascade or (self.tile_members is not None and bs >= MIN_GROUP_SIZE)]
+
+    def _forward(self, bs: int, cascade: bool = False) -> torch.Tensor:
         views = self.inputs[bs]
-        ctx = ForwardContext(self._metadata(bs, views), self.kv_caches, self.backend, rope_seq_lens=views.seq_lens)
+        ctx = ForwardContext(self._metadata(bs, views, cascade), self.kv_caches, self.backend,
+                             rope_seq_lens=views.seq_lens)
         with forward_context(ctx):
             hidden = self.model(views.input_ids, views.positions)  # [bs, hidden]
         return self.model.compute_logits(hidden)  # [bs, vocab]
@@ -164,24 +195,25 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture_all(self) -> None:
         pool = None
-        for bs in reversed(self.sizes):
+        for bs, cascade in self._variants():
             self._write_padding(bs)
-            self._forward(bs)  # warm-up: compiles kernels outside the capture
+            self._forward(bs, cascade)  # warm-up: compiles kernels outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self._forward(bs)
+                self.outputs[bs, cascade] = self._forward(bs, cascade)
             pool = graph.pool() if pool is None else pool
-            self.graphs[bs] = graph
+            self.graphs[bs, cascade] = graph
         torch.cuda.synchronize()
 
-    def replay(self, num_seqs: int) -> torch.Tensor:
-        """Run the size that ``load`` filled for ``num_seqs`` rows; returns logits ``[num_seqs, vocab]``."""
+    def replay(self, num_seqs: int, cascade: bool = False) -> torch.Tensor:
+        """Run the size that ``load`` filled for ``num_seqs`` rows (its cascade graph when the loaded step
+        has cascade groups); returns logits ``[num_seqs, vocab]``."""
         bs = self.size_for(num_seqs)
         if not self.capture:
-            return self._forward(bs)[:num_seqs]
-        self.graphs[bs].replay()
-        return self.outputs[bs][:num_seqs]
+            return self._forward(bs, cascade)[:num_seqs]
+        self.graphs[bs, cascade].replay()
+        return self.outputs[bs, cascade][:num_seqs]
 
 
 @dataclass
@@ -193,6 +225,9 @@ class GraphInputs:
     slot_mapping: torch.Tensor  # [bs] int64, -1 on padding rows
     seq_lens: torch.Tensor  # [bs] int32, 0 on padding rows
     block_tables: torch.Tensor  # [bs, max_blocks_per_seq] int32
+    cascade_prefix_blocks: torch.Tensor  # [bs] int32
+    cascade_members: torch.Tensor  # [bs] int32
+    cascade_tiles: torch.Tensor  # [tile capacity of bs, 3] int32 (0 rows without cascade)
 
 
 @dataclass
@@ -206,24 +241,34 @@ class HostDecodeInputs:
     block_tables: np.ndarray  # [n, width] int32
     pending: np.ndarray  # [p] int64: rows whose input is the previous step's sample
     pending_rows: np.ndarray  # [p] int64: their rows in the previous step's sampled tokens
+    cascade: CascadeArrays | None = None  # the step's shared-prefix groups, if any
 
     @property
     def num_seqs(self) -> int:
         return self.input_ids.shape[0]
 
 
-def _layout(bs: int, max_blocks: int) -> tuple[list[int], list[int]]:
+def _tile_capacity(bs: int, tile_members: int | None) -> int:
+    return 0 if tile_members is None else tile_capacity(bs, tile_members)
+
+
+def _i32_parts(bs: int, max_blocks: int, tile_members: int | None) -> list[np.ndarray]:
+    capacity = _tile_capacity(bs, tile_members)
+    return [np.zeros(bs, np.int32)] * 3 + [np.zeros(capacity * 3, np.int32), np.zeros(bs * max_blocks, np.int32)]
+
+
+def _layout(bs: int, max_blocks: int, tile_members: int | None) -> tuple[list[int], list[int]]:
     """Start of each part in the int64 and int32 buffers for size ``bs`` (``pack_aligned``'s layout, so a
     step's packed upload lands exactly on the views its graph captured)."""
     _, i64_starts = pack_aligned([np.zeros(bs, np.int64)] * 3, np.int64)
-    _, i32_starts = pack_aligned([np.zeros(bs, np.int32), np.zeros(bs * max_blocks, np.int32)], np.int32)
+    _, i32_starts = pack_aligned(_i32_parts(bs, max_blocks, tile_members), np.int32)
     return i64_starts, i32_starts
 
 
-def _buffer_sizes(max_bs: int, max_blocks: int) -> tuple[int, int]:
+def _buffer_sizes(max_bs: int, max_blocks: int, tile_members: int | None) -> tuple[int, int]:
     """Buffer lengths that hold the largest size's parts (int64 also the two pending-index parts)."""
     i64, _ = pack_aligned([np.zeros(max_bs, np.int64)] * 5, np.int64)
-    i32, _ = pack_aligned([np.zeros(max_bs, np.int32), np.zeros(max_bs * max_blocks, np.int32)], np.int32)
+    i32, _ = pack_aligned(_i32_parts(max_bs, max_blocks, tile_members), np.int32)
     return i64.size, i32.size
 
 

@@ -152,7 +152,8 @@ def make_backend(name: str, model_config: ModelConfig, tp_size: int, config: Eng
     if name == "torch":
         return TorchAttentionBackend()
     from allmos.attention.triton_backend import TritonAttentionBackend
-    return TritonAttentionBackend(model_config, tp_size, config.max_num_seqs, config.max_model_len, device)
+    return TritonAttentionBackend(model_config, tp_size, config.max_num_seqs, config.max_model_len, device,
+                                  enable_cascade=config.enable_cascade_attention)
 
 
 class LocalModelRunner(ModelRunner):
@@ -280,7 +281,7 @@ class LocalModelRunner(ModelRunner):
         input_ids, pending, rows = self.graphs.load(host.decode_inputs())
         if len(host.pending):
             input_ids[pending] = self._last_sampled[0][rows]
-        return self.graphs.replay(host.num_seqs)  # [num_seqs, vocab]
+        return self.graphs.replay(host.num_seqs, cascade=host.cascade is not None)  # [num_seqs, vocab]
 
     def _prompt_logprobs(self, batch: ScheduledBatch, metadata: AttentionMetadata,
                          hidden: torch.Tensor) -> PromptLogprobsOutput | None:
@@ -329,7 +330,7 @@ class LocalModelRunner(ModelRunner):
         return upload(self._host_step(batch), self.device, self._last_sampled)
 
     def _host_step(self, batch: ScheduledBatch) -> HostStep:
-        return host_step(batch, self.block_size, self._last_sampled)
+        return host_step(batch, self.block_size, self._last_sampled, self.backend.cascade_members_per_tile)
 
 
 def run_scratch_forward(runner: LocalModelRunner, seq_lens: list[int], forward: Callable,

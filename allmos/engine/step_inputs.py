@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from allmos.attention import cascade as cascade_planning
+from allmos.attention.cascade import MIN_GROUP_SIZE, CascadeArrays, plan_cascade
 from allmos.attention.metadata import AttentionMetadata
 from allmos.engine.batch import ScheduledBatch
 from allmos.engine.cuda_graphs import HostDecodeInputs
@@ -37,6 +39,7 @@ class HostStep:
     block_tables: np.ndarray  # [num_seqs, longest] int32
     pending: np.ndarray  # [p] int64: flat indices of inputs that are the previous step's samples
     pending_rows: np.ndarray  # [p] int64: their rows in the previous step's sampled tokens
+    cascade: CascadeArrays | None = None  # a decode step's shared-prefix groups, when they pay
 
     @property
     def num_seqs(self) -> int:
@@ -48,11 +51,13 @@ class HostStep:
 
     def decode_inputs(self) -> HostDecodeInputs:
         return HostDecodeInputs(self.input_ids, self.positions, self.slot_mapping, self.seq_lens,
-                                self.block_tables, self.pending, self.pending_rows)
+                                self.block_tables, self.pending, self.pending_rows, self.cascade)
 
 
-def host_step(batch: ScheduledBatch, block_size: int, last_sampled: LastSampled | None) -> HostStep:
-    """The step's inputs as host arrays (no device work)."""
+def host_step(batch: ScheduledBatch, block_size: int, last_sampled: LastSampled | None,
+              cascade_tile_members: int | None = None) -> HostStep:
+    """The step's inputs as host arrays (no device work); with ``cascade_tile_members`` (the backend runs
+    cascade attention) a decode step also gets its shared-prefix groups."""
     seqs = batch.seqs
     n = len(seqs)
     q_lens = np.fromiter((s.num_new_tokens for s in seqs), dtype=np.int64, count=n)
@@ -69,8 +74,20 @@ def host_step(batch: ScheduledBatch, block_size: int, last_sampled: LastSampled 
     slot_mapping = (block_tables[seq_of_token, positions // block_size].astype(np.int64) * block_size
                     + positions % block_size)
     pending, pending_rows = _pending_sources(last_sampled, query_start_loc, seqs)
-    return HostStep(input_ids, positions, slot_mapping, q_lens, seq_lens, query_start_loc, seq_of_token,
+    step = HostStep(input_ids, positions, slot_mapping, q_lens, seq_lens, query_start_loc, seq_of_token,
                     block_tables, pending, pending_rows)
+    if step.is_decode:
+        step.cascade = _cascade_groups(block_tables, seq_lens, block_size, cascade_tile_members)
+    return step
+
+
+def _cascade_groups(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int,
+                    tile_members: int | None) -> CascadeArrays | None:
+    """A decode step's shared-prefix groups (``allmos.attention.cascade``) when the backend runs cascade
+    attention (``tile_members``) and sharing pays; else None."""
+    if tile_members is None or len(seq_lens) < MIN_GROUP_SIZE:
+        return None
+    return plan_cascade(block_tables, seq_lens, block_size, tile_members, cascade_planning.DEFAULT_CASCADE_POLICY)
 
 
 def upload(host: HostStep, device: torch.device, last_sampled: LastSampled | None):
@@ -79,12 +96,14 @@ def upload(host: HostStep, device: torch.device, last_sampled: LastSampled | Non
     i64_parts = [host.input_ids, host.positions, host.slot_mapping, host.seq_lens[host.seq_of_token],
                  host.pending, host.pending_rows]
     i32_parts = [host.query_start_loc, host.seq_lens, host.block_tables.ravel()]
+    if host.cascade is not None:
+        i32_parts += [host.cascade.prefix_blocks, host.cascade.members, host.cascade.tiles.ravel()]
     i64, i64_starts = pack_aligned(i64_parts, np.int64)
     i32, i32_starts = pack_aligned(i32_parts, np.int32)
     input_ids_dev, positions_dev, slots_dev, rope_seq_lens, pending_dev, rows_dev = split_packed(
         to_device(i64, device), i64_starts, [p.size for p in i64_parts])
-    qsl_dev, seq_lens_dev, tables_dev = split_packed(to_device(i32, device), i32_starts,
-                                                     [p.size for p in i32_parts])
+    qsl_dev, seq_lens_dev, tables_dev, *cascade_dev = split_packed(to_device(i32, device), i32_starts,
+                                                                   [p.size for p in i32_parts])
     if len(host.pending):
         input_ids_dev[pending_dev] = last_sampled[0][rows_dev]
     metadata = AttentionMetadata(
@@ -92,8 +111,18 @@ def upload(host: HostStep, device: torch.device, last_sampled: LastSampled | Non
         block_tables=tables_dev.view(host.block_tables.shape), max_query_len=int(host.q_lens.max()),
         max_seq_len=int(host.seq_lens.max()), is_decode=host.is_decode,
         query_start_loc_cpu=host.query_start_loc.tolist(), seq_lens_cpu=host.seq_lens.tolist(),
+        **_cascade_fields(cascade_dev, host.cascade),
     )
     return input_ids_dev, positions_dev, metadata, rope_seq_lens
+
+
+def _cascade_fields(parts: list[torch.Tensor], arrays: CascadeArrays | None) -> dict:
+    """``AttentionMetadata``'s cascade fields from the device copies of (prefix_blocks, members, tiles)."""
+    if arrays is None:
+        return {}
+    prefix_blocks, members, tiles = parts
+    return dict(cascade_prefix_blocks=prefix_blocks, cascade_members=members,
+                cascade_tiles=tiles.view(arrays.tiles.shape))
 
 
 def _pending_sources(last_sampled: LastSampled | None, query_start_loc: np.ndarray,

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from allmos.kernels.cascade_state import CascadePrefix, cascade_launch_args, cascade_prefix_state
+
 MAX_NUM_SPLITS = 16
 MIN_TOKENS_PER_SPLIT = 64  # one default tile at head_dim 128
 PROGRAMS_PER_SM = 2
@@ -144,17 +146,18 @@ def attend_kv_tile(
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr, out_ptr, part_ptr, lse_ptr, sem_ptr,
-    scale_log2, num_splits,
+    scale_log2, num_splits, cascade_blocks_ptr, cascade_part_ptr, cascade_lse_ptr, cascade_splits,
     stride_qs, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
     stride_os, stride_oh, stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_lk, stride_ss,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FOLD_MERGE: tl.constexpr, SPLITS_P2: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, CASCADE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq)
+    skip = tl.load(cascade_blocks_ptr + seq) if CASCADE else 0  # leading blocks done by the cascade prefix
+    seq_len = tl.load(seq_lens_ptr + seq) - skip * BLOCK_SIZE
     rows = tl.arange(0, GROUP_P)
     dims = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + rows  # [GROUP_P]
@@ -167,12 +170,11 @@ def _decode_kernel(
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
     full_hi = tl.maximum(tl.minimum(tile_hi, seq_len // BLOCK_N), tile_lo)  # tiles with no padding
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt + skip
     head_offset = kv_head * stride_ch
 
-    acc = tl.zeros([GROUP_P, HEAD_DIM], dtype=tl.float32)
-    m_i = tl.full([GROUP_P], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([GROUP_P], dtype=tl.float32)
+    acc, m_i, l_i = cascade_prefix_state(cascade_part_ptr, cascade_lse_ptr, seq, split, skip, heads, row_valid,
+                                         cascade_splits, GROUP, GROUP_P, HEAD_DIM, CASCADE)  # empty unless CASCADE
     for tile in range(tile_lo, full_hi):
         start = tile * BLOCK_N
         offsets = kv_tile_offsets(table, start, seq_len, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, False)
@@ -343,6 +345,22 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _split_buffers(workspace: DecodeWorkspace | None, out: torch.Tensor, seq_lens: torch.Tensor, num_splits: int,
+                   fold: bool, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel's (partial_out, lse, semaphores): the workspace's for split decode (one is allocated when
+    none is given), else stand-ins the kernel never reads."""
+    if num_splits == 1:
+        return out, out, seq_lens
+    num_seqs, num_heads, head_dim = out.shape
+    if workspace is None:
+        workspace = DecodeWorkspace.allocate(num_seqs, num_heads, head_dim, num_splits, out.device,
+                                             num_kv_heads=num_kv_heads if fold else None)
+    workspace.check_fits(num_seqs, num_heads, head_dim, num_splits)
+    if fold:
+        workspace.check_semaphores(num_seqs, num_kv_heads)
+    return workspace.partial_out, workspace.lse, workspace.semaphores if fold else seq_lens
+
+
 def paged_decode_attention(
     query: torch.Tensor,  # [num_seqs, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -356,13 +374,15 @@ def paged_decode_attention(
     workspace: DecodeWorkspace | None = None,
     config: DecodeConfig | None = None,
     fold_merge: bool = False,
+    cascade: CascadePrefix | None = None,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     """Attention of each sequence's single new query over its ``seq_lens[s]`` cached keys.
 
     The new token's K/V must already be in the cache. ``num_splits > 1`` splits every sequence's keys
     into that many contiguous runs (see ``choose_num_splits``) and needs a workspace; one is allocated
     when none is given. ``fold_merge`` merges the splits inside the one launch (the workspace then needs
-    semaphores). A sequence with ``seq_lens == 0`` (a padded graph row) gets zeros.
+    semaphores). A sequence with ``seq_lens == 0`` (a padded graph row) gets zeros. With ``cascade``, the
+    keys of each sequence's shared prefix blocks come from the prefix partials (``allmos.kernels.cascade_state``).
     """
     _check_decode_args(query, k_cache, v_cache, seq_lens, block_tables, num_splits)
     num_seqs, num_heads, head_dim = query.shape
@@ -373,21 +393,11 @@ def paged_decode_attention(
     cfg = config or default_decode_config(head_dim, query.dtype, max_shared_memory(query.device))
     split = num_splits > 1
     fold = split and fold_merge
-    if split:
-        if workspace is None:
-            workspace = DecodeWorkspace.allocate(num_seqs, num_heads, head_dim, num_splits, query.device,
-                                                 num_kv_heads=num_kv_heads if fold else None)
-        workspace.check_fits(num_seqs, num_heads, head_dim, num_splits)
-        if fold:
-            workspace.check_semaphores(num_seqs, num_kv_heads)
-        part, lse = workspace.partial_out, workspace.lse
-    else:
-        part, lse = out, out  # unused by the kernel
-    sem = workspace.semaphores if fold else seq_lens  # unused by the kernel unless fold
+    part, lse, sem = _split_buffers(workspace, out, seq_lens, num_splits, fold, num_kv_heads)
     group = num_heads // num_kv_heads
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, seq_lens, block_tables, out, part, lse, sem,
-        scale * 1.4426950408889634, num_splits,
+        scale * 1.4426950408889634, num_splits, *cascade_launch_args(cascade, query, seq_lens),
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1), part.stride(0), part.stride(1), part.stride(2),
@@ -395,6 +405,7 @@ def paged_decode_attention(
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=cfg.block_n, SPLIT=split, FOLD_MERGE=fold, SPLITS_P2=triton.next_power_of_2(num_splits) if fold else 1,
         DOT_PRECISION=dot_precision(query.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        CASCADE=cascade is not None,
     )
     if split and not fold:
         _merge_splits_kernel[(num_seqs, num_heads)](
