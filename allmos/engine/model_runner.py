@@ -252,11 +252,15 @@ class LocalModelRunner(ModelRunner):
         host = self._host_step(batch)
         sampled = batch.sampled_seqs
         prompt = None
+        # uploaded outside inference mode, as the compiled CPU forward's warm-up does (its guards see the same
+        # kind of tensors)
+        graph = self._fits_graphs(host, batch)
+        inputs = None if graph else upload(host, self.device, self._last_sampled)
         with torch.inference_mode():
-            if self._fits_graphs(host, batch):
+            if graph:
                 logits = self._run_graph(host)  # [num_seqs, vocab]; all of them sample
             else:
-                input_ids, positions, metadata, rope_seq_lens = upload(host, self.device, self._last_sampled)
+                input_ids, positions, metadata, rope_seq_lens = inputs
                 ctx = ForwardContext(self.backend.prepare(metadata), self.kv_caches, self.backend, rope_seq_lens)
                 with forward_context(ctx):
                     hidden = (self.compiled or self.model)(input_ids, positions)  # [num_tokens, hidden]
