@@ -31,6 +31,8 @@ def _engine_args(p: argparse.ArgumentParser, model_help: str = DEFAULT_MODEL_HEL
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks that split each layer (default: 1)")
     p.add_argument("--load-format", default="auto", help="auto, safetensors, gguf or dummy (default: auto)")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto (the model dtype) or fp8 (float8 e4m3: twice the tokens per byte) (default: auto)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +47,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                 max_num_batched_tokens=a.max_num_batched_tokens, kvcache_block_size=a.kvcache_block_size,
                 dtype=a.dtype, device=a.device, enforce_eager=a.enforce_eager,
-                tensor_parallel_size=a.tensor_parallel_size, load_format=a.load_format)
+                tensor_parallel_size=a.tensor_parallel_size, load_format=a.load_format, kv_cache_dtype=a.kv_cache_dtype)
 
 
 def _params(a: argparse.Namespace):
@@ -140,7 +142,7 @@ def cmd_serve(a) -> None:
                   dtype=a.dtype, device=a.device, enforce_eager=a.enforce_eager,
                   tensor_parallel_size=a.tensor_parallel_size, load_format=a.load_format,
                   gpu_memory_utilization=a.gpu_memory_utilization, enable_prefix_caching=a.enable_prefix_caching,
-                  num_kvcache_blocks=a.num_kvcache_blocks, seed=a.seed)
+                  num_kvcache_blocks=a.num_kvcache_blocks, seed=a.seed, kv_cache_dtype=a.kv_cache_dtype)
     api_key = a.api_key or os.environ.get("ALLMOS_API_KEY")
     run_server(ServerArgs(model=a.model, host=a.host, port=a.port, api_key=api_key,
                           served_model_name=tuple(a.served_model_name or ()), chat_template=a.chat_template,

@@ -17,6 +17,7 @@ _DTYPES = {
 }
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _BACKENDS = ("auto", "torch", "triton")
+_KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class EngineConfig:
     trust_remote_code: bool = False  # accepted for vLLM compatibility; True is refused (no remote code runs)
     quantization: str | None = None  # None | "int8" | "int4": weight-only, CPU (allmos.layers.quantization)
     compilation_config: int = 0  # 3: torch.compile the CPU forward at start-up (engine.cpu_compile); 0: eager
+    kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8" (alias "fp8_e4m3"): float8_e4m3fn with scales
 
     @classmethod
     def from_kwargs(cls, model: str | None, **kwargs: Any) -> EngineConfig:
@@ -79,6 +81,8 @@ class EngineConfig:
                              "(leave trust_remote_code unset or False)")
         if isinstance(self.dtype, str) and self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.kv_cache_dtype, str) or self.kv_cache_dtype not in _KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(_KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.compilation_config not in (0, 3):
             raise ValueError(f"compilation_config must be 0 (eager) or 3 (compile the CPU forward at start-up), "
                              f"got {self.compilation_config!r}")
@@ -91,6 +95,10 @@ class EngineConfig:
     def resolved_dtype(self, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
         """Explicit dtype wins; 'auto' on a GPU is the checkpoint's dtype, on the CPU see ``resolved_weight_format``."""
         return self.resolved_weight_format(checkpoint_dtype, device).dtype
+
+    def resolved_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """dtype of the KV cache: the model's for 'auto', float8_e4m3fn for 'fp8' (allmos.engine.kv_cache)."""
+        return _KV_CACHE_DTYPES[self.kv_cache_dtype] or model_dtype
 
     def resolved_weight_format(self, checkpoint_dtype: torch.dtype | None, device: torch.device):
         """dtype and quantization the engine runs with (``allmos.layers.quantization.WeightFormat``)."""
