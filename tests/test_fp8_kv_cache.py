@@ -20,6 +20,7 @@ from allmos.attention.torch_backend import TorchAttentionBackend
 from allmos.attention.torch_ref import (
     FP8_E4M3_MAX,
     FP8_KV_DTYPE,
+    KVScales,
     dequantize_kv,
     paged_attention_ref,
     quantize_kv,
@@ -35,9 +36,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PAD_BLOCK_ID = 2**30  # block-table padding: reading it would fault
 
 
-def scales(k: float, v: float, device: str = DEVICE) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor([k], dtype=torch.float32, device=device),
-            torch.tensor([v], dtype=torch.float32, device=device))
+def make_scales(k: float, v: float, num_kv_heads: int = 0, head_dim: int = 0, seed: int = 0,
+                device: str = DEVICE) -> KVScales:
+    """Scales k and v; with head counts, also a random K center (as calibration would set one)."""
+    center = None
+    if num_kv_heads:
+        center = torch.randn(num_kv_heads, head_dim, generator=torch.Generator().manual_seed(seed)) * 3
+    one = {"dtype": torch.float32, "device": device}
+    return KVScales(torch.tensor([k], **one), torch.tensor([v], **one),
+                    None if center is None else center.to(device))
 
 
 def nan_cache(shape, device: str = DEVICE) -> torch.Tensor:
@@ -75,9 +82,9 @@ def test_fp8_cache_holds_twice_the_tokens_of_bf16_in_the_same_memory():
     assert bf16.bytes_per_block == 2 * fp8.bytes_per_block
     gib = 1 << 30
     gpu = [gpu_num_blocks(s, 80 * gib, 70 * gib, 2 * gib, 0.9) for s in (bf16, fp8)]
-    assert gpu[1] in (2 * gpu[0], 2 * gpu[0] + 1)  # the same bytes, floored to whole blocks
     cpu = [cpu_num_blocks(s, max_model_len=4096, max_num_seqs=512, budget_bytes=gib) for s in (bf16, fp8)]
-    assert cpu[1] == 2 * cpu[0]
+    for blocks in (gpu, cpu):  # the same bytes, floored to whole blocks
+        assert blocks[1] in (2 * blocks[0], 2 * blocks[0] + 1)
     cache = fp8.allocate(3, torch.device("cpu"))
     assert cache[0][0].dtype == F8 and cache[0][0].shape == (3, 256, 8, 128)
 
@@ -99,15 +106,15 @@ def test_quantize_rounds_to_nearest_even_and_saturates():
 
 @pytest.mark.parametrize("scale", [1.0, 0.0123, 7.5])
 def test_store_then_read_round_trip_within_half_an_fp8_step(scale):
-    """``store_kv_cache_ref`` then ``dequantize_kv`` of the gathered slots: within half a step of e4m3 (2^-4
-    relative, 2^-10 * scale absolute below the normal range), saturating at 448 * scale."""
+    """``store_kv_cache_ref`` then ``dequantize_kv`` of the gathered slots: K less its center and V, within half
+    a step of e4m3 (2^-4 relative, 2^-10 * scale absolute below the normal range), saturating at 448 * scale."""
     gen = torch.Generator().manual_seed(1)
     key, value = wide_values((40, 2, 16), gen) * scale, wide_values((40, 2, 16), gen) * scale
     k_cache, v_cache = nan_cache((8, 8, 2, 16), "cpu"), nan_cache((8, 8, 2, 16), "cpu")
     slots = torch.randperm(64, generator=gen)[:40]
-    k_scale, v_scale = scales(scale, 2 * scale, "cpu")
-    store_kv_cache_ref(key, value, k_cache, v_cache, slots, k_scale, v_scale)
-    for x, cache, s in ((key, k_cache, scale), (value, v_cache, 2 * scale)):
+    kv_scales = make_scales(scale, 2 * scale, 2, 16, device="cpu")
+    store_kv_cache_ref(key, value, k_cache, v_cache, slots, kv_scales)
+    for x, cache, s in ((key - kv_scales.k_center, k_cache, scale), (value, v_cache, 2 * scale)):
         read = dequantize_kv(cache.view(-1, 2, 16)[slots], torch.tensor([s]))
         target = x.clamp(-FP8_E4M3_MAX * s, FP8_E4M3_MAX * s)
         err = (read - target).abs()
@@ -122,3 +129,173 @@ def test_non_fp8_caches_ignore_the_scales():
     x = torch.randn(5, 2, 8)
     assert torch.equal(quantize_kv(x, torch.bfloat16, torch.tensor([3.0])), x.to(torch.bfloat16))
     assert torch.equal(dequantize_kv(x.to(torch.bfloat16), torch.tensor([3.0])), x.to(torch.bfloat16).float())
+
+
+def test_attention_ignores_the_k_center():
+    """Softmax cancels the center's constant shift of each query's scores: attention over K and over K less a
+    center agree (float32 caches, so only the center differs)."""
+    gen = torch.Generator().manual_seed(3)
+    seq_lens, q_lens, block = [9, 20], [9, 4], 8
+    k_cache, v_cache = torch.randn(6, block, 2, 16, generator=gen), torch.randn(6, block, 2, 16, generator=gen)
+    tables = torch.tensor([[0, 2, 4], [1, 3, 5]], dtype=torch.int32)
+    query = torch.randn(sum(q_lens), 4, 16, generator=gen)
+    center = torch.randn(2, 16, generator=gen) * 10
+    args = ([0, 9, 13], seq_lens, tables, 0.25)
+    torch.testing.assert_close(paged_attention_ref(query, k_cache - center, v_cache, *args),
+                               paged_attention_ref(query, k_cache, v_cache, *args), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- Triton kernels on an fp8 cache
+
+def fp8_case(seq_lens: list[int], num_kv_heads: int, head_dim: int, block_size: int, kv_scales: KVScales,
+             seed: int):
+    """An fp8 paged cache holding random K/V of every context token, stored by the torch reference; free slots
+    and spare blocks are NaN; block tables shuffled, padded with an id that must never be read."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    needed = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(needed) + 2
+    ids = list(range(num_blocks))
+    rng.shuffle(ids)
+    tables = torch.full((len(seq_lens), max(needed) + 1), PAD_BLOCK_ID, dtype=torch.int32)
+    used = 0
+    for s, n in enumerate(needed):
+        tables[s, :n] = torch.tensor(ids[used:used + n], dtype=torch.int32)
+        used += n
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = nan_cache(shape, "cpu"), nan_cache(shape, "cpu")
+    slots = torch.tensor([int(tables[s, t // block_size]) * block_size + t % block_size
+                          for s, n in enumerate(seq_lens) for t in range(n)])
+    keys = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen) * 4 + 6  # offset: the center matters
+    values = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen)
+    cpu_scales = KVScales(kv_scales.k_scale.cpu(), kv_scales.v_scale.cpu(),
+                          None if kv_scales.k_center is None else kv_scales.k_center.cpu())
+    store_kv_cache_ref(keys, values, k_cache, v_cache, slots, cpu_scales)
+    return k_cache.to(DEVICE), v_cache.to(DEVICE), tables.to(DEVICE)
+
+
+def query_start_loc(q_lens: list[int]) -> list[int]:
+    return [0] + [sum(q_lens[: i + 1]) for i in range(len(q_lens))]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("k_scale,v_scale", [(1.0, 1.0), (0.03, 2.5)])
+def test_store_kernel_writes_the_reference_bits(dtype, k_scale, v_scale):
+    from allmos.kernels.store_kv import store_kv_cache
+
+    gen = torch.Generator().manual_seed(int(k_scale * 100))
+    num_tokens, kv_heads, head_dim, block = 13, 2, 32, 16
+    qkv = wide_values((num_tokens, 3 * kv_heads, head_dim), gen).to(dtype).to(DEVICE)
+    key, value = qkv[:, :kv_heads], qkv[:, kv_heads:2 * kv_heads]  # strided views
+    slots = torch.randperm(3 * block, generator=gen)[:num_tokens]
+    slots[[2, 7]] = -1
+    kv_scales = make_scales(k_scale, v_scale, kv_heads, head_dim, seed=1)
+    k_cache, v_cache = nan_cache((3, block, kv_heads, head_dim)), nan_cache((3, block, kv_heads, head_dim))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv_cache_ref(key, value, k_ref, v_ref, slots.to(DEVICE), kv_scales)
+    store_kv_cache(key, value, k_cache, v_cache, slots.to(DEVICE), kv_scales)
+    assert torch.equal(bits(k_cache), bits(k_ref)) and torch.equal(bits(v_cache), bits(v_ref))
+    assert bits(k_cache).eq(0x7F).sum() == (3 * block - (num_tokens - 2)) * kv_heads * head_dim  # the rest: NaN
+
+
+@needs_interpreter
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_fused_qk_rope_store_writes_the_reference_bits(qk_norm):
+    """The fused q/k-norm + RoPE + store kernel into an fp8 cache: the same bits as the reference store of the
+    k and v it writes into a float32 cache."""
+    from allmos.kernels.fused_qk_rope_store import qk_norm_rope_store
+    from allmos.layers.rotary import RopeConfig, get_rope
+
+    gen = torch.Generator().manual_seed(5)
+    heads, kv_heads, head_dim, tokens, block = 4, 2, 32, 7, 16
+    rope = get_rope(RopeConfig(head_dim=head_dim, rotary_dim=head_dim, max_position=512, theta=10000.0,
+                               scaling=None), device=DEVICE)
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen) * 5).to(DEVICE)
+    positions = torch.randint(0, 512, (tokens,), generator=gen).to(DEVICE)
+    weights = [torch.randn(head_dim, generator=gen).to(DEVICE) if qk_norm else None for _ in range(2)]
+    slots = torch.randperm(2 * block, generator=gen)[:tokens].to(DEVICE)
+    slots[3] = -1
+    kv_scales = make_scales(0.5, 0.25, kv_heads, head_dim, seed=2)
+    shape = (2, block, kv_heads, head_dim)
+    k32, v32 = torch.zeros(shape, device=DEVICE), torch.zeros(shape, device=DEVICE)
+    q32 = qk_norm_rope_store(qkv, heads, kv_heads, head_dim, *weights, 1e-6, rope.cos_cache, rope.sin_cache,
+                             positions, k32, v32, slots)
+    k8, v8 = nan_cache(shape), nan_cache(shape)
+    q8 = qk_norm_rope_store(qkv, heads, kv_heads, head_dim, *weights, 1e-6, rope.cos_cache, rope.sin_cache,
+                            positions, k8, v8, slots, kv_scales)
+    k_ref, v_ref = nan_cache(shape), nan_cache(shape)
+    valid = slots >= 0
+    flat = slots[valid]
+    store_kv_cache_ref(k32.view(-1, kv_heads, head_dim)[flat], v32.view(-1, kv_heads, head_dim)[flat], k_ref, v_ref,
+                       flat, kv_scales)
+    assert torch.equal(q8, q32)
+    assert torch.equal(bits(k8), bits(k_ref)) and torch.equal(bits(v8), bits(v_ref))
+
+
+DECODE_CASES = [  # (block_size, num_kv_heads, group, seq_lens)
+    (16, 2, 2, [1, 15, 17, 64, 100]),
+    (32, 2, 3, [33, 7]),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("num_splits,fold", [(1, False), (3, False), (3, True)])
+@pytest.mark.parametrize("block_size,num_kv_heads,group,seq_lens", DECODE_CASES)
+def test_decode_kernel_on_fp8_cache_matches_reference(block_size, num_kv_heads, group, seq_lens, num_splits, fold):
+    from allmos.kernels.decode_attention import DecodeWorkspace, paged_decode_attention
+
+    head_dim = 32
+    kv_scales = make_scales(0.7, 0.2, num_kv_heads, head_dim, seed=block_size)
+    k_cache, v_cache, tables = fp8_case(seq_lens, num_kv_heads, head_dim, block_size, kv_scales, seed=group)
+    gen = torch.Generator().manual_seed(num_splits)
+    query = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, generator=gen).to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(query, float("nan"))
+    workspace = DecodeWorkspace.allocate(len(seq_lens), query.shape[1], head_dim, num_splits, DEVICE,
+                                         num_kv_heads=num_kv_heads if fold else None)
+    paged_decode_attention(query, k_cache, v_cache, lens, tables, head_dim ** -0.5, num_splits=num_splits, out=out,
+                           workspace=workspace, fold_merge=fold, kv_scales=kv_scales)
+    ref = paged_attention_ref(query, k_cache, v_cache, list(range(len(seq_lens) + 1)), seq_lens, tables,
+                              head_dim ** -0.5, kv_scales)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("block_size,num_kv_heads,group,seq_lens,q_lens", [
+    (16, 2, 1, [17, 64], [17, 64]),  # fresh prompts
+    (32, 2, 2, [37, 90, 48], [5, 33, 1]),  # after cached context (prefix hits, later chunks), one decode row
+])
+def test_prefill_kernel_on_fp8_cache_matches_reference(block_size, num_kv_heads, group, seq_lens, q_lens):
+    from allmos.kernels.prefill_attention import paged_prefill_attention
+
+    head_dim = 32
+    kv_scales = make_scales(1.3, 0.6, num_kv_heads, head_dim, seed=7)
+    k_cache, v_cache, tables = fp8_case(seq_lens, num_kv_heads, head_dim, block_size, kv_scales, seed=len(q_lens))
+    gen = torch.Generator().manual_seed(11)
+    query = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen).to(DEVICE)
+    qsl = query_start_loc(q_lens)
+    out = torch.full_like(query, float("nan"))
+    paged_prefill_attention(query, k_cache, v_cache, torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
+                            torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), tables, head_dim ** -0.5,
+                            max(q_lens), out=out, kv_scales=kv_scales)
+    ref = paged_attention_ref(query, k_cache, v_cache, qsl, seq_lens, tables, head_dim ** -0.5, kv_scales)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+def test_kernels_refuse_bad_scales():
+    from allmos.kernels.decode_attention import paged_decode_attention
+    from allmos.kernels.store_kv import store_kv_cache
+
+    k_cache, v_cache, tables = fp8_case([5], 2, 16, 16, make_scales(1.0, 1.0), seed=0)
+    query, lens = torch.randn(1, 2, 16, device=DEVICE), torch.tensor([5], dtype=torch.int32, device=DEVICE)
+    bad_scale = KVScales(torch.ones(2, device=DEVICE), torch.ones(1, device=DEVICE))
+    with pytest.raises(ValueError, match="k_scale"):
+        paged_decode_attention(query, k_cache, v_cache, lens, tables, 0.25, kv_scales=bad_scale)
+    bad_center = KVScales(torch.ones(1, device=DEVICE), torch.ones(1, device=DEVICE), torch.zeros(2, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="k_center"):
+        store_kv_cache(torch.randn(1, 2, 16, device=DEVICE), torch.randn(1, 2, 16, device=DEVICE), k_cache, v_cache,
+                       torch.tensor([0], device=DEVICE), bad_center)
+    with pytest.raises(ValueError, match="k_cache dtype"):
+        paged_decode_attention(query, k_cache.to(torch.bfloat16), v_cache.to(torch.bfloat16), lens, tables, 0.25)
