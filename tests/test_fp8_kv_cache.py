@@ -15,8 +15,6 @@ import random
 import pytest
 import torch
 
-from allmos.attention.metadata import AttentionMetadata
-from allmos.attention.torch_backend import TorchAttentionBackend
 from allmos.attention.torch_ref import (
     FP8_E4M3_MAX,
     FP8_KV_DTYPE,
@@ -299,3 +297,108 @@ def test_kernels_refuse_bad_scales():
                        torch.tensor([0], device=DEVICE), bad_center)
     with pytest.raises(ValueError, match="k_cache dtype"):
         paged_decode_attention(query, k_cache.to(torch.bfloat16), v_cache.to(torch.bfloat16), lens, tables, 0.25)
+
+
+# ---------------------------------------------------------------- calibration and the engine
+
+def test_calibration_centers_k_and_keeps_scales_at_one_unless_values_near_the_limit():
+    from allmos.engine.kv_calibration import HEADROOM, set_kv_scales
+    from allmos.layers.attention import Attention
+
+    gen = torch.Generator().manual_seed(0)
+    layer = Attention(0, num_heads=4, num_kv_heads=2, head_dim=8, scale=0.3)
+    key = torch.randn(50, 2, 8, generator=gen) + torch.arange(16.0).view(2, 8)  # per-channel offsets
+    value = torch.randn(50, 2, 8, generator=gen)
+    set_kv_scales(layer, key, value)
+    torch.testing.assert_close(layer.k_center, key.mean(0))
+    assert layer.k_scale.item() == 1.0 and layer.v_scale.item() == 1.0
+    set_kv_scales(layer, key * 100, value * 1000)  # beyond 448 / HEADROOM: scaled down to it
+    limit = FP8_E4M3_MAX / HEADROOM
+    assert layer.k_scale.item() == pytest.approx(float((key * 100 - layer.k_center).abs().max()) / limit)
+    assert layer.v_scale.item() == pytest.approx(float((value * 1000).abs().max()) / limit)
+
+
+def engine(model_dir, kv_cache_dtype: str, **kwargs):
+    from allmos import LLM
+
+    options = dict(kvcache_block_size=16, dtype="float32", device="cpu", num_kvcache_blocks=96)
+    return LLM(str(model_dir), kv_cache_dtype=kv_cache_dtype, **{**options, **kwargs})
+
+
+def test_engine_calibrates_every_layer_at_start_up(qwen3_dir):
+    from allmos.layers.attention import Attention
+
+    llm = engine(qwen3_dir, "fp8")
+    runner = llm.engine.runner
+    assert runner.kv_spec.dtype == F8 and all(k.dtype == F8 and v.dtype == F8 for k, v in runner.kv_caches)
+    layers = [m for m in runner.model.modules() if isinstance(m, Attention)]
+    assert len(layers) == 2 and all(layer.k_center.abs().sum() > 0 for layer in layers)
+    again = [m for m in engine(qwen3_dir, "fp8").engine.runner.model.modules() if isinstance(m, Attention)]
+    assert all(torch.equal(a.k_center, b.k_center) for a, b in zip(layers, again))  # seeded: every start alike
+    auto = [m for m in engine(qwen3_dir, "auto").engine.runner.model.modules() if isinstance(m, Attention)]
+    assert all(layer.k_center.abs().sum() == 0 for layer in auto)  # only fp8 caches are calibrated
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_engine_fp8_close_to_model_dtype_cache(tiny_model_factory, arch):
+    """Teacher-forced logprobs within fp8's error; greedy continuations equal, or parting only where the
+    model-dtype engine's top two tokens nearly tie and the fp8 engine took the second."""
+    from allmos import SamplingParams
+    from allmos.quality import token_logprobs
+
+    folder = tiny_model_factory(arch)
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randint(3, 500, (200,), generator=gen).tolist()
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (5, 17, 40, 90, 3, 60)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=5)
+    ref, fp8 = engine(folder, "auto"), engine(folder, "fp8")
+    diff = (token_logprobs(fp8, text) - token_logprobs(ref, text)).abs()
+    assert diff.mean() < 0.06 and diff.max() < 0.3, (float(diff.mean()), float(diff.max()))
+    identical = 0
+    for a, b in zip(fp8.generate(prompts, params, use_tqdm=False), ref.generate(prompts, params, use_tqdm=False)):
+        first = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+        identical += first is None
+        if first is not None:
+            top = b.outputs[0].logprobs[first]
+            mine = a.token_ids[first]
+            assert mine in top and top[b.token_ids[first]].logprob - top[mine].logprob < 0.2, (first, top, mine)
+    assert identical >= 1
+
+
+def test_engine_fp8_prefix_cache_hit_gives_the_same_tokens(qwen3_dir):
+    from allmos import SamplingParams
+
+    llm = engine(qwen3_dir, "fp8")
+    prompt = torch.randint(3, 500, (70,), generator=torch.Generator().manual_seed(4)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    first = llm.generate([prompt], params, use_tqdm=False)[0]
+    second = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert second.num_cached_tokens >= 64 and second.token_ids == first.token_ids
+
+
+def test_engine_fp8_cache_holds_twice_the_tokens_of_bf16(qwen3_dir, caplog):
+    import logging
+
+    budget = 1 << 20  # a small CPU budget, so that it (not max_num_seqs) bounds the cache
+    specs = []
+    for kv in ("auto", "fp8"):
+        with caplog.at_level(logging.INFO, logger="allmos"):
+            llm = engine(qwen3_dir, kv, dtype="bfloat16", num_kvcache_blocks=None, max_model_len=64)
+        spec = llm.engine.runner.kv_spec
+        specs.append(spec)
+        assert llm.engine.runner.num_kv_blocks == cpu_num_blocks(spec, 64, 512, budget_bytes=1 << 30)
+    assert specs[0].dtype == torch.bfloat16 and specs[1].dtype == F8
+    assert specs[0].bytes_per_block == 2 * specs[1].bytes_per_block
+    assert cpu_num_blocks(specs[1], 64, 10**6, budget) == 2 * cpu_num_blocks(specs[0], 64, 10**6, budget)
+    assert any("KV cache float8_e4m3fn" in r.getMessage() for r in caplog.records)
+
+
+def test_llm_refuses_a_bad_kv_cache_dtype_and_the_cli_passes_it(qwen3_dir):
+    from allmos import LLM
+    from allmos.cli import _engine_kwargs, build_parser
+
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        LLM(str(qwen3_dir), kv_cache_dtype="fp8_e5m2", device="cpu")
+    args = build_parser().parse_args(["generate", "--kv-cache-dtype", "fp8", "hello"])
+    assert _engine_kwargs(args)["kv_cache_dtype"] == "fp8"
+    assert _engine_kwargs(build_parser().parse_args(["generate", "hi"]))["kv_cache_dtype"] == "auto"
