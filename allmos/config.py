@@ -81,8 +81,7 @@ class EngineConfig:
                              "(leave trust_remote_code unset or False)")
         if isinstance(self.dtype, str) and self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if not isinstance(self.kv_cache_dtype, str) or self.kv_cache_dtype not in _KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {sorted(_KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        _check_kv_cache_dtype(self)
         if self.compilation_config not in (0, 3):
             raise ValueError(f"compilation_config must be 0 (eager) or 3 (compile the CPU forward at start-up), "
                              f"got {self.compilation_config!r}")
@@ -157,6 +156,20 @@ def _check_device(device: object) -> None:
     if index_text and int(index_text) >= count:
         raise ValueError(f"device={device!r} but only {count} CUDA device(s) are available "
                          f"(cuda:0..cuda:{count - 1})")
+
+
+def _check_kv_cache_dtype(cfg: EngineConfig) -> None:
+    """A known name; fp8 through the Triton kernels needs a GPU with e4m3 conversions (compute capability 8.9+)."""
+    if not isinstance(cfg.kv_cache_dtype, str) or cfg.kv_cache_dtype not in _KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {sorted(_KV_CACHE_DTYPES)}, got {cfg.kv_cache_dtype!r}")
+    device = cfg.resolved_device()
+    if _KV_CACHE_DTYPES[cfg.kv_cache_dtype] is None or device.type != "cuda" or cfg.attention_backend == "torch":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        raise ValueError(f"kv_cache_dtype={cfg.kv_cache_dtype!r} with the Triton kernels needs a GPU of compute "
+                         f"capability 8.9 or newer (this one: {capability[0]}.{capability[1]}); use "
+                         "attention_backend='torch' or kv_cache_dtype='auto'")
 
 
 def _positive(cfg: EngineConfig, *names: str) -> None:

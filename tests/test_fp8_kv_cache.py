@@ -73,6 +73,20 @@ def test_bad_kv_cache_dtype_is_a_value_error_naming_the_field(bad):
         EngineConfig.from_kwargs(None, kv_cache_dtype=bad, device="cpu")
 
 
+@pytest.mark.parametrize("capability,backend,ok", [((8, 0), "auto", False), ((8, 0), "torch", True),
+                                                    ((8, 9), "auto", True), ((9, 0), "triton", True)])
+def test_fp8_with_triton_kernels_needs_compute_capability_8_9(monkeypatch, capability, backend, ok):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    if ok:
+        EngineConfig.from_kwargs(None, kv_cache_dtype="fp8", device="cuda", attention_backend=backend)
+    else:
+        with pytest.raises(ValueError, match="kv_cache_dtype='fp8'.*8.9"):
+            EngineConfig.from_kwargs(None, kv_cache_dtype="fp8", device="cuda", attention_backend=backend)
+    EngineConfig.from_kwargs(None, device="cuda", attention_backend=backend)  # the 16-bit cache runs anywhere
+
+
 def test_fp8_cache_holds_twice_the_tokens_of_bf16_in_the_same_memory():
     bf16 = KVCacheSpec(num_layers=28, num_kv_heads=8, head_dim=128, block_size=256, dtype=torch.bfloat16)
     fp8 = KVCacheSpec(num_layers=28, num_kv_heads=8, head_dim=128, block_size=256, dtype=F8)
@@ -402,3 +416,93 @@ def test_llm_refuses_a_bad_kv_cache_dtype_and_the_cli_passes_it(qwen3_dir):
     args = build_parser().parse_args(["generate", "--kv-cache-dtype", "fp8", "hello"])
     assert _engine_kwargs(args)["kv_cache_dtype"] == "fp8"
     assert _engine_kwargs(build_parser().parse_args(["generate", "hi"]))["kv_cache_dtype"] == "auto"
+
+
+# ---------------------------------------------------------------- GPU: realistic shapes, bf16, CUDA graphs
+
+GPU_SHAPES = [  # (block_size, num_kv_heads, group, head_dim)
+    (16, 4, 1, 128), (256, 8, 2, 128), (256, 2, 4, 64), (16, 2, 8, 128),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size,num_kv_heads,group,head_dim", GPU_SHAPES)
+def test_gpu_kernels_on_fp8_cache_match_reference(block_size, num_kv_heads, group, head_dim):
+    from allmos.kernels.decode_attention import DecodeWorkspace, paged_decode_attention
+    from allmos.kernels.prefill_attention import paged_prefill_attention
+
+    kv_scales = make_scales(0.05, 0.01, num_kv_heads, head_dim, seed=block_size)
+    seq_lens = [1, 17, 255, 256, 257, 1000, 2048, 4096]
+    k_cache, v_cache, tables = fp8_case(seq_lens, num_kv_heads, head_dim, block_size, kv_scales, seed=group)
+    gen = torch.Generator().manual_seed(head_dim)
+    scale = head_dim ** -0.5
+    query = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, generator=gen).to(DEVICE, torch.bfloat16)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    ref = paged_attention_ref(query, k_cache, v_cache, list(range(len(seq_lens) + 1)), seq_lens, tables, scale,
+                              kv_scales)
+    for num_splits, fold in ((1, False), (4, False), (4, True)):
+        workspace = DecodeWorkspace.allocate(len(seq_lens), query.shape[1], head_dim, num_splits, DEVICE,
+                                             num_kv_heads=num_kv_heads)
+        out = paged_decode_attention(query, k_cache, v_cache, lens, tables, scale, num_splits=num_splits,
+                                     workspace=workspace, fold_merge=fold, kv_scales=kv_scales)
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    q_lens = [1, 17, 100, 256, 3, 1000, 2048, 4096]  # prefix hits and chunks after cached context, fresh prompts
+    query = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen).to(DEVICE, torch.bfloat16)
+    qsl = query_start_loc(q_lens)
+    out = paged_prefill_attention(query, k_cache, v_cache, torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
+                                  lens, tables, scale, max(q_lens), kv_scales=kv_scales)
+    torch.testing.assert_close(out, paged_attention_ref(query, k_cache, v_cache, qsl, seq_lens, tables, scale,
+                                                        kv_scales), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_store_kernel_bf16_writes_the_reference_bits():
+    from allmos.kernels.store_kv import store_kv_cache
+
+    gen = torch.Generator().manual_seed(0)
+    key = wide_values((3000, 8, 128), gen).to(DEVICE, torch.bfloat16)
+    value = wide_values((3000, 8, 128), gen).to(DEVICE, torch.bfloat16)
+    slots = torch.randperm(16 * 256, generator=gen)[:3000].to(DEVICE)
+    kv_scales = make_scales(0.37, 1.9, 8, 128, seed=1)
+    caches = [nan_cache((16, 256, 8, 128)) for _ in range(4)]
+    store_kv_cache(key, value, caches[0], caches[1], slots, kv_scales)
+    store_kv_cache_ref(key, value, caches[2], caches[3], slots, kv_scales)
+    assert torch.equal(bits(caches[0]), bits(caches[2])) and torch.equal(bits(caches[1]), bits(caches[3]))
+
+
+@pytest.fixture(scope="module")
+def gpu_model_dir(tiny_model_factory):
+    # head_dim 128, GQA 2: the benchmark model's attention shapes, fewer and narrower layers
+    return tiny_model_factory("qwen3", num_kv_heads=4, vocab_size=2048, hidden_size=512, intermediate_size=1024,
+                              num_attention_heads=8, num_hidden_layers=4, head_dim=128)
+
+
+@pytest.mark.gpu
+def test_gpu_engine_fp8_triton_with_graphs_matches_torch_backend(gpu_model_dir):
+    """The whole engine on an fp8 cache: Triton backend with CUDA graphs (fused store, split decode) against the
+    torch backend, float32 weights; both calibrate the same scales. Greedy tokens equal (or parting at a near
+    tie), teacher-forced logprobs close."""
+    from allmos import LLM, SamplingParams
+    from allmos.quality import token_logprobs
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 2048) for _ in range(n)] for n in (1, 7, 64, 300, 1100, 257)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+    common = dict(dtype="float32", kv_cache_dtype="fp8", kvcache_block_size=16, max_model_len=2048,
+                  num_kvcache_blocks=1024, max_num_seqs=64)
+    triton = LLM(str(gpu_model_dir), attention_backend="triton", **common)
+    assert triton.engine.runner.graphs is not None and triton.engine.runner.graphs.capture
+    reference = LLM(str(gpu_model_dir), attention_backend="torch", enforce_eager=True, **common)
+    text = [rng.randrange(3, 2048) for _ in range(700)]
+    diff = (token_logprobs(triton, text) - token_logprobs(reference, text)).abs()
+    assert diff.max() < 2e-2, float(diff.max())
+    same = 0
+    outs = zip(triton.generate(prompts, params, use_tqdm=False), reference.generate(prompts, params, use_tqdm=False))
+    for a, b in outs:
+        first = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+        same += first is None
+        if first is not None:
+            top = b.outputs[0].logprobs[first]
+            assert a.token_ids[first] in top and abs(top[b.token_ids[first]].logprob
+                                                     - top[a.token_ids[first]].logprob) < 0.05
+    assert same >= len(prompts) - 1

@@ -159,11 +159,11 @@ def _decode_kernel(
     DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
-    if KV_FP8:
-        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
+    if KV_FP8:
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
     rows = tl.arange(0, GROUP_P)
     dims = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + rows  # [GROUP_P]
