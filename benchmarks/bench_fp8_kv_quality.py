@@ -1,9 +1,11 @@
 """Quality of the fp8 KV cache (``kv_cache_dtype="fp8"``) against the model-dtype cache, default model, CPU.
 
 For each weight format (``--formats``: float32 and the automatic CPU format), the same engine options with the
-model-dtype cache and with the fp8 cache: perplexity on ``tests/data/alice_ch1_2.txt`` (windows of 1024), greedy
-agreement over ``benchmarks/bench_cpu.py``'s 8 chat prompts, and |logprob difference| per token of the
-model-dtype engine's continuations scored by both. Rows:
+model-dtype cache and with the fp8 cache: perplexity on ``tests/data/alice_ch1_2.txt`` (5,902 tokens, windows of
+1024) and the mean and root-mean-square of the per-token logprob difference there (how far the fp8 engine moves
+each prediction; perplexity only sees the mean of the signed differences), greedy agreement over
+``benchmarks/bench_cpu.py``'s 8 chat prompts, and |logprob difference| per token of the model-dtype engine's
+continuations scored by both. Rows:
 
 - ``fp8`` as shipped (start-up calibration: K center and scales, ``allmos/engine/kv_calibration.py``);
 - ``fp8, seed N``: the same with another calibration seed, i.e. other random token ids (how much the figures
@@ -27,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from allmos import LLM, SamplingParams  # noqa: E402
 from allmos.engine import kv_calibration  # noqa: E402
 from allmos.layers.attention import Attention  # noqa: E402
-from allmos.quality import greedy_agreement, perplexity, token_logprobs  # noqa: E402
+from allmos.quality import greedy_agreement, token_logprobs  # noqa: E402
 from benchmarks.bench_cpu import CHAT_PROMPTS, ENGINES, TEXT  # noqa: E402
 
 
@@ -46,9 +48,17 @@ def build(options: dict, kv_cache_dtype: str, seed: int = kv_calibration.CALIBRA
     return llm
 
 
+def text_logprobs(llm: LLM, ids: list[int], window: int = 1024) -> torch.Tensor:
+    """Per-token logprobs of the text in windows of ``window`` (``allmos.quality.perplexity``'s windows)."""
+    return torch.cat([token_logprobs(llm, ids[i:i + window]) for i in range(0, len(ids) - 1, window)
+                      if len(ids[i:i + window]) >= 2])
+
+
 def measure(llm: LLM, ids: list[int], params: SamplingParams) -> dict:
     outs = llm.chat([[{"role": "user", "content": q}] for q in CHAT_PROMPTS], params, use_tqdm=False)
-    return {"ppl": perplexity(llm, ids, window=1024), "gen": [(o.prompt_token_ids, o.token_ids) for o in outs]}
+    logprobs = text_logprobs(llm, ids)
+    return {"ppl": float(torch.exp(-logprobs.mean())), "logprobs": logprobs,
+            "gen": [(o.prompt_token_ids, o.token_ids) for o in outs]}
 
 
 def compare(llm: LLM, row: dict, ref_llm: LLM, ref: dict) -> str:
@@ -58,9 +68,10 @@ def compare(llm: LLM, row: dict, ref_llm: LLM, ref: dict) -> str:
         start = len(prompt) - 1
         diffs.append((token_logprobs(llm, prompt + out)[start:] - token_logprobs(ref_llm, prompt + out)[start:]).abs())
     d = torch.cat(diffs)
-    return (f"{row['ppl']:.3f} | {100 * (row['ppl'] / ref['ppl'] - 1):+.2f}% | "
-            f"{agreement.identical}/{agreement.total} | {100 * agreement.mean_shared_prefix:.0f}% | "
-            f"{float(d.mean()):.4f} | {float(d.max()):.3f}")
+    text = row["logprobs"] - ref["logprobs"]
+    return (f"{row['ppl']:.3f} | {100 * (row['ppl'] / ref['ppl'] - 1):+.2f}% | {float(text.abs().mean()):.4f} | "
+            f"{float(text.pow(2).mean().sqrt()):.4f} | {agreement.identical}/{agreement.total} | "
+            f"{100 * agreement.mean_shared_prefix:.0f}% | {float(d.mean()):.4f} | {float(d.max()):.3f}")
 
 
 def main() -> None:
@@ -72,16 +83,16 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     params = SamplingParams(temperature=0, max_tokens=a.tokens, ignore_eos=True)
-    print("| weights | KV cache | perplexity | vs model-dtype cache | identical greedy | shared prefix | "
-          "mean abs dlogprob | max |")
-    print("|" + " --- |" * 8, flush=True)
+    print("| weights | KV cache | perplexity | vs model-dtype cache | text abs dlogprob | text rms dlogprob | "
+          "identical greedy | shared prefix | chat abs dlogprob | max |")
+    print("|" + " --- |" * 10, flush=True)
     for name in a.formats:
         ref_llm = build(ENGINES[name], "auto")
         ids = ref_llm.tokenizer(TEXT.read_text())["input_ids"]
         ref = measure(ref_llm, ids, params)
         label = f"{name} ({str(ref_llm.engine.runner.dtype).removeprefix('torch.')})"
         n = len(CHAT_PROMPTS)
-        print(f"| {label} | model dtype | {ref['ppl']:.3f} | | {n}/{n} | 100% | 0 | 0 |", flush=True)
+        print(f"| {label} | model dtype | {ref['ppl']:.3f} | | 0 | 0 | {n}/{n} | 100% | 0 | 0 |", flush=True)
         variants = [("fp8", {}), *((f"fp8, seed {s}", {"seed": s}) for s in a.seeds),
                     ("fp8, no center", {"center": False})]
         for kv_label, kwargs in variants:

@@ -390,6 +390,23 @@ def test_engine_fp8_prefix_cache_hit_gives_the_same_tokens(qwen3_dir):
     assert second.num_cached_tokens >= 64 and second.token_ids == first.token_ids
 
 
+@pytest.mark.parametrize("num_kv_heads", [2, 1], ids=["one KV head per rank", "KV head replicated"])
+def test_engine_fp8_tensor_parallel_matches_one_rank(tiny_model_factory, num_kv_heads):
+    """Each rank calibrates the KV heads it holds from the same calibration prefill: tp=2 gives tp=1's tokens."""
+    from allmos import SamplingParams
+
+    folder = tiny_model_factory("qwen3", num_kv_heads=num_kv_heads)
+    gen = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (5, 40, 90)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want = [o.token_ids for o in engine(folder, "fp8").generate(prompts, params, use_tqdm=False)]
+    tp = engine(folder, "fp8", tensor_parallel_size=2)
+    try:
+        assert [o.token_ids for o in tp.generate(prompts, params, use_tqdm=False)] == want
+    finally:
+        tp.shutdown()
+
+
 def test_engine_fp8_cache_holds_twice_the_tokens_of_bf16(qwen3_dir, caplog):
     import logging
 

@@ -2,10 +2,11 @@
 
 Why a center: in many models some K channels carry a large offset shared by all tokens (in SmolLM2-135M up to
 about 14, varying by about 3). e4m3 keeps 3 mantissa bits of each element, so such a channel is stored with
-steps of 1 and its token-to-token variation, which is what attention uses, is lost; the query's matching
-channel turns the error into score noise. Storing ``K - k_center`` keeps the variation (steps of 1/4 there)
-and costs attention nothing: the center shifts all of one query's scores equally, which softmax cancels
-(``allmos.attention.torch_ref``).
+steps of 1, coarse against its token-to-token variation, which is what attention uses; the query's matching
+channel turns the error into score noise. Storing ``K - k_center`` quantizes the variation instead (steps of
+1/4 there) and costs attention nothing: the center shifts all of one query's scores equally, which softmax
+cancels (``allmos.attention.torch_ref``). On the default model it cut the per-token logprob error of the fp8
+cache by 15-19% (root mean square; docs/benchmarks.md).
 
 How: one prefill of ``CALIBRATION_TOKENS`` seeded pseudo-random token ids through the model on a scratch
 cache, recording each layer's K and V as they reach the attention layer. Per layer:
@@ -16,7 +17,8 @@ cache, recording each layer's K and V as they reach the attention layer. Per lay
 so the scales leave 1.0 only for values within ``HEADROOM`` of e4m3's largest (448): a smaller scale would add
 no precision (e4m3's relative step is the same over its whole normal range). Token ids rather than text: the
 runner has no tokenizer, every start (and every tensor-parallel rank, which all run this forward together)
-gets the same values, and on the default model they calibrated as well as real text (docs/benchmarks.md).
+gets the same values, and on the default model centers from such ids did as well as centers from real text,
+within the measurements' spread (docs/benchmarks.md).
 
 It runs inside the runner's start-up, after memory profiling and before CUDA graphs are captured, the CPU
 forward is compiled or anything real is stored, so every stored K uses the final center. The K/V reach the
