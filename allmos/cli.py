@@ -33,6 +33,8 @@ def _engine_args(p: argparse.ArgumentParser, model_help: str = DEFAULT_MODEL_HEL
     p.add_argument("--load-format", default="auto", help="auto, safetensors, gguf or dummy (default: auto)")
     p.add_argument("--quantization", default=None, choices=["int8", "int4"],
                    help="CPU weight-only quantization (default: automatic, the model's own format where it pays)")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto (the model dtype) or fp8 (float8 e4m3: twice the tokens per byte) (default: auto)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +49,8 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                 max_num_batched_tokens=a.max_num_batched_tokens, kvcache_block_size=a.kvcache_block_size,
                 dtype=a.dtype, device=a.device, enforce_eager=a.enforce_eager,
-                tensor_parallel_size=a.tensor_parallel_size, load_format=a.load_format, quantization=a.quantization)
+                tensor_parallel_size=a.tensor_parallel_size, load_format=a.load_format, quantization=a.quantization,
+                kv_cache_dtype=a.kv_cache_dtype)
 
 
 def _params(a: argparse.Namespace):

@@ -18,6 +18,7 @@ _DTYPES = {
 }
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _BACKENDS = ("auto", "torch", "triton")
+_KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class EngineConfig:
     quantization: str | None = None  # None | "int8" | "int4": weight-only, CPU (allmos.layers.quantization)
     compilation_config: int = 0  # 3: torch.compile the CPU forward at start-up (engine.cpu_compile); 0: eager
     enable_cascade_attention: bool = True  # shared-prefix decode attention (Triton backend; docs/cascade_attention.md)
+    kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8" (alias "fp8_e4m3"): float8_e4m3fn with scales
 
     @classmethod
     def from_kwargs(cls, model: str | None, **kwargs: Any) -> EngineConfig:
@@ -83,6 +85,7 @@ class EngineConfig:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.enable_cascade_attention, bool):
             raise ValueError(f"enable_cascade_attention must be True or False, got {self.enable_cascade_attention!r}")
+        _check_kv_cache_dtype(self)
         if self.compilation_config not in (0, 3):
             raise ValueError(f"compilation_config must be 0 (eager) or 3 (compile the CPU forward at start-up), "
                              f"got {self.compilation_config!r}")
@@ -95,6 +98,10 @@ class EngineConfig:
     def resolved_dtype(self, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
         """Explicit dtype wins; 'auto' on a GPU is the checkpoint's dtype, on the CPU see ``resolved_weight_format``."""
         return self.resolved_weight_format(checkpoint_dtype, device).dtype
+
+    def resolved_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """dtype of the KV cache: the model's for 'auto', float8_e4m3fn for 'fp8' (allmos.engine.kv_cache)."""
+        return _KV_CACHE_DTYPES[self.kv_cache_dtype] or model_dtype
 
     def resolved_weight_format(self, checkpoint_dtype: torch.dtype | None, device: torch.device):
         """dtype and quantization the engine runs with (``allmos.layers.quantization.WeightFormat``)."""
@@ -154,6 +161,20 @@ def _check_device(device: object) -> None:
     if index_text and int(index_text) >= count:
         raise ValueError(f"device={device!r} but only {count} CUDA device(s) are available "
                          f"(cuda:0..cuda:{count - 1})")
+
+
+def _check_kv_cache_dtype(cfg: EngineConfig) -> None:
+    """A known name; fp8 through the Triton kernels needs a GPU with e4m3 conversions (compute capability 8.9+)."""
+    if not isinstance(cfg.kv_cache_dtype, str) or cfg.kv_cache_dtype not in _KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {sorted(_KV_CACHE_DTYPES)}, got {cfg.kv_cache_dtype!r}")
+    device = cfg.resolved_device()
+    if _KV_CACHE_DTYPES[cfg.kv_cache_dtype] is None or device.type != "cuda" or cfg.attention_backend == "torch":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        raise ValueError(f"kv_cache_dtype={cfg.kv_cache_dtype!r} with the Triton kernels needs a GPU of compute "
+                         f"capability 8.9 or newer (this one: {capability[0]}.{capability[1]}); use "
+                         "attention_backend='torch' or kv_cache_dtype='auto'")
 
 
 def _positive(cfg: EngineConfig, *names: str) -> None:

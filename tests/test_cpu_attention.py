@@ -114,3 +114,59 @@ def test_decode_skips_slots_of_minus_one():
     TorchAttentionBackend().forward(q, k, v, k_cache, v_cache, prepared, DIM**-0.5)
     changed = (k_cache != before).flatten(1).any(1).nonzero().flatten().tolist()
     assert changed == sorted({md.slot_mapping[0].item() // BLOCK, md.slot_mapping[1].item() // BLOCK})
+
+
+@pytest.mark.parametrize("is_decode", [True, False], ids=["decode", "prefill"])
+def test_fp8_cache_attends_over_the_dequantized_values(is_decode):
+    """An fp8 cache through the torch backend (store + attention) against the float64 attention above over
+    what the cache holds: each stored byte decoded by a table of all 256 e4m3 values, times its scale. K is
+    stored less the layer's center; the float64 reference attends over the original K plus the rounding
+    error, i.e. without the center (softmax cancels it)."""
+    from allmos.attention.torch_ref import FP8_KV_DTYPE, KVScales
+
+    g = torch.Generator().manual_seed(5)
+    decoded = torch.arange(256, dtype=torch.uint8).view(FP8_KV_DTYPE).double()  # code -> value (NaN codes too)
+    seq_lens = [9, 3, 13]
+    q_lens = [1, 1, 1] if is_decode else [9, 2, 6]
+    tables = [[7, 1, 15, 0], [4, 11, 0, 0], [19, 2, 8, 5]]
+    k_cache, v_cache = (c.clamp(-448, 448).to(FP8_KV_DTYPE) for c in _cache(20, torch.float32, seed=6))  # garbage
+    scales = KVScales(torch.tensor([0.3]), torch.tensor([0.05]), torch.randn(KV_HEADS, DIM, generator=g) * 4)
+    keys = [torch.randn(n, KV_HEADS, DIM, generator=g) * 3 + scales.k_center for n in seq_lens]
+    values = [torch.randn(n, KV_HEADS, DIM, generator=g) for n in seq_lens]
+    backend = TorchAttentionBackend()
+    for table, k, v, n, q_len in zip(tables, keys, values, seq_lens, q_lens):  # context; forward stores the rest
+        md = _one_seq_prefill(table, n - q_len)
+        if n > q_len:
+            backend.forward(torch.zeros(n - q_len, HEADS, DIM), k[: n - q_len], v[: n - q_len], k_cache, v_cache, md,
+                            1.0, scales)
+    starts = [0]
+    for q_len in q_lens:
+        starts.append(starts[-1] + q_len)
+    slots = [t[p // BLOCK] * BLOCK + p % BLOCK
+             for t, n, q_len in zip(tables, seq_lens, q_lens) for p in range(n - q_len, n)]
+    md = AttentionMetadata(
+        slot_mapping=torch.tensor(slots), query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=torch.tensor(tables, dtype=torch.int32),
+        max_query_len=max(q_lens), max_seq_len=max(seq_lens), is_decode=is_decode, query_start_loc_cpu=starts,
+        seq_lens_cpu=seq_lens)
+    q = torch.randn(starts[-1], HEADS, DIM, generator=g)
+    new_k = torch.cat([k[n - q_len:] for k, n, q_len in zip(keys, seq_lens, q_lens)])
+    new_v = torch.cat([v[n - q_len:] for v, n, q_len in zip(values, seq_lens, q_lens)])
+    out = backend.forward(q, new_k, new_v, k_cache, v_cache, backend.prepare(md), DIM**-0.5, scales)
+    for s, (table, n, q_len) in enumerate(zip(tables, seq_lens, q_lens)):
+        rows = [table[t // BLOCK] * BLOCK + t % BLOCK for t in range(n)]
+        stored_k = decoded[k_cache.view(-1, KV_HEADS, DIM).view(torch.uint8)[rows].long()] * 0.3
+        stored_v = decoded[v_cache.view(-1, KV_HEADS, DIM).view(torch.uint8)[rows].long()] * 0.05
+        centered = keys[s].double() - scales.k_center.double()
+        assert ((stored_k - centered).abs() <= centered.abs() * 2**-4 + 2**-10 * 0.3 + 1e-6).all()  # half a step
+        ref = _naive(q[starts[s]:starts[s + 1]], stored_k, stored_v, n - q_len, DIM**-0.5)
+        torch.testing.assert_close(out[starts[s]:starts[s + 1]].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def _one_seq_prefill(table: list[int], n: int) -> AttentionMetadata:
+    """Metadata of one fresh sequence of ``n`` tokens (a prefill that stores its K/V)."""
+    slots = [table[t // BLOCK] * BLOCK + t % BLOCK for t in range(n)]
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64), query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+        seq_lens=torch.tensor([n], dtype=torch.int32), block_tables=torch.tensor([table], dtype=torch.int32),
+        max_query_len=n, max_seq_len=n, is_decode=n == 1, query_start_loc_cpu=[0, n], seq_lens_cpu=[n])

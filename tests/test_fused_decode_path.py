@@ -130,3 +130,36 @@ def test_batches_above_the_table_take_the_torch_path(tiny_model_factory, monkeyp
     fused = counting(monkeypatch, gemv_module, "rms_norm_gemv")
     forward(model, TorchAttentionBackend(), random_caches(model, seed=2, device="cpu"), input_ids, positions, md)
     assert calls[0] == fused[0] == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("context_lens,q_lens", [([5, 17, 30], [1, 1, 1]), ([0, 20], [3, 4])])
+def test_fp8_cache_decode_kernels_match_torch_path(tiny_model_factory, device, context_lens, q_lens):
+    """An fp8 cache (kv_cache_dtype="fp8") with calibrated-looking scales and K centers: the fused store and the
+    Triton attention against the torch backend on copies of the same cache. The stored bytes agree except where
+    the two paths' float32 K (fused RoPE against the reference rotary) round to neighbouring fp8 values."""
+    from allmos.attention.torch_ref import FP8_KV_DTYPE, dequantize_kv
+    from allmos.layers.attention import Attention
+
+    model = load(tiny_model_factory("qwen3"), device)
+    gen = torch.Generator().manual_seed(3)
+    for layer in (m for m in model.modules() if isinstance(m, Attention)):
+        layer.k_center.copy_(torch.randn(layer.k_center.shape, generator=gen))
+        layer.k_scale.fill_(0.5)
+        layer.v_scale.fill_(0.25)
+    input_ids, positions, md = step_inputs(context_lens, q_lens, seed=len(q_lens), device=device)
+    caches_ref = [(k.to(FP8_KV_DTYPE), v.to(FP8_KV_DTYPE)) for k, v in random_caches(model, seed=1, device=device)]
+    caches_new = [(k.clone(), v.clone()) for k, v in caches_ref]
+    logits_ref = forward(model, TorchAttentionBackend(), caches_ref, input_ids, positions, md)
+    backend = TritonAttentionBackend(model.config, 1, max_num_seqs=8, max_model_len=NUM_BLOCKS * BLOCK_SIZE,
+                                     device=torch.device(device))
+    backend.fold_split_merge = True
+    model.use_decode_kernels({role: fixed_table((1, 2, 4, 8)) for role in model.gemv_sites()})
+    logits_new = forward(model, backend, caches_new, input_ids, positions, md)
+
+    torch.testing.assert_close(logits_new, logits_ref, atol=1e-4, rtol=1e-4)
+    for new, ref in zip((c for pair in caches_new for c in pair), (c for pair in caches_ref for c in pair)):
+        differ = new.view(torch.uint8) != ref.view(torch.uint8)
+        assert differ.float().mean() < 0.01
+        step = dequantize_kv(ref, None).abs() * 2**-3 + 2**-9  # one e4m3 step, at most
+        assert ((dequantize_kv(new, None) - dequantize_kv(ref, None)).abs() <= step).all()

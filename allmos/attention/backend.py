@@ -8,6 +8,7 @@ import abc
 import torch
 
 from allmos.attention.metadata import AttentionMetadata
+from allmos.attention.torch_ref import KVScales
 
 
 class AttentionBackend(abc.ABC):
@@ -34,9 +35,13 @@ class AttentionBackend(abc.ABC):
         v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,
+        kv_scales: KVScales | None = None,  # the layer's fp8 cache scales (None: 1.0, no center)
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Store ``key``/``value`` at ``metadata.slot_mapping``, then causal attention of each query
-        over its sequence's cached context (``seq_lens``)."""
+        over its sequence's cached context (``seq_lens``).
+
+        An fp8 cache stores and reads K/V through ``kv_scales`` as ``allmos.attention.torch_ref`` defines;
+        kernels read the scales from device memory at run time."""
 
     def supports_cuda_graphs(self) -> bool:
         """Whether decode forwards can be captured (no host sync, fixed-size launches)."""

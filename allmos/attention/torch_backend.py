@@ -16,7 +16,14 @@ import torch.nn.functional as F
 
 from allmos.attention.backend import AttentionBackend
 from allmos.attention.metadata import AttentionMetadata
-from allmos.attention.torch_ref import paged_attention_ref, store_kv_cache_ref
+from allmos.attention.torch_ref import (
+    KVScales,
+    as_storage,
+    dequantize_kv,
+    paged_attention_ref,
+    quantize_kv_pair,
+    store_kv_cache_ref,
+)
 
 
 @dataclass
@@ -40,23 +47,25 @@ class TorchAttentionBackend(AttentionBackend):
         uniform = lengths is not None and len(lengths) > 0 and min(lengths) == max(lengths)
         return TorchAttentionMetadata(**values, slots_all_valid=slots_all_valid, uniform_lengths=uniform)
 
-    def forward(self, query, key, value, k_cache, v_cache, metadata: AttentionMetadata, scale: float):
+    def forward(self, query, key, value, k_cache, v_cache, metadata: AttentionMetadata, scale: float,
+                kv_scales: KVScales | None = None):
         if isinstance(metadata, TorchAttentionMetadata) and metadata.slots_all_valid:
-            _store_all(key, value, k_cache, v_cache, metadata.slot_mapping)
+            _store_all(key, value, k_cache, v_cache, metadata.slot_mapping, kv_scales)
         else:
-            store_kv_cache_ref(key, value, k_cache, v_cache, metadata.slot_mapping)
+            store_kv_cache_ref(key, value, k_cache, v_cache, metadata.slot_mapping, kv_scales)
         if metadata.is_decode:
             if not isinstance(metadata, TorchAttentionMetadata):
                 metadata = self.prepare(metadata)
-            return _decode(query, k_cache, v_cache, metadata, scale)
+            return _decode(query, k_cache, v_cache, metadata, scale, kv_scales)
         return paged_attention_ref(query, k_cache, v_cache, metadata.query_start_loc_cpu,
-                                   metadata.seq_lens_cpu, metadata.block_tables, scale)
+                                   metadata.seq_lens_cpu, metadata.block_tables, scale, kv_scales)
 
 
-def _store_all(key, value, k_cache, v_cache, slot_mapping: torch.Tensor) -> None:
+def _store_all(key, value, k_cache, v_cache, slot_mapping: torch.Tensor, kv_scales: KVScales | None) -> None:
     """``store_kv_cache_ref`` when every slot is valid: two index copies, no boolean masks."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    k_new, v_new = quantize_kv_pair(key, value, k_cache.dtype, kv_scales)
+    as_storage(k_cache).view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, as_storage(k_new))
+    as_storage(v_cache).view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, as_storage(v_new))
 
 
 def _context_slots(metadata: TorchAttentionMetadata, block_size: int) -> None:
@@ -71,7 +80,15 @@ def _context_slots(metadata: TorchAttentionMetadata, block_size: int) -> None:
         metadata.context_mask = valid[:, None, None, :]
 
 
-def _decode(query, k_cache, v_cache, metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
+def _gather_context(cache: torch.Tensor, token_slots: torch.Tensor, cache_scale: torch.Tensor | None,
+                    shape: tuple[int, ...]) -> torch.Tensor:  # [num_seqs, max_len, num_kv_heads, head_dim] fp32
+    """The cached rows of ``token_slots``, as float32 (fp8 rows dequantized with ``cache_scale``)."""
+    rows = as_storage(cache).view(-1, *cache.shape[2:]).index_select(0, token_slots).view(cache.dtype)
+    return dequantize_kv(rows, cache_scale).view(shape)
+
+
+def _decode(query, k_cache, v_cache, metadata: TorchAttentionMetadata, scale: float,
+            kv_scales: KVScales | None = None) -> torch.Tensor:
     """All sequences at once: gather each one's context slots, mask past its length, one GQA SDPA call."""
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
@@ -79,8 +96,9 @@ def _decode(query, k_cache, v_cache, metadata: TorchAttentionMetadata, scale: fl
         _context_slots(metadata, k_cache.shape[1])
     shape = (num_seqs, metadata.max_seq_len, num_kv_heads, head_dim)
     # float32 before the transpose: converting the strided view is several times slower
-    k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, metadata.token_slots).float().view(shape)
-    v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, metadata.token_slots).float().view(shape)
+    k_scale, v_scale = (None, None) if kv_scales is None else (kv_scales.k_scale, kv_scales.v_scale)
+    k = _gather_context(k_cache, metadata.token_slots, k_scale, shape)
+    v = _gather_context(v_cache, metadata.token_slots, v_scale, shape)
     k, v = k.transpose(1, 2), v.transpose(1, 2)  # [num_seqs, num_kv_heads, max_len, head_dim]
     q = query.unsqueeze(2).float()  # [num_seqs, num_heads, 1, head_dim]
     # GQA inside SDPA (no repeated K/V copies). Masked slots hold finite values (the runner zero-fills the

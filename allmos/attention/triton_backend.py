@@ -8,6 +8,7 @@ import torch
 
 from allmos.attention.backend import AttentionBackend
 from allmos.attention.metadata import AttentionMetadata
+from allmos.attention.torch_ref import KVScales
 from allmos.kernels.cascade_attention import (
     CascadeTiles,
     CascadeWorkspace,
@@ -74,10 +75,11 @@ class TritonAttentionBackend(AttentionBackend):
         return dataclasses.replace(metadata, num_splits=self.splits_for(metadata.num_seqs),
                                    num_prefix_splits=prefix_splits)
 
-    def forward(self, query, key, value, k_cache, v_cache, metadata: AttentionMetadata, scale: float):
+    def forward(self, query, key, value, k_cache, v_cache, metadata: AttentionMetadata, scale: float,
+                kv_scales: KVScales | None = None):
         if key is not None:  # None: already stored by the caller (accepts_stored_kv)
-            store_kv_cache(key, value, k_cache, v_cache, metadata.slot_mapping)
-        if metadata.is_decode and metadata.cascade_tiles is not None:
+            store_kv_cache(key, value, k_cache, v_cache, metadata.slot_mapping, kv_scales)
+        if metadata.is_decode and metadata.cascade_tiles is not None:  # never with an fp8 cache (see make_backend)
             groups = CascadeTiles(metadata.cascade_prefix_blocks, metadata.cascade_members, metadata.cascade_tiles)
             return cascade_decode_attention(
                 query, k_cache, v_cache, metadata.seq_lens, metadata.block_tables, groups, scale,
@@ -86,9 +88,9 @@ class TritonAttentionBackend(AttentionBackend):
         if metadata.is_decode:
             return paged_decode_attention(query, k_cache, v_cache, metadata.seq_lens, metadata.block_tables, scale,
                                           num_splits=metadata.num_splits, workspace=self.workspace,
-                                          fold_merge=self.fold_split_merge)
+                                          fold_merge=self.fold_split_merge, kv_scales=kv_scales)
         return paged_prefill_attention(query, k_cache, v_cache, metadata.query_start_loc, metadata.seq_lens,
-                                       metadata.block_tables, scale, metadata.max_query_len)
+                                       metadata.block_tables, scale, metadata.max_query_len, kv_scales=kv_scales)
 
     def supports_cuda_graphs(self) -> bool:
         return True

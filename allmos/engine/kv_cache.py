@@ -1,8 +1,11 @@
 """Size and layout of one rank's paged KV cache: the only place that turns model facts into bytes.
 
 The cache of a rank is one tensor ``[2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]``
-(K then V), so a block costs ``bytes_per_block`` across all layers. How many blocks an engine gets is
-decided here too: a fixed budget on the CPU, or what ``gpu_memory_utilization`` leaves on a GPU.
+(K then V), so a block costs ``bytes_per_block`` across all layers. The cache dtype is the model's, or
+float8_e4m3fn for ``kv_cache_dtype="fp8"``: one byte per element, so the same memory holds twice the tokens of a
+16-bit cache (values are stored divided by each layer's ``k_scale`` / ``v_scale``, see
+``allmos.attention.torch_ref.quantize_kv``). How many blocks an engine gets is decided here too: a fixed budget
+on the CPU, or what ``gpu_memory_utilization`` leaves on a GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ class KVCacheSpec:
     num_kv_heads: int  # on this rank
     head_dim: int
     block_size: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the cache (EngineConfig.resolved_kv_cache_dtype), not necessarily the model's
 
     @classmethod
     def for_model(cls, model_config: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1

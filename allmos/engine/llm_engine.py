@@ -65,8 +65,9 @@ class LLMEngine:
         self.core = EngineCore(config, runner, max_model_len, eos)
         self.output_processor = OutputProcessor(self.tokenizer, eos)
         self._pending_outputs: list[RequestOutput] = []  # abort outputs the next step delivers
+        kv_dtype = str(config.resolved_kv_cache_dtype(dtype)).removeprefix("torch.")
         logger.info(kv_cache_summary(runner.num_kv_blocks, config.kvcache_block_size, max_model_len)
-                    + f"; {device} {dtype}")
+                    + f"; {device} {dtype}; KV cache {kv_dtype}")
         if device.type == "cuda":  # Triton compiles kernel variants on first use: do it now, not mid-request
             warm_up(self)
         freeze_startup_heap()

@@ -27,6 +27,7 @@ from allmos.engine.core_types import LogprobEntries, PromptLogprobsResult
 from allmos.engine.cpu_compile import compile_cpu_forward
 from allmos.engine.cuda_graphs import DecodeGraphs
 from allmos.engine.kv_cache import KVCacheSpec, cpu_num_blocks, gpu_num_blocks
+from allmos.engine.kv_calibration import calibrate_kv_cache
 from allmos.engine.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors, raw_logprobs
 from allmos.engine.step_inputs import HostStep, host_step, upload
 from allmos.layers.quantization import quantize_model
@@ -152,8 +153,10 @@ def make_backend(name: str, model_config: ModelConfig, tp_size: int, config: Eng
     if name == "torch":
         return TorchAttentionBackend()
     from allmos.attention.triton_backend import TritonAttentionBackend
+    # cascade reads model-dtype caches only: an fp8 cache keeps every sequence on the plain decode path
+    cascade = config.enable_cascade_attention and config.kv_cache_dtype == "auto"
     return TritonAttentionBackend(model_config, tp_size, config.max_num_seqs, config.max_model_len, device,
-                                  enable_cascade=config.enable_cascade_attention)
+                                  enable_cascade=cascade)
 
 
 class LocalModelRunner(ModelRunner):
@@ -171,13 +174,15 @@ class LocalModelRunner(ModelRunner):
         if config.quantization is not None:
             logger.info("quantization=%s: %s layers", config.quantization,
                         quantize_model(self.model, config.quantization))
-        self.kv_spec = KVCacheSpec.for_model(model_config, config.kvcache_block_size, dtype, tp.size)
+        self.kv_spec = KVCacheSpec.for_model(model_config, config.kvcache_block_size,
+                                             config.resolved_kv_cache_dtype(dtype), tp.size)
         self.block_size = config.kvcache_block_size
         self.max_model_len = model_config.effective_max_model_len(config.max_model_len)
         self.backend = make_backend(config.resolved_backend(device), model_config, tp.size, config, device)
         self.sampler = Sampler()
         self.num_kv_blocks = self._min_over_ranks(self._decide_num_blocks())
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
+        calibrate_kv_cache(self)  # fp8 caches: each layer's scales, before graphs, compile or real KV
         self.graphs = self._capture_graphs()
         self.compiled = compile_cpu_forward(self.model, self.device, self._scratch_decode) \
             if config.compile_cpu_forward else None

@@ -16,6 +16,9 @@ Invariants (cache layout and causal offset: see ``allmos.attention.metadata``):
   partials back from L2 and resets the semaphore to 0 for the next launch. One launch instead of two.
 - No host synchronization: grids come from host-known sizes, so the launches can be captured in a CUDA
   graph (preallocate the workspace for that).
+- An fp8 cache (``KV_FP8``) is read as ``element * scale`` (``allmos.attention.torch_ref``): tiles are
+  converted to the query dtype (exact: every e4m3 value is a 16-bit float) and the scales are applied once,
+  ``k_scale`` to the score scale and ``v_scale`` to the output, both read from device memory.
 
 ``kv_tile_offsets`` and ``attend_kv_tile`` are the shared tile primitives, reused by the prefill kernel.
 """
@@ -29,7 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
+from allmos.attention.torch_ref import FP8_KV_DTYPE, KVScales
 from allmos.kernels.cascade_state import CascadePrefix, cascade_launch_args, cascade_prefix_state
+from allmos.kernels.store_kv import check_kv_scales, kv_scale_args
 
 MAX_NUM_SPLITS = 16
 MIN_TOKENS_PER_SPLIT = 64  # one default tile at head_dim 128
@@ -132,6 +137,7 @@ def attend_kv_tile(
     else:
         k = tl.load(k_cache_ptr + ptrs)
         v = tl.load(v_cache_ptr + ptrs)
+    k, v = k.to(q.dtype), v.to(q.dtype)  # fp8 caches (unscaled; see the module docstring); else no-ops
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N]
     if MASKED:
         s = tl.where(score_mask, s, float("-inf"))
@@ -146,18 +152,21 @@ def attend_kv_tile(
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr, out_ptr, part_ptr, lse_ptr, sem_ptr,
-    scale_log2, num_splits, cascade_blocks_ptr, cascade_part_ptr, cascade_lse_ptr, cascade_splits,
+    k_scale_ptr, v_scale_ptr, scale_log2, num_splits, cascade_blocks_ptr, cascade_part_ptr, cascade_lse_ptr,
+    cascade_splits,
     stride_qs, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
     stride_os, stride_oh, stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_lk, stride_ss,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FOLD_MERGE: tl.constexpr, SPLITS_P2: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, CASCADE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, CASCADE: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     skip = tl.load(cascade_blocks_ptr + seq) if CASCADE else 0  # leading blocks done by the cascade prefix
     seq_len = tl.load(seq_lens_ptr + seq) - skip * BLOCK_SIZE
+    if KV_FP8:
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
     rows = tl.arange(0, GROUP_P)
     dims = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + rows  # [GROUP_P]
@@ -193,25 +202,41 @@ def _decode_kernel(
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]  # [GROUP_P, HEAD_DIM]
+    if KV_FP8:
+        o = o * tl.load(v_scale_ptr)
+    _write_decode_result(o, m_i, l_i, l_safe, seq.to(tl.int64), kv_head, split, num_splits, heads, row_valid, dims,
+                         out_ptr, part_ptr, lse_ptr, sem_ptr, stride_os, stride_oh, stride_ps, stride_ph, stride_pk,
+                         stride_ls, stride_lh, stride_lk, stride_ss, GROUP, HEAD_DIM, SPLIT, FOLD_MERGE, SPLITS_P2)
+
+
+@triton.jit
+def _write_decode_result(
+    o, m_i, l_i, l_safe, seq, kv_head, split, num_splits, heads, row_valid, dims,
+    out_ptr, part_ptr, lse_ptr, sem_ptr, stride_os, stride_oh, stride_ps, stride_ph, stride_pk,
+    stride_ls, stride_lh, stride_lk, stride_ss,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, FOLD_MERGE: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+):
+    """One program's result: the output rows, or (``SPLIT``) its partial output and log-sum-exp, merged by
+    the last split to arrive when ``FOLD_MERGE``."""
     if SPLIT:
-        part_ptrs = (part_ptr + seq.to(tl.int64) * stride_ps + heads[:, None] * stride_ph + split * stride_pk
-                     + dims[None, :])
+        part_ptrs = part_ptr + seq * stride_ps + heads[:, None] * stride_ph + split * stride_pk + dims[None, :]
         tl.store(part_ptrs, o, mask=row_valid[:, None])
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
-        lse_ptrs = lse_ptr + seq.to(tl.int64) * stride_ls + heads * stride_lh + split * stride_lk
+        lse_ptrs = lse_ptr + seq * stride_ls + heads * stride_lh + split * stride_lk
         tl.store(lse_ptrs, lse, mask=row_valid)
         if FOLD_MERGE:
             tl.debug_barrier()  # all of this program's partial stores precede its arrival
-            counter = sem_ptr + seq.to(tl.int64) * stride_ss + kv_head
+            counter = sem_ptr + seq * stride_ss + kv_head
             arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")  # one atomic per program
             if arrived == num_splits - 1:  # the last split of this (sequence, KV head): merge, then reset
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
                 for r in tl.static_range(GROUP):
-                    _merge_head(part_ptr, lse_ptr, out_ptr, seq.to(tl.int64), kv_head * GROUP + r, num_splits,
+                    _merge_head(part_ptr, lse_ptr, out_ptr, seq, kv_head * GROUP + r, num_splits,
                                 stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_lk, stride_os,
                                 stride_oh, HEAD_DIM, SPLITS_P2)
     else:
-        out_ptrs = out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + dims[None, :]
+        out_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + dims[None, :]
         tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
@@ -265,7 +290,8 @@ def _cuda_shared_memory(index: int) -> int:
 
 
 def default_decode_config(head_dim: int, dtype: torch.dtype, shared_memory: int) -> DecodeConfig:
-    """Tiles of about 16 KiB per K (and per V): 64 tokens at head_dim 128 in 16-bit; 3 stages where they fit.
+    """Tiles of about 16 KiB per K (and per V): 64 tokens at head_dim 128 in 16-bit, 128 in fp8 (``dtype`` is
+    the cache's); 3 stages where they fit.
 
     Measured on H100 (batch 256, context 1024, block_size 256 and 16): 64 x 4 warps x 3 stages reaches
     about 97% of copy bandwidth; 128-token tiles are as fast, 32-token tiles about 5% slower.
@@ -323,8 +349,8 @@ def check_paged_kv_args(query, k_cache, v_cache, block_tables) -> None:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     if head_dim < 16 or head_dim & (head_dim - 1) or block_size & (block_size - 1):
         raise ValueError(f"head_dim ({head_dim}, >= 16) and block_size ({block_size}) must be powers of two")
-    if k_cache.dtype != query.dtype:
-        raise ValueError(f"k_cache dtype {k_cache.dtype} != query dtype {query.dtype}")
+    if k_cache.dtype not in (query.dtype, FP8_KV_DTYPE):
+        raise ValueError(f"k_cache dtype {k_cache.dtype} must be the query's ({query.dtype}) or {FP8_KV_DTYPE}")
     if query.stride(-1) != 1 or k_cache.stride(-1) != 1:
         raise ValueError("query and k_cache/v_cache need a contiguous last (head_dim) dimension")
     if block_tables.dim() != 2 or block_tables.stride(-1) != 1:
@@ -375,6 +401,7 @@ def paged_decode_attention(
     config: DecodeConfig | None = None,
     fold_merge: bool = False,
     cascade: CascadePrefix | None = None,
+    kv_scales: KVScales | None = None,  # fp8 caches only (None: scales 1.0)
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     """Attention of each sequence's single new query over its ``seq_lens[s]`` cached keys.
 
@@ -383,21 +410,26 @@ def paged_decode_attention(
     when none is given. ``fold_merge`` merges the splits inside the one launch (the workspace then needs
     semaphores). A sequence with ``seq_lens == 0`` (a padded graph row) gets zeros. With ``cascade``, the
     keys of each sequence's shared prefix blocks come from the prefix partials (``allmos.kernels.cascade_state``).
+    The cache is in the query's dtype or float8_e4m3fn (read through ``kv_scales``); cascade needs the former.
     """
     _check_decode_args(query, k_cache, v_cache, seq_lens, block_tables, num_splits)
+    check_kv_scales(k_cache, v_cache, kv_scales)
+    if cascade is not None and k_cache.dtype == FP8_KV_DTYPE:
+        raise ValueError("cascade decode attention does not read fp8 KV caches (kv_cache_dtype='fp8')")
     num_seqs, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = make_output(out, query)
     if num_seqs == 0:
         return out
-    cfg = config or default_decode_config(head_dim, query.dtype, max_shared_memory(query.device))
+    k_scale, v_scale, _, kv_fp8 = kv_scale_args(k_cache, kv_scales)
+    cfg = config or default_decode_config(head_dim, k_cache.dtype, max_shared_memory(query.device))
     split = num_splits > 1
     fold = split and fold_merge
     part, lse, sem = _split_buffers(workspace, out, seq_lens, num_splits, fold, num_kv_heads)
     group = num_heads // num_kv_heads
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, seq_lens, block_tables, out, part, lse, sem,
-        scale * 1.4426950408889634, num_splits, *cascade_launch_args(cascade, query, seq_lens),
+        k_scale, v_scale, scale * 1.4426950408889634, num_splits, *cascade_launch_args(cascade, query, seq_lens),
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1), part.stride(0), part.stride(1), part.stride(2),
@@ -405,7 +437,7 @@ def paged_decode_attention(
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=cfg.block_n, SPLIT=split, FOLD_MERGE=fold, SPLITS_P2=triton.next_power_of_2(num_splits) if fold else 1,
         DOT_PRECISION=dot_precision(query.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        CASCADE=cascade is not None,
+        CASCADE=cascade is not None, KV_FP8=kv_fp8,
     )
     if split and not fold:
         _merge_splits_kernel[(num_seqs, num_heads)](

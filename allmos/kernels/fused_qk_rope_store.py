@@ -9,7 +9,9 @@ match it bit for bit.
 
 Cache invariants are ``allmos.attention.metadata``'s: new token ``i`` goes to flat slot
 ``slot_mapping[i]`` (``block * block_size + offset``); a slot of ``-1`` (a padded CUDA-graph row) stores
-nothing (its q is still computed; attention ignores it). No host synchronization: capturable.
+nothing (its q is still computed; attention ignores it). No host synchronization: capturable. An fp8 cache gets
+``(k - k_center) / k_scale`` and ``v / v_scale`` rounded as ``store_kv.fp8_e4m3_values`` (scales and center read
+from device memory).
 """
 
 from __future__ import annotations
@@ -18,13 +20,32 @@ import torch
 import triton
 import triton.language as tl
 
+from allmos.attention.torch_ref import KVScales
+from allmos.kernels.store_kv import check_kv_scales, fp8_e4m3_values, kv_scale_args
+
+
+@triton.jit
+def _qk_rms_norm(x1, x2, is_q, rotate, qw_ptr, kw_ptr, d, eps, HALF: tl.constexpr):
+    """Per-head RMSNorm of the q rows (weights ``qw``) and k rows (``kw``) of a [HEAD_BLOCK, 2 * HALF] tile
+    held as two halves; v rows pass unchanged. Rounds as the torch path does."""
+    dtype = x1.dtype
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt((tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / (2 * HALF) + eps)
+    w1 = tl.where(is_q[:, None], tl.load(qw_ptr + d)[None, :], tl.load(kw_ptr + d)[None, :]).to(tl.float32)
+    w2 = tl.where(is_q[:, None], tl.load(qw_ptr + HALF + d)[None, :],
+                  tl.load(kw_ptr + HALF + d)[None, :]).to(tl.float32)
+    n1 = ((f1 * inv_rms[:, None]).to(dtype).to(tl.float32) * w1).to(dtype)
+    n2 = ((f2 * inv_rms[:, None]).to(dtype).to(tl.float32) * w2).to(dtype)
+    return tl.where(rotate, n1, x1), tl.where(rotate, n2, x2)  # v heads are not normed
+
 
 @triton.jit
 def _qk_norm_rope_store_kernel(
     qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
     stride_qkv, stride_qo, stride_cb, stride_cs, stride_ch, stride_cos,
-    num_heads, num_kv_heads, eps,
+    num_heads, num_kv_heads, eps, k_scale_ptr, v_scale_ptr, k_center_ptr,
     HAS_NORM: tl.constexpr, HALF: tl.constexpr, HEAD_BLOCK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)  # [HEAD_BLOCK] over q | k | v heads
@@ -40,15 +61,7 @@ def _qk_norm_rope_store_kernel(
     x2 = tl.load(src + HALF, mask=valid[:, None], other=0.0)
     dtype = x1.dtype
     if HAS_NORM:
-        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-        inv_rms = 1.0 / tl.sqrt((tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / (2 * HALF) + eps)
-        w1 = tl.where(is_q[:, None], tl.load(qw_ptr + d)[None, :], tl.load(kw_ptr + d)[None, :]).to(tl.float32)
-        w2 = tl.where(is_q[:, None], tl.load(qw_ptr + HALF + d)[None, :],
-                      tl.load(kw_ptr + HALF + d)[None, :]).to(tl.float32)
-        n1 = ((f1 * inv_rms[:, None]).to(dtype).to(tl.float32) * w1).to(dtype)
-        n2 = ((f2 * inv_rms[:, None]).to(dtype).to(tl.float32) * w2).to(dtype)
-        x1 = tl.where(rotate, n1, x1)  # v heads are not normed
-        x2 = tl.where(rotate, n2, x2)
+        x1, x2 = _qk_rms_norm(x1, x2, is_q, rotate, qw_ptr, kw_ptr, d, eps, HALF)
     pos = tl.load(pos_ptr + token)
     cos = tl.load(cos_ptr + pos * stride_cos + d).to(dtype).to(tl.float32)[None, :]  # [1, HALF]
     sin = tl.load(sin_ptr + pos * stride_cos + d).to(dtype).to(tl.float32)[None, :]
@@ -70,10 +83,17 @@ def _qk_norm_rope_store_kernel(
     k_mask = (is_k & (heads < stored_below))[:, None]
     v_mask = (is_v & (heads < stored_below))[:, None]
     cache_dtype = k_cache_ptr.dtype.element_ty
-    tl.store(k_cache_ptr + dst, o1.to(cache_dtype), mask=k_mask)
-    tl.store(k_cache_ptr + dst + HALF, o2.to(cache_dtype), mask=k_mask)
-    tl.store(v_cache_ptr + dst, o1.to(cache_dtype), mask=v_mask)
-    tl.store(v_cache_ptr + dst + HALF, o2.to(cache_dtype), mask=v_mask)
+    if KV_FP8:
+        kv_scale = tl.where(is_k, tl.load(k_scale_ptr), tl.load(v_scale_ptr))[:, None]  # [HEAD_BLOCK, 1]
+        center = k_center_ptr + kv_head[:, None] * (2 * HALF) + d[None, :]  # v heads: masked, 0
+        c1 = fp8_e4m3_values(o1.to(tl.float32) - tl.load(center, mask=k_mask, other=0.0), kv_scale)
+        c2 = fp8_e4m3_values(o2.to(tl.float32) - tl.load(center + HALF, mask=k_mask, other=0.0), kv_scale)
+    else:
+        c1, c2 = o1, o2
+    tl.store(k_cache_ptr + dst, c1.to(cache_dtype), mask=k_mask)
+    tl.store(k_cache_ptr + dst + HALF, c2.to(cache_dtype), mask=k_mask)
+    tl.store(v_cache_ptr + dst, c1.to(cache_dtype), mask=v_mask)
+    tl.store(v_cache_ptr + dst + HALF, c2.to(cache_dtype), mask=v_mask)
 
 
 def head_block_for(num_tokens: int) -> int:
@@ -114,6 +134,7 @@ def qk_norm_rope_store(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64 (or int32), -1 = skip
+    kv_scales: KVScales | None = None,  # fp8 caches only (None: scales 1.0, no center)
 ) -> torch.Tensor:  # q [num_tokens, num_heads, head_dim]
     """``fused_layers.qk_norm_rope`` then ``store_kv.store_kv_cache`` of (k, v), in one launch; returns q.
 
@@ -121,10 +142,12 @@ def qk_norm_rope_store(
     activation dtype before use as the reference does; positions index them.
     """
     _check_args(qkv, num_heads, num_kv_heads, head_dim, k_cache, v_cache, slot_mapping, positions)
+    check_kv_scales(k_cache, v_cache, kv_scales)
     num_tokens = qkv.shape[0]
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if num_tokens == 0:
         return q
+    k_scale, v_scale, k_center, kv_fp8 = kv_scale_args(k_cache, kv_scales)
     has_norm = q_weight is not None
     total_heads = num_heads + 2 * num_kv_heads
     head_block = min(head_block_for(num_tokens), triton.next_power_of_2(total_heads))
@@ -133,8 +156,8 @@ def qk_norm_rope_store(
         qkv, q, k_cache, v_cache, slot_mapping, q_weight if has_norm else cos, k_weight if has_norm else cos,
         cos, sin, positions,
         qkv.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos.stride(0),
-        num_heads, num_kv_heads, eps,
-        HAS_NORM=has_norm, HALF=half, HEAD_BLOCK=head_block, BLOCK_SIZE=k_cache.shape[1],
+        num_heads, num_kv_heads, eps, k_scale, v_scale, k_center,
+        HAS_NORM=has_norm, HALF=half, HEAD_BLOCK=head_block, BLOCK_SIZE=k_cache.shape[1], KV_FP8=kv_fp8,
         num_warps=max(1, min(4, head_block * half // 256)),
     )
     return q

@@ -11,6 +11,8 @@ Invariants (cache layout and causal offset: see ``allmos.attention.metadata``):
   tiles (the causal diagonal) are masked. Softmax is online, in float32, base 2.
 - The grid comes from host-known bounds ``(cdiv(max_query_len, BLOCK_Q), num_kv_heads, num_seqs)``;
   programs past a sequence's query length exit at once. Query tiles run last-first (the longest first).
+- An fp8 cache is read as in the decode kernel: tiles converted to the query dtype, ``k_scale`` folded into
+  the score scale and ``v_scale`` into the output (``KV_FP8``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from allmos.attention.torch_ref import KVScales
 from allmos.kernels.decode_attention import (
     SHARED_MEMORY_MARGIN,
     attend_kv_tile,
@@ -30,6 +33,7 @@ from allmos.kernels.decode_attention import (
     make_output,
     max_shared_memory,
 )
+from allmos.kernels.store_kv import check_kv_scales, kv_scale_args
 
 
 @dataclass(frozen=True)
@@ -43,40 +47,12 @@ class PrefillConfig:
 
 
 @triton.jit
-def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-    scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
-    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    kv_head = tl.program_id(1)
-    seq = tl.program_id(2)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if q_tile * BLOCK_Q >= q_len:
-        return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    context_len = seq_len - q_len
-
-    rows = tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, HEAD_DIM)
-    tokens = q_tile * BLOCK_Q + rows // GROUP_P2  # [BLOCK_M] index within this sequence's queries
-    in_group = rows % GROUP_P2
-    row_valid = (tokens < q_len) & (in_group < GROUP)
-    heads = kv_head * GROUP + in_group
-    q_rows = (q_start + tokens).to(tl.int64)
-    q = tl.load(q_ptr + (q_rows * stride_qt + heads * stride_qh)[:, None] + dims[None, :],
-                mask=row_valid[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
-    q_pos = context_len + tokens  # [BLOCK_M] absolute positions
-
-    first_pos = context_len + q_tile * BLOCK_Q
-    kv_end = context_len + tl.minimum(q_tile * BLOCK_Q + BLOCK_Q, q_len)  # keys past this are never seen
-    num_full = (first_pos + 1) // BLOCK_N  # tiles every row of this program sees whole
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    head_offset = kv_head * stride_ch
-
+def _attend_causal(q, q_pos, row_valid, table, kv_end, num_full, k_cache_ptr, v_cache_ptr, head_offset, dims,
+                   scale_log2, stride_cb, stride_ct, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax of the query rows over keys ``[0, kv_end)``: the first ``num_full`` tiles unmasked
+    (every row sees them whole), the rest with the causal mask. Returns the unnormalized output and the
+    row sums."""
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -97,8 +73,53 @@ def _prefill_kernel(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, offsets + head_offset, dims, kv_valid, causal,
             scale_log2, True, DOT_PRECISION,
         )
+    return acc, l_i
 
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    k_scale_ptr, v_scale_ptr, scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
+    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
+):
+    q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len
+    if KV_FP8:
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
+
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    tokens = q_tile * BLOCK_Q + rows // GROUP_P2  # [BLOCK_M] index within this sequence's queries
+    in_group = rows % GROUP_P2
+    row_valid = (tokens < q_len) & (in_group < GROUP)
+    heads = kv_head * GROUP + in_group
+    q_rows = (q_start + tokens).to(tl.int64)
+    q = tl.load(q_ptr + (q_rows * stride_qt + heads * stride_qh)[:, None] + dims[None, :],
+                mask=row_valid[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+    q_pos = context_len + tokens  # [BLOCK_M] absolute positions
+
+    first_pos = context_len + q_tile * BLOCK_Q
+    kv_end = context_len + tl.minimum(q_tile * BLOCK_Q + BLOCK_Q, q_len)  # keys past this are never seen
+    num_full = (first_pos + 1) // BLOCK_N  # tiles every row of this program sees whole
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    head_offset = kv_head * stride_ch
+
+    acc, l_i = _attend_causal(q, q_pos, row_valid, table, kv_end, num_full, k_cache_ptr, v_cache_ptr,
+                              head_offset, dims, scale_log2, stride_cb, stride_ct,
+                              BLOCK_M, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if KV_FP8:
+        o = o * tl.load(v_scale_ptr)
     out_ptrs = out_ptr + (q_rows * stride_ot + heads * stride_oh)[:, None] + dims[None, :]
     tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
@@ -159,19 +180,23 @@ def paged_prefill_attention(
     max_query_len: int,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
     config: PrefillConfig | None = None,
+    kv_scales: KVScales | None = None,  # fp8 caches only (None: scales 1.0)
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention (offset by each sequence's cached length) of the new queries over the paged cache.
 
     Same result as ``allmos.attention.torch_ref.paged_attention_ref``. ``max_query_len`` must bound every
-    sequence's query length (it only sizes the grid; no host synchronization happens).
+    sequence's query length (it only sizes the grid; no host synchronization happens). The cache is in the
+    query's dtype or float8_e4m3fn (read through ``kv_scales``).
     """
     _check_prefill_args(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, max_query_len)
+    check_kv_scales(k_cache, v_cache, kv_scales)
     num_heads, head_dim = query.shape[1], query.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = make_output(out, query)
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or max_query_len == 0 or query.shape[0] == 0:
         return out
+    k_scale, v_scale, _, kv_fp8 = kv_scale_args(k_cache, kv_scales)
     cfg = config or default_prefill_config(head_dim, query.dtype, max_shared_memory(query.device))
     group = num_heads // num_kv_heads
     group_p2 = triton.next_power_of_2(group)
@@ -179,12 +204,12 @@ def paged_prefill_attention(
     grid = (triton.cdiv(max_query_len, block_q), num_kv_heads, num_seqs)
     _prefill_kernel[grid](
         query, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
-        scale * 1.4426950408889634,
+        k_scale, v_scale, scale * 1.4426950408889634,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_q * group_p2, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
-        DOT_PRECISION=dot_precision(query.dtype),
+        DOT_PRECISION=dot_precision(query.dtype), KV_FP8=kv_fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -1,4 +1,4 @@
-"""The attention layer: hands q/k/v to the backend with this layer's KV cache."""
+"""The attention layer: hands q/k/v to the backend with this layer's KV cache and its fp8 cache scales."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from torch import nn
 
 from allmos.attention import custom_op
 from allmos.attention.context import get_forward_context
+from allmos.attention.torch_ref import KVScales
 
 
 class Attention(nn.Module):
@@ -15,6 +16,12 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        # fp8 KV cache (kv_cache_dtype="fp8"): stored K = (K - k_center) / k_scale, V / v_scale
+        # (allmos.attention.torch_ref). 1.0 and 0 until calibrated (allmos.engine.kv_calibration); tensors the
+        # kernels read, so values set in place reach captured CUDA graphs.
+        self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.register_buffer("k_center", torch.zeros(num_kv_heads, head_dim, dtype=torch.float32), persistent=False)
 
     def forward(
         self,
@@ -25,7 +32,12 @@ class Attention(nn.Module):
         """Attention of q over this layer's cache after storing k/v; k = v = None when the caller already
         stored them (only with a backend whose ``accepts_stored_kv`` is True)."""
         if torch.compiler.is_compiling():  # one opaque op in the compiled graph (see attention.custom_op)
-            return custom_op.attention(q, k, v, self.layer_idx, self.scale)
+            return custom_op.attention(q, k, v, self.layer_idx, self.scale, self.k_scale, self.v_scale, self.k_center)
         ctx = get_forward_context()
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        return ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.metadata, self.scale)
+        return ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.metadata, self.scale, self.kv_scales)
+
+    @property
+    def kv_scales(self) -> KVScales:
+        """This layer's fp8 cache scales (views of the buffers above)."""
+        return KVScales(self.k_scale, self.v_scale, self.k_center)

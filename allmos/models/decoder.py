@@ -89,7 +89,7 @@ class DecoderAttention(nn.Module):
             qkv, self.num_heads, self.num_kv_heads, self.head_dim,
             self.q_norm.weight if self.qk_norm else None, self.k_norm.weight if self.qk_norm else None,
             self.rms_norm_eps, rope.cos_cache, rope.sin_cache, positions, k_cache, v_cache,
-            ctx.metadata.slot_mapping)
+            ctx.metadata.slot_mapping, self.attn.kv_scales)
 
     def _qk_rope(self, positions: torch.Tensor, qkv: torch.Tensor):
         """(q, k, v) with q/k normed and rotated: [num_tokens, heads, head_dim] each."""
