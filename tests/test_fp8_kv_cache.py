@@ -137,6 +137,14 @@ def test_store_then_read_round_trip_within_half_an_fp8_step(scale):
     assert k_cache.view(-1, 2, 16)[untouched].float().isnan().all()
 
 
+def test_dequantize_equals_conversion_times_scale_for_every_code():
+    stored = torch.arange(256, dtype=torch.uint8).view(F8).view(4, 64)
+    for scale in (None, torch.tensor([0.37])):
+        expected = stored.float() if scale is None else stored.float() * scale
+        torch.testing.assert_close(dequantize_kv(stored, scale), expected, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(dequantize_kv(stored.t(), scale), expected.t(), rtol=0, atol=0, equal_nan=True)
+
+
 def test_non_fp8_caches_ignore_the_scales():
     x = torch.randn(5, 2, 8)
     assert torch.equal(quantize_kv(x, torch.bfloat16, torch.tensor([3.0])), x.to(torch.bfloat16))

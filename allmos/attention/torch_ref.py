@@ -49,9 +49,17 @@ def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype, scale: torch.Tensor |
 
 
 def dequantize_kv(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """float32 values of cache elements: fp8 ones times ``scale`` (None: 1.0); others just converted."""
-    out = stored.float()
-    return out if scale is None or stored.dtype != FP8_KV_DTYPE else out * scale
+    """float32 values of cache elements: fp8 ones times ``scale`` (None: 1.0); others just converted.
+
+    fp8 goes through a table of its 256 values, already scaled: one gather instead of a conversion and a
+    multiply (torch's float8 conversion is a slow scalar loop on the CPU), the same float32 results."""
+    if stored.dtype != FP8_KV_DTYPE:
+        return stored.float()
+    values = torch.arange(256, dtype=torch.uint8, device=stored.device).view(FP8_KV_DTYPE).float()  # [256]
+    if scale is not None:
+        values = values * scale
+    codes = stored.contiguous().view(torch.uint8).flatten().int()
+    return values.index_select(0, codes).view(stored.shape)
 
 
 def as_storage(cache: torch.Tensor) -> torch.Tensor:

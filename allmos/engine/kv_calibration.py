@@ -5,8 +5,8 @@ about 14, varying by about 3). e4m3 keeps 3 mantissa bits of each element, so su
 steps of 1, coarse against its token-to-token variation, which is what attention uses; the query's matching
 channel turns the error into score noise. Storing ``K - k_center`` quantizes the variation instead (steps of
 1/4 there) and costs attention nothing: the center shifts all of one query's scores equally, which softmax
-cancels (``allmos.attention.torch_ref``). On the default model it cut the per-token logprob error of the fp8
-cache by 15-19% (root mean square; docs/benchmarks.md).
+cancels (``allmos.attention.torch_ref``). On the default model it cut the root mean square of the fp8 cache's
+per-token logprob error by 7-18% (docs/benchmarks.md).
 
 How: one prefill of ``CALIBRATION_TOKENS`` seeded pseudo-random token ids through the model on a scratch
 cache, recording each layer's K and V as they reach the attention layer. Per layer:
