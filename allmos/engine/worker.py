@@ -41,6 +41,7 @@ from allmos.engine.serialization import (
 )
 from allmos.engine.warmup import is_warmup_batch
 from allmos.layers.tp import TPGroup
+from allmos.utils.fdio import read_exact, write_all
 from allmos.utils.heap import freeze_startup_heap
 
 DEFAULT_TIMEOUT_S = 1800.0  # rendezvous and collectives (the first one waits for the slowest rank to load)
@@ -197,17 +198,15 @@ class StepChannel:
 
     def send_bytes(self, data: bytes) -> None:
         """Write one frame to every worker (raises BrokenPipeError if a worker is gone)."""
-        frame = memoryview(len(data).to_bytes(8, "little") + data)
+        frame = len(data).to_bytes(8, "little") + data
         for fd in self.send_fds:
-            written = 0
-            while written < len(frame):
-                written += os.write(fd, frame[written:])
+            write_all(fd, frame)
 
     def receive(self) -> Message:
         """Wait (indefinitely: the driver may idle between requests) for the next message; a closed
         pipe (the driver exited) reads as SHUTDOWN."""
-        header = _read_exact(self.receive_fd, 8)
-        payload = _read_exact(self.receive_fd, int.from_bytes(header, "little")) if header else None
+        header = read_exact(self.receive_fd, 8)
+        payload = read_exact(self.receive_fd, int.from_bytes(header, "little")) if header else None
         if payload is None:
             return Message(MessageKind.SHUTDOWN)
         return decode_message(payload, self._decoder)
@@ -224,18 +223,6 @@ def make_step_pipe() -> tuple[int, int]:
     except (ImportError, OSError):
         pass  # the default size works, with less slack
     return read_fd, write_fd
-
-
-def _read_exact(fd: int, size: int) -> bytes | None:
-    """``size`` bytes from ``fd``, or None at end-of-file."""
-    parts, left = [], size
-    while left:
-        chunk = os.read(fd, left)
-        if not chunk:
-            return None
-        parts.append(chunk)
-        left -= len(chunk)
-    return b"".join(parts)
 
 
 def check_same_tokens(group: Any, world_size: int, token_ids: list[int]) -> None:

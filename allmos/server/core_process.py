@@ -41,6 +41,7 @@ from allmos.server.protocol import (
     StepOutputs,
     frame_length,
 )
+from allmos.utils.fdio import read_exact, write_all
 
 logger = logging.getLogger("allmos.core")
 
@@ -130,24 +131,12 @@ def _logprob_pairs(entries: LogprobEntries) -> list[tuple[int, float]]:
 
 
 # ---------------------------------------------------------------------- pipes
-def _read_exact(fd: int, size: int) -> bytes | None:
-    """``size`` bytes from ``fd``, or None at end of file."""
-    chunks, remaining = [], size
-    while remaining:
-        chunk = os.read(fd, remaining)
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
-
-
 def _reader(fd: int, codec: Codec, inbox: queue.SimpleQueue) -> None:
     """Decode frames from ``fd`` onto ``inbox``; ``None`` marks end of file (or a broken stream)."""
     try:
         while True:
-            header = _read_exact(fd, 4)
-            payload = _read_exact(fd, frame_length(header)) if header is not None else None
+            header = read_exact(fd, 4)
+            payload = read_exact(fd, frame_length(header)) if header is not None else None
             if payload is None:
                 break
             inbox.put(codec.decode(payload))
@@ -162,9 +151,7 @@ def _writer(fd: int, outbox: queue.SimpleQueue) -> None:
         if data is None:
             return
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
         except OSError:  # the front end is gone; the reader sees end of file too
             return
 
