@@ -23,7 +23,8 @@ from allmos.attention import cascade, triton_backend
 from allmos.attention.metadata import AttentionMetadata
 from allmos.attention.torch_backend import TorchAttentionBackend
 from allmos.config import EngineConfig
-from allmos.engine.cuda_graphs import DecodeGraphs, HostDecodeInputs
+from allmos.engine.cuda_graphs import DecodeGraphs
+from allmos.engine.step_inputs import HostStep
 
 needs_triton = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                   reason="the Triton backend needs CUDA or TRITON_INTERPRET=1")
@@ -115,7 +116,7 @@ def test_decode_graph_buffers_hold_only_the_current_groups():
     def step(groups: list[cascade.CascadeGroup], n: int, bs: int) -> AttentionMetadata:
         arrays = cascade.cascade_arrays(groups, n, 1)
         zeros = np.zeros(n, dtype=np.int64)
-        host = HostDecodeInputs(zeros, zeros, zeros, np.ones(n, dtype=np.int64), np.zeros((n, 4), dtype=np.int32),
+        host = HostStep.for_decode(zeros, zeros, zeros, np.ones(n, dtype=np.int64), np.zeros((n, 4), dtype=np.int32),
                                 np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), arrays)
         graphs.load(host)
         assert graphs.size_for(n) == bs

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from allmos import LLM, SamplingParams
-from allmos.engine.cuda_graphs import DecodeGraphs, HostDecodeInputs
+from allmos.engine.cuda_graphs import DecodeGraphs
+from allmos.engine.step_inputs import HostStep
 
 
 def _attach_graphs(llm: LLM, max_num_seqs: int) -> DecodeGraphs:
@@ -52,7 +53,7 @@ def test_graph_input_path_matches_ordinary_path(engines, num_prompts):
 
 def test_load_writes_padding_and_block_tables(qwen3_dir, engines):
     graphs = _attach_graphs(engines[1], max_num_seqs=16)
-    host = HostDecodeInputs(
+    host = HostStep.for_decode(
         input_ids=np.array([5, 6, 7], np.int64), positions=np.array([3, 20, 0], np.int64),
         slot_mapping=np.array([19, 36, 48], np.int64), seq_lens=np.array([4, 21, 1], np.int64),
         block_tables=np.array([[1, 0], [9, 2], [3, 0]], np.int32), pending=np.array([1], np.int64),

@@ -32,6 +32,7 @@ from allmos.attention.backend import AttentionBackend
 from allmos.attention.cascade import MIN_GROUP_SIZE, CascadeArrays, tile_capacity
 from allmos.attention.context import ForwardContext, forward_context
 from allmos.attention.metadata import AttentionMetadata
+from allmos.engine.step_inputs import HostStep
 from allmos.utils.transfer import pack_aligned, split_packed, staged
 
 logger = logging.getLogger("allmos")
@@ -140,7 +141,7 @@ class DecodeGraphs:
         tables = self.i32[i32[4]:i32[4] + bs * self.max_blocks_per_seq].view(bs, self.max_blocks_per_seq)
         return GraphInputs(ids, pos, slots, seq_lens, tables, prefix_blocks, members, tiles)
 
-    def load(self, host: HostDecodeInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def load(self, host: HostStep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Copy one decode step's host inputs into the buffers of its size; returns the device views
         (input_ids ``[n]``, the flat indices of inputs that are previous samples, and their sample rows),
         so the caller can fill those inputs on the device before ``replay``."""
@@ -228,24 +229,6 @@ class GraphInputs:
     cascade_prefix_blocks: torch.Tensor  # [bs] int32
     cascade_members: torch.Tensor  # [bs] int32
     cascade_tiles: torch.Tensor  # [tile capacity of bs, 3] int32 (0 rows without cascade)
-
-
-@dataclass
-class HostDecodeInputs:
-    """One decode step on the host: one new token per sequence."""
-
-    input_ids: np.ndarray  # [n] int64, 0 where the input is the previous step's sample
-    positions: np.ndarray  # [n] int64
-    slot_mapping: np.ndarray  # [n] int64
-    seq_lens: np.ndarray  # [n] int64
-    block_tables: np.ndarray  # [n, width] int32
-    pending: np.ndarray  # [p] int64: rows whose input is the previous step's sample
-    pending_rows: np.ndarray  # [p] int64: their rows in the previous step's sampled tokens
-    cascade: CascadeArrays | None = None  # the step's shared-prefix groups, if any
-
-    @property
-    def num_seqs(self) -> int:
-        return self.input_ids.shape[0]
 
 
 def _tile_capacity(bs: int, tile_members: int | None) -> int:

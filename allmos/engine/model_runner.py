@@ -287,7 +287,7 @@ class LocalModelRunner(ModelRunner):
 
     def _run_graph(self, host: HostStep) -> torch.Tensor:
         """Decode through the captured graphs: inputs go straight into their persistent buffers."""
-        input_ids, pending, rows = self.graphs.load(host.decode_inputs())
+        input_ids, pending, rows = self.graphs.load(host)
         if len(host.pending):
             input_ids[pending] = self._last_sampled[0][rows]
         return self.graphs.replay(host.num_seqs, cascade=host.cascade is not None)  # [num_seqs, vocab]

@@ -18,7 +18,6 @@ from allmos.attention import cascade as cascade_planning
 from allmos.attention.cascade import MIN_GROUP_SIZE, CascadeArrays, plan_cascade
 from allmos.attention.metadata import AttentionMetadata
 from allmos.engine.batch import ScheduledBatch
-from allmos.engine.cuda_graphs import HostDecodeInputs
 from allmos.utils.transfer import pack_aligned, split_packed, to_device
 
 # the previous step's sampled tokens on the device ([num_sampled] int64) and request id -> row
@@ -49,9 +48,15 @@ class HostStep:
     def is_decode(self) -> bool:
         return bool((self.q_lens == 1).all())
 
-    def decode_inputs(self) -> HostDecodeInputs:
-        return HostDecodeInputs(self.input_ids, self.positions, self.slot_mapping, self.seq_lens,
-                                self.block_tables, self.pending, self.pending_rows, self.cascade)
+    @classmethod
+    def for_decode(cls, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray, seq_lens: np.ndarray,
+                   block_tables: np.ndarray, pending: np.ndarray, pending_rows: np.ndarray,
+                   cascade: CascadeArrays | None = None) -> HostStep:
+        """A decode step (one new token per sequence) from its per-sequence arrays."""
+        n = input_ids.shape[0]
+        rows = np.arange(n, dtype=np.int64)
+        return cls(input_ids, positions, slot_mapping, np.ones(n, dtype=np.int64), seq_lens,
+                   np.arange(n + 1, dtype=np.int64), rows, block_tables, pending, pending_rows, cascade)
 
 
 def host_step(batch: ScheduledBatch, block_size: int, last_sampled: LastSampled | None,
