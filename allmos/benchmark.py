@@ -171,8 +171,12 @@ def build_parser(prog: str = "python -m allmos.benchmark") -> argparse.ArgumentP
     p.add_argument("--bw", type=float, default=None,
                    help="memory bandwidth in TB/s for the ceiling (default: the GPU's measured copy bandwidth)")
     p.add_argument("--tflops", type=float, default=790.0, help="matrix rate for the prefill, TFLOP/s (default: 790)")
-    p.add_argument("--kv-bytes", type=float, default=2.0, help="bytes per cached K or V element (default: 2)")
+    p.add_argument("--kv-bytes", type=float, default=None,
+                   help="bytes per cached K or V element (default: 2, or 1 with --kv-cache-dtype fp8)")
     p.add_argument("--weight-bytes", type=float, default=2.0, help="bytes per weight (default: 2)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                   help="KV cache format for the run (default: auto, the model dtype); fp8 also sets the "
+                        "ceiling's --kv-bytes to 1 unless given")
     return p
 
 
@@ -196,6 +200,8 @@ def describe_ceiling(c: Ceiling, bandwidth_tb_s: float, workload: Workload) -> s
 def main(argv: list[str] | None = None, prog: str = "python -m allmos.benchmark") -> None:
     parser = build_parser(prog)
     a = parser.parse_args(argv)
+    if a.kv_bytes is None:
+        a.kv_bytes = 1.0 if a.kv_cache_dtype != "auto" else 2.0
     workload = standard_workload()
     try:
         if a.ceiling:
@@ -206,7 +212,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m allmos.benchmark"
             c = ceiling(config, workload, bw, a.tflops, a.kv_bytes, a.weight_bytes)
             print(describe_ceiling(c, bw, workload))
             return
-        result = run_throughput(a.model, workload)
+        result = run_throughput(a.model, workload, kv_cache_dtype=a.kv_cache_dtype)
         print(f"Total: {result.output_tokens}tok, Time: {result.seconds:.2f}s, "
               f"Throughput: {result.tokens_per_s:.2f}tok/s")
         bw = _bandwidth(a.bw)

@@ -8,7 +8,7 @@ heads, head_dim 128, bfloat16) with block_size 256. Times are medians of ``trito
 (which flushes the L2 cache before each run); decode is timed as replays of a captured CUDA graph, as
 the engine runs it (otherwise the host's launch time, tens of microseconds, dominates small batches).
 
-Usage: ``PYTHONPATH=. python benchmarks/bench_kernels.py [--sweep-decode] [--sweep-prefill] [--splits]``
+Usage: ``PYTHONPATH=. python benchmarks/bench_kernels.py [--sweep-decode] [--sweep-prefill] [--splits] [--fp8]``
 (the sweeps also time other tile configurations, ``--splits`` every split count over more batch sizes).
 """
 
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from allmos.attention.torch_ref import KVScales
 from allmos.kernels.decode_attention import (
     DecodeConfig,
     DecodeWorkspace,
@@ -40,6 +41,7 @@ class Shapes:
     head_dim: int = 128
     block_size: int = 256
     dtype: torch.dtype = torch.bfloat16
+    cache_dtype: torch.dtype | None = None  # None: ``dtype``; torch.float8_e4m3fn for an fp8 cache
 
 
 DECODE_SWEEP = {
@@ -88,8 +90,9 @@ def make_paged(num_seqs: int, seq_len: int, shapes: Shapes) -> PagedInputs:
     blocks_per_seq = math.ceil(seq_len / shapes.block_size)
     num_blocks = num_seqs * blocks_per_seq
     cache_shape = (num_blocks, shapes.block_size, shapes.num_kv_heads, shapes.head_dim)
-    k_cache = torch.randn(cache_shape, device="cuda", dtype=shapes.dtype)
-    v_cache = torch.randn(cache_shape, device="cuda", dtype=shapes.dtype)
+    cache_dtype = shapes.cache_dtype or shapes.dtype
+    k_cache = torch.randn(cache_shape, device="cuda", dtype=shapes.dtype).to(cache_dtype)
+    v_cache = torch.randn(cache_shape, device="cuda", dtype=shapes.dtype).to(cache_dtype)
     perm = torch.randperm(num_blocks, device="cuda", dtype=torch.int32)
     block_tables = perm.view(num_seqs, blocks_per_seq).contiguous()
     seq_lens = torch.full((num_seqs,), seq_len, device="cuda", dtype=torch.int32)
@@ -104,10 +107,15 @@ def time_decode(
     out = torch.empty_like(query)
     workspace = DecodeWorkspace.allocate(num_seqs, shapes.num_heads, shapes.head_dim, num_splits, "cuda")
     scale = shapes.head_dim**-0.5
+    kv_scales = None
+    if inputs.k_cache.dtype == torch.float8_e4m3fn:
+        ones = torch.ones(1, device="cuda", dtype=torch.float32)
+        kv_scales = KVScales(ones, ones.clone())
 
     def run() -> None:
         paged_decode_attention(query, inputs.k_cache, inputs.v_cache, inputs.seq_lens, inputs.block_tables,
-                               scale, num_splits=num_splits, out=out, workspace=workspace, config=config)
+                               scale, num_splits=num_splits, out=out, workspace=workspace, config=config,
+                               kv_scales=kv_scales)
 
     run()  # compile outside the capture
     torch.cuda.synchronize()
@@ -119,7 +127,8 @@ def time_decode(
 
 def decode_table(shapes: Shapes, copy_bw: float, all_splits: bool) -> None:
     widths = (6, 6, 7, 9, 8, 7)
-    print("\n## Decode attention, CUDA-graph replays (KV bytes read / s; % of copy bandwidth)")
+    cache = str(shapes.cache_dtype or shapes.dtype).removeprefix("torch.")
+    print(f"\n## Decode attention, {cache} cache, CUDA-graph replays (KV bytes read / s; % of copy bandwidth)")
     print(row("batch", "ctx", "splits", "time us", "GB/s", "% copy", widths=widths))
     layouts = [(256, 1024), (1, 1024), (8, 1024), (32, 1024), (1, 8192)]
     if all_splits:
@@ -207,6 +216,8 @@ def main() -> None:
     parser.add_argument("--sweep-decode", action="store_true", help="time other decode tile configs")
     parser.add_argument("--sweep-prefill", action="store_true", help="time other prefill tile configs")
     parser.add_argument("--splits", action="store_true", help="time every split count over more batches")
+    parser.add_argument("--fp8", action="store_true", help="also time decode attention over an fp8 (e4m3) cache")
+    parser.add_argument("--no-prefill", action="store_true", help="skip the prefill table")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
@@ -218,9 +229,12 @@ def main() -> None:
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
     print(f"shared memory per program: {max_shared_memory(torch.device('cuda')) // 1024} KiB")
     decode_table(shapes, copy_bw, args.splits)
+    if args.fp8:
+        decode_table(Shapes(cache_dtype=torch.float8_e4m3fn), copy_bw, args.splits)
     if args.sweep_decode:
         decode_sweep(copy_bw)
-    prefill_table(shapes, args.sweep_prefill)
+    if not args.no_prefill:
+        prefill_table(shapes, args.sweep_prefill)
 
 
 if __name__ == "__main__":

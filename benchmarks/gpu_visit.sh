@@ -5,8 +5,11 @@
 #                                        and the workload with them on) the standard workload: this tree and the
 #                                        tree in .old/
 #                                        (a `git archive` of an older commit, if present), tp=2 if 2 GPUs
-#   bash benchmarks/gpu_visit.sh tp      (2 GPUs) GPU engine tests, the standard workload here and in .old/,
-#                                        tp=1 vs tp=2, and where a tp=2 decode step's time goes
+#   bash benchmarks/gpu_visit.sh tp      (2 GPUs) tensor-parallel and GPU engine tests, tp=1 vs tp=2 on the
+#                                        standard workload, and where a tp=2 decode step's time goes
+#   bash benchmarks/gpu_visit.sh check   (2 GPUs) every single-GPU test on GPU 1 while GPU 0 runs the standard
+#                                        workload here, in .old/, here again, here with an fp8 KV cache, and
+#                                        the decode attention kernels over bf16 and fp8 caches
 #   bash benchmarks/gpu_visit.sh serve   the serving benchmark at saturation and at RATE requests/s (default
 #                                        20), against the offline engine on the same requests; FastAPI etc.
 #                                        come from wheels in .whl/ when the machine lacks them
@@ -21,9 +24,7 @@ stage() {  # stage NAME SECONDS CMD...: run with a hard limit, show the log's en
     echo "== $name: rc=$rc after $(( $(date +%s) - start )) s"; tail -n "${TAIL:-12}" "$OUT/$name.log"
 }
 if [ "$1" = tp ]; then
-    TAIL=8 stage gpu_engine_tests 150 python -m pytest -q -p no:cacheprovider -rfE tests/test_gpu_engine.py
-    TAIL=2 stage bench_new 100 python bench.py
-    [ -d .old ] && (cd .old && TAIL=2 PYTHONPATH=$PWD stage bench_old 100 python bench.py)
+    TAIL=8 stage tp_tests 200 python -m pytest -q -p no:cacheprovider -rfE tests/test_tp.py tests/test_gpu_engine.py
     TAIL=8 stage bench_tp 200 python benchmarks/bench_tp.py --child-timeout 95
     TAIL=10 stage bench_tp_step 150 python benchmarks/bench_tp_step.py --steps 50
 elif [ "$1" = serve ]; then
@@ -33,6 +34,15 @@ elif [ "$1" = serve ]; then
     fi
     TAIL=40 stage bench_serving 420 python benchmarks/bench_serving.py --launch --offline \
         --launch-model benchmarks/qwen3-0.6b --server-args "--load-format dummy" --request-rate inf "${RATE:-20}"
+elif [ "$1" = check ]; then
+    (CUDA_VISIBLE_DEVICES=1 TAIL=30 stage gpu_tests 570 python -m pytest -m gpu -q -p no:cacheprovider -rfE) &
+    export CUDA_VISIBLE_DEVICES=0
+    TAIL=2 stage bench_new 100 python bench.py
+    [ -d .old ] && (cd .old && TAIL=2 PYTHONPATH=$PWD stage bench_old 100 python bench.py)
+    TAIL=2 stage bench_new2 100 python bench.py
+    TAIL=2 stage bench_fp8 100 python bench.py --kv-cache-dtype fp8
+    TAIL=30 stage bench_kernels 120 python benchmarks/bench_kernels.py --fp8 --no-prefill
+    wait
 elif [ "$1" = tests ]; then
     TAIL=30 stage gpu_tests 560 python -m pytest -m gpu -q -p no:cacheprovider -rfE
 else
