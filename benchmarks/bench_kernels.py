@@ -48,6 +48,7 @@ DECODE_SWEEP = {
     256: [DecodeConfig(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)],
     16: [DecodeConfig(n, 4, s) for n in (16, 32, 64, 128) for s in (2, 3, 4)],
 }
+FP8_DECODE_SWEEP = [DecodeConfig(n, w, s) for n in (64, 128, 256) for w in (4, 8) for s in (2, 3, 4)]
 PREFILL_SWEEP = [
     PrefillConfig(*c)
     for c in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 4, 2), (128, 128, 8, 1), (64, 128, 4, 2),
@@ -146,14 +147,15 @@ def decode_table(shapes: Shapes, copy_bw: float, all_splits: bool) -> None:
         del inputs
 
 
-def decode_sweep(copy_bw: float) -> None:
+def decode_sweep(copy_bw: float, fp8: bool = False) -> None:
     widths = (10, 7, 5, 6, 9, 7)
-    print("\n## Decode config sweep, batch 256, ctx 1024 (block_size 256 and 16)")
+    cache = "fp8 cache, block_size 256" if fp8 else "block_size 256 and 16"
+    print(f"\n## Decode config sweep, batch 256, ctx 1024 ({cache})")
     print(row("block_size", "block_n", "warps", "stages", "time us", "% copy", widths=widths))
-    for block_size in (256, 16):
-        shapes = Shapes(block_size=block_size)
+    for block_size in (256,) if fp8 else (256, 16):
+        shapes = Shapes(block_size=block_size, cache_dtype=torch.float8_e4m3fn if fp8 else None)
         inputs = make_paged(256, 1024, shapes)
-        for cfg in DECODE_SWEEP[block_size]:
+        for cfg in FP8_DECODE_SWEEP if fp8 else DECODE_SWEEP[block_size]:
             cells = (block_size, cfg.block_n, cfg.num_warps, cfg.num_stages)
             try:
                 ms = time_decode(inputs, shapes, 1, cfg)
@@ -217,6 +219,7 @@ def main() -> None:
     parser.add_argument("--sweep-prefill", action="store_true", help="time other prefill tile configs")
     parser.add_argument("--splits", action="store_true", help="time every split count over more batches")
     parser.add_argument("--fp8", action="store_true", help="also time decode attention over an fp8 (e4m3) cache")
+    parser.add_argument("--sweep-fp8", action="store_true", help="time other decode tile configs on an fp8 cache")
     parser.add_argument("--no-prefill", action="store_true", help="skip the prefill table")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -233,6 +236,8 @@ def main() -> None:
         decode_table(Shapes(cache_dtype=torch.float8_e4m3fn), copy_bw, args.splits)
     if args.sweep_decode:
         decode_sweep(copy_bw)
+    if args.sweep_fp8:
+        decode_sweep(copy_bw, fp8=True)
     if not args.no_prefill:
         prefill_table(shapes, args.sweep_prefill)
 

@@ -259,17 +259,23 @@ DECODE_CASES = [  # (block_size, num_kv_heads, group, seq_lens)
 ]
 
 
+# float32 queries: exact dots (the oracle's dtype); bfloat16 ones: the dots run in float16 (fp16_dots)
+QUERY_DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
+
+
 @needs_interpreter
+@pytest.mark.parametrize("query_dtype,tol", QUERY_DTYPES)
 @pytest.mark.parametrize("num_splits,fold", [(1, False), (3, False), (3, True)])
 @pytest.mark.parametrize("block_size,num_kv_heads,group,seq_lens", DECODE_CASES)
-def test_decode_kernel_on_fp8_cache_matches_reference(block_size, num_kv_heads, group, seq_lens, num_splits, fold):
+def test_decode_kernel_on_fp8_cache_matches_reference(block_size, num_kv_heads, group, seq_lens, num_splits, fold,
+                                                     query_dtype, tol):
     from allmos.kernels.decode_attention import DecodeWorkspace, paged_decode_attention
 
     head_dim = 32
     kv_scales = make_scales(0.7, 0.2, num_kv_heads, head_dim, seed=block_size)
     k_cache, v_cache, tables = fp8_case(seq_lens, num_kv_heads, head_dim, block_size, kv_scales, seed=group)
     gen = torch.Generator().manual_seed(num_splits)
-    query = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, generator=gen).to(DEVICE)
+    query = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, generator=gen).to(DEVICE, query_dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     out = torch.full_like(query, float("nan"))
     workspace = DecodeWorkspace.allocate(len(seq_lens), query.shape[1], head_dim, num_splits, DEVICE,
@@ -278,29 +284,31 @@ def test_decode_kernel_on_fp8_cache_matches_reference(block_size, num_kv_heads, 
                            workspace=workspace, fold_merge=fold, kv_scales=kv_scales)
     ref = paged_attention_ref(query, k_cache, v_cache, list(range(len(seq_lens) + 1)), seq_lens, tables,
                               head_dim ** -0.5, kv_scales)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
 @needs_interpreter
+@pytest.mark.parametrize("query_dtype,tol", QUERY_DTYPES)
 @pytest.mark.parametrize("block_size,num_kv_heads,group,seq_lens,q_lens", [
     (16, 2, 1, [17, 64], [17, 64]),  # fresh prompts
     (32, 2, 2, [37, 90, 48], [5, 33, 1]),  # after cached context (prefix hits, later chunks), one decode row
 ])
-def test_prefill_kernel_on_fp8_cache_matches_reference(block_size, num_kv_heads, group, seq_lens, q_lens):
+def test_prefill_kernel_on_fp8_cache_matches_reference(block_size, num_kv_heads, group, seq_lens, q_lens,
+                                                      query_dtype, tol):
     from allmos.kernels.prefill_attention import paged_prefill_attention
 
     head_dim = 32
     kv_scales = make_scales(1.3, 0.6, num_kv_heads, head_dim, seed=7)
     k_cache, v_cache, tables = fp8_case(seq_lens, num_kv_heads, head_dim, block_size, kv_scales, seed=len(q_lens))
     gen = torch.Generator().manual_seed(11)
-    query = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen).to(DEVICE)
+    query = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen).to(DEVICE, query_dtype)
     qsl = query_start_loc(q_lens)
     out = torch.full_like(query, float("nan"))
     paged_prefill_attention(query, k_cache, v_cache, torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
                             torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), tables, head_dim ** -0.5,
                             max(q_lens), out=out, kv_scales=kv_scales)
     ref = paged_attention_ref(query, k_cache, v_cache, qsl, seq_lens, tables, head_dim ** -0.5, kv_scales)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
 @needs_interpreter

@@ -12,9 +12,10 @@ cascade graph over persistent cascade buffers (docs/cascade_attention.md). Every
 cascade entry the graph reads (unused tile slots and padded rows zeroed, so a replay never meets an earlier
 step's groups); a step whose inputs carry cascade groups replays the cascade graph, other steps the plain one.
 
-With ``ALLMOS_DECODE_KERNELS=1`` the decode kernels are switched on before capturing
-(``enable_decode_kernels``): small-batch Triton GEMVs chosen per captured size from timings on this device,
-the fused q/k-norm + RoPE + K/V store, and split decode attention that merges its splits in the same launch.
+On CUDA the decoder's fused q/k-norm + RoPE + K/V store kernel is switched on before capturing (prefill uses
+it too from then on). With ``ALLMOS_DECODE_KERNELS=1`` the decode kernels are switched on as well
+(``enable_decode_kernels``): small-batch Triton GEMVs chosen per captured size from timings on this device
+and split decode attention that merges its splits in the same launch.
 They are off by default: on an H200 they cut the kernels per step (348 -> 208 at batch 1) but not the GPU
 time (1.23 -> 1.43 ms at batch 1; docs/benchmarks.md), so cuBLAS and the separate kernels stay the path.
 """
@@ -106,6 +107,8 @@ class DecodeGraphs:
         self.max_seq_len = max_blocks_per_seq * kv_caches[0][0].shape[1]
         self.capture = capture
         self.inputs = {bs: self._views(bs) for bs in self.sizes}
+        if device.type == "cuda" and hasattr(model, "use_fused_kv_store"):
+            model.use_fused_kv_store()  # one kernel for q/k-norm + RoPE + K/V store: fewer launches, less time
         if decode_kernels_enabled():
             enable_decode_kernels(model, backend, self.sizes, device)
         if capture:

@@ -18,7 +18,9 @@ Invariants (cache layout and causal offset: see ``allmos.attention.metadata``):
   graph (preallocate the workspace for that).
 - An fp8 cache (``KV_FP8``) is read as ``element * scale`` (``allmos.attention.torch_ref``): tiles are
   converted to the query dtype (exact: every e4m3 value is a 16-bit float) and the scales are applied once,
-  ``k_scale`` to the score scale and ``v_scale`` to the output, both read from device memory.
+  ``k_scale`` to the score scale and ``v_scale`` to the output, both read from device memory. With a 16-bit
+  query the dots run in float16 (``Q_FP16``, see ``fp16_dots``): e4m3 converts to float16 in one instruction
+  per pair, to bfloat16 only through float32.
 
 ``kv_tile_offsets`` and ``attend_kv_tile`` are the shared tile primitives, reused by the prefill kernel.
 """
@@ -121,6 +123,21 @@ def kv_tile_offsets(
 
 
 @triton.jit
+def query_for_dots(q, Q_FP16: tl.constexpr):
+    """The query tile as the dots take it: float16 (saturated) when ``Q_FP16``, else unchanged."""
+    if Q_FP16:
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    return q
+
+
+def fp16_dots(query: torch.Tensor, kv_fp8: bool) -> bool:
+    """Whether attention over an fp8 cache runs its dots in float16: for 16-bit queries (bfloat16 ones lose
+    nothing that matters: 3 more mantissa bits, range up to 65504); float32 queries (the CPU oracle) keep
+    float32."""
+    return kv_fp8 and query.dtype in (torch.bfloat16, torch.float16)
+
+
+@triton.jit
 def attend_kv_tile(
     q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, kv_offsets, dims, kv_valid, score_mask, scale_log2,
     MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -158,7 +175,7 @@ def _decode_kernel(
     stride_os, stride_oh, stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_lk, stride_ss,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FOLD_MERGE: tl.constexpr, SPLITS_P2: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, CASCADE: tl.constexpr, KV_FP8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, CASCADE: tl.constexpr, KV_FP8: tl.constexpr, Q_FP16: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -173,6 +190,7 @@ def _decode_kernel(
     row_valid = rows < GROUP
     q_ptrs = q_ptr + seq.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + dims[None, :]
     q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)  # [GROUP_P, HEAD_DIM]
+    q = query_for_dots(q, Q_FP16)
 
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
     tiles_per_split = tl.cdiv(num_tiles, num_splits)
@@ -437,7 +455,7 @@ def paged_decode_attention(
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=cfg.block_n, SPLIT=split, FOLD_MERGE=fold, SPLITS_P2=triton.next_power_of_2(num_splits) if fold else 1,
         DOT_PRECISION=dot_precision(query.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        CASCADE=cascade is not None, KV_FP8=kv_fp8,
+        CASCADE=cascade is not None, KV_FP8=kv_fp8, Q_FP16=fp16_dots(query, kv_fp8),
     )
     if split and not fold:
         _merge_splits_kernel[(num_seqs, num_heads)](

@@ -29,9 +29,11 @@ from allmos.kernels.decode_attention import (
     attend_kv_tile,
     check_paged_kv_args,
     dot_precision,
+    fp16_dots,
     kv_tile_offsets,
     make_output,
     max_shared_memory,
+    query_for_dots,
 )
 from allmos.kernels.store_kv import check_kv_scales, kv_scale_args
 
@@ -83,7 +85,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, Q_FP16: tl.constexpr,
 ):
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -106,6 +108,7 @@ def _prefill_kernel(
     q_rows = (q_start + tokens).to(tl.int64)
     q = tl.load(q_ptr + (q_rows * stride_qt + heads * stride_qh)[:, None] + dims[None, :],
                 mask=row_valid[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+    q = query_for_dots(q, Q_FP16)
     q_pos = context_len + tokens  # [BLOCK_M] absolute positions
 
     first_pos = context_len + q_tile * BLOCK_Q
@@ -209,7 +212,7 @@ def paged_prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_q * group_p2, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
-        DOT_PRECISION=dot_precision(query.dtype), KV_FP8=kv_fp8,
+        DOT_PRECISION=dot_precision(query.dtype), KV_FP8=kv_fp8, Q_FP16=fp16_dots(query, kv_fp8),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -227,5 +227,10 @@ class DecoderForCausalLM(nn.Module):
         for role, table in tables.items():
             for module in sites[role][1]:
                 module.gemv_table = table
+        self.use_fused_kv_store(fuse_kv_store)
+
+    def use_fused_kv_store(self, on: bool = True) -> None:
+        """Run q/k-norm + RoPE + K/V store as one kernel (where Triton is installed and the attention backend
+        accepts K/V stored by the caller), or (``on=False``) as separate q/k-norm + RoPE and store kernels."""
         for layer in self.model.layers:
-            layer.self_attn.fuse_kv_store = fuse_kv_store and fused_qk_rope_store is not None
+            layer.self_attn.fuse_kv_store = on and fused_qk_rope_store is not None
