@@ -45,13 +45,16 @@ class BatchResult:
     top: list[tuple[str, float, float]] = field(default_factory=list)  # (kernel, us/step, launches/step)
 
 
-def add_requests(engine, batch: int, ctx: int, max_tokens: int) -> None:
+def add_requests(engine, batch: int, ctx: int) -> list[str]:
+    """``batch`` requests of ``ctx`` random prompt tokens that outlive the measurement (they are aborted after
+    it): every measured step decodes exactly ``batch`` sequences, also the last ones, which the logits check
+    re-runs at that size. Returns the request ids."""
     from allmos import SamplingParams
 
     rng = random.Random(batch)
-    for _ in range(batch):
-        engine.add_request(None, [rng.randrange(10000) for _ in range(ctx)],
-                           SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=max_tokens))
+    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=2048)
+    return [engine.add_request(f"b{batch}-{i}", [rng.randrange(10000) for _ in range(ctx)], params)
+            for i in range(batch)]
 
 
 def finish_prefill(engine) -> None:
@@ -128,7 +131,7 @@ def measure(args: argparse.Namespace) -> dict:
     bandwidth = measure_copy_bandwidth() * 1e12
     results = []
     for batch in args.batch:
-        add_requests(engine, batch, args.ctx, WARM_STEPS + args.steps + args.profile_steps + 4)
+        request_ids = add_requests(engine, batch, args.ctx)
         finish_prefill(engine)
         for _ in range(WARM_STEPS):
             engine.step()
@@ -147,6 +150,7 @@ def measure(args: argparse.Namespace) -> dict:
               f"ideal {ideal_ms:.3f} ms, logits vs torch path {rel_err:.2e}", file=sys.stderr, flush=True)
         for name, us, n in top[: args.kernels]:
             print(f"    {us:8.1f} us/step {n:6.1f}/step  {name}", file=sys.stderr)
+        engine.abort_request(request_ids)
         while engine.has_unfinished():
             engine.step()
     env = {k: v for k, v in os.environ.items() if k.startswith("ALLMOS_")}

@@ -11,6 +11,10 @@
 #                                        fp8 and engine GPU tests and the decode step cost (bench_step) while GPU 0
 #                                        runs the standard workload here, in .old/, in .prev/ (another tree), here
 #                                        again and with an fp8 cache, the decode kernels and the in-graph GEMVs
+#   bash benchmarks/gpu_visit.sh step    (2 GPUs) the tensor-parallel GPU tests; then GPU 1 runs the fp8 store
+#                                        diagnosis, the engine/GEMV GPU tests and bench_step in .prev/ (another
+#                                        tree) while GPU 0 runs the standard workload here and in .prev/, and
+#                                        bench_step here (at most 8 logs come back from a visit)
 #   bash benchmarks/gpu_visit.sh check   (2 GPUs) every single-GPU test on GPU 1 while GPU 0 runs the standard
 #                                        workload here, in .old/, here again, here with an fp8 KV cache, and
 #                                        the decode attention kernels over bf16 and fp8 caches
@@ -54,6 +58,19 @@ elif [ "$1" = full ]; then
     TAIL=2 stage bench_fp8 100 python bench.py --kv-cache-dtype fp8
     TAIL=45 stage bench_kernels 120 python benchmarks/bench_kernels.py --fp8 --sweep-fp8 --no-prefill
     TAIL=70 stage bench_gemv_graph 120 python benchmarks/bench_gemv_graph.py
+    wait
+elif [ "$1" = step ]; then
+    TAIL=6 stage tp_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_tp.py
+    (export CUDA_VISIBLE_DEVICES=1
+     TAIL=30 stage diag_fp8_store 60 python benchmarks/diag_fp8_store.py
+     TAIL=12 stage gpu_tests 200 python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_gpu_engine.py \
+         tests/test_fused_decode_path.py tests/test_gemv.py tests/test_fp8_kv_cache.py
+     [ -d .prev ] && (cd .prev && TAIL=8 PYTHONPATH=$PWD stage bench_step_prev 150 python benchmarks/bench_step.py \
+         --batch 1 8 64 --steps 40 --profile-steps 10)) &
+    export CUDA_VISIBLE_DEVICES=0
+    TAIL=2 stage bench_new 100 python bench.py
+    [ -d .prev ] && (cd .prev && TAIL=2 PYTHONPATH=$PWD stage bench_prev 100 python bench.py)
+    TAIL=8 stage bench_step 150 python benchmarks/bench_step.py --steps 40 --profile-steps 10
     wait
 elif [ "$1" = check ]; then
     (CUDA_VISIBLE_DEVICES=1 TAIL=30 stage gpu_tests 570 python -m pytest -m gpu -q -p no:cacheprovider -rfE) &

@@ -163,3 +163,36 @@ def test_fp8_cache_decode_kernels_match_torch_path(tiny_model_factory, device, c
         assert differ.float().mean() < 0.01
         step = dequantize_kv(ref, None).abs() * 2**-3 + 2**-9  # one e4m3 step, at most
         assert ((dequantize_kv(new, None) - dequantize_kv(ref, None)).abs() <= step).all()
+
+
+def test_single_row_config_reads_the_whole_row_up_to_2048():
+    from allmos.kernels.gemv_tuning import single_row_config
+
+    assert [(c.block_m, c.block_n, c.block_k, c.num_warps) for c in map(single_row_config, (1024, 2048, 3072, 100))] \
+        == [(1, 4, 1024, 4), (1, 4, 2048, 8), (1, 4, 2048, 8), (1, 4, 128, 4)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_single_row_gemvs_match_torch_path(tiny_model_factory, monkeypatch, device):
+    """The default CUDA tables (``single_row_tables``): a one-row decode step runs every decoder projection
+    through the GEMV (the LM head stays on torch), two rows run none; both match the torch path (bfloat16)."""
+    from allmos.kernels.gemv_tuning import single_row_tables
+
+    folder = tiny_model_factory("qwen3")
+    model = build_model(load_model_config(folder), torch.bfloat16, torch.device(device))
+    load_weights(model, safetensors_files(folder))
+    tables = single_row_tables(model.gemv_sites())
+    assert set(tables) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    for context_lens, q_lens, expected_calls in (([9], [1], 4 * len(model.model.layers)), ([5, 17], [1, 1], 0)):
+        input_ids, positions, md = step_inputs(context_lens, q_lens, seed=3, device=device)
+        caches = random_caches(model, seed=1, device=device)
+        caches = [(k.to(torch.bfloat16), v.to(torch.bfloat16)) for k, v in caches]
+        model.use_decode_kernels({role: None for role in model.gemv_sites()}, fuse_kv_store=False)
+        ref = forward(model, TorchAttentionBackend(), [(k.clone(), v.clone()) for k, v in caches], input_ids,
+                      positions, md)
+        model.use_decode_kernels(tables, fuse_kv_store=False)
+        calls = counting(monkeypatch, gemv_module, "gemv")
+        new = forward(model, TorchAttentionBackend(), caches, input_ids, positions, md)
+        monkeypatch.undo()
+        assert calls[0] == expected_calls
+        torch.testing.assert_close(new.float(), ref.float(), atol=3e-2, rtol=3e-2)

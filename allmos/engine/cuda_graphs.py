@@ -12,12 +12,13 @@ cascade graph over persistent cascade buffers (docs/cascade_attention.md). Every
 cascade entry the graph reads (unused tile slots and padded rows zeroed, so a replay never meets an earlier
 step's groups); a step whose inputs carry cascade groups replays the cascade graph, other steps the plain one.
 
-On CUDA the decoder's fused q/k-norm + RoPE + K/V store kernel is switched on before capturing (prefill uses
-it too from then on). With ``ALLMOS_DECODE_KERNELS=1`` the decode kernels are switched on as well
-(``enable_decode_kernels``): small-batch Triton GEMVs chosen per captured size from timings on this device
-and split decode attention that merges its splits in the same launch.
-They are off by default: on an H200 they cut the kernels per step (348 -> 208 at batch 1) but not the GPU
-time (1.23 -> 1.43 ms at batch 1; docs/benchmarks.md), so cuBLAS and the separate kernels stay the path.
+On CUDA, before capturing, ``use_default_decode_kernels`` switches on the decode kernels that measured faster
+on an H200: the decoder's fused q/k-norm + RoPE + K/V store (prefill uses it too from then on) and the Triton
+GEMV for one-row batches; other batch sizes keep cuBLAS. With ``ALLMOS_DECODE_KERNELS=1`` the tuned decode
+kernels replace that choice (``enable_decode_kernels``): small-batch Triton GEMVs chosen per captured size
+from timings on this device, with the norm fused in, and split decode attention that merges its splits in the
+same launch. That path is off by default: on an H200 it cut the kernels per step (348 -> 208 at batch 1) but
+not the GPU time (1.23 -> 1.43 ms at batch 1; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -70,6 +71,20 @@ def enable_decode_kernels(model: torch.nn.Module, backend: AttentionBackend, siz
     model.use_decode_kernels(tables)
 
 
+def use_default_decode_kernels(model: torch.nn.Module) -> None:
+    """The decode kernels that measured faster on an H200 without start-up tuning (docs/benchmarks.md): the
+    fused q/k-norm + RoPE + K/V store at every batch size, and the Triton GEMV for one-row batches
+    (``gemv_tuning.single_row_tables``). A model without these hooks (or an install without Triton) keeps its
+    path."""
+    from allmos.kernels import gemv
+
+    if gemv is None or not hasattr(model, "gemv_sites"):
+        return
+    from allmos.kernels.gemv_tuning import single_row_tables
+
+    model.use_decode_kernels(single_row_tables(model.gemv_sites()), fuse_kv_store=True)
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 16 up to ``min(max_num_seqs, 512)`` (always including the cap)."""
     cap = min(max_num_seqs, MAX_CAPTURE_SIZE)
@@ -107,10 +122,10 @@ class DecodeGraphs:
         self.max_seq_len = max_blocks_per_seq * kv_caches[0][0].shape[1]
         self.capture = capture
         self.inputs = {bs: self._views(bs) for bs in self.sizes}
-        if device.type == "cuda" and hasattr(model, "use_fused_kv_store"):
-            model.use_fused_kv_store()  # one kernel for q/k-norm + RoPE + K/V store: fewer launches, less time
         if decode_kernels_enabled():
             enable_decode_kernels(model, backend, self.sizes, device)
+        elif device.type == "cuda":
+            use_default_decode_kernels(model)
         if capture:
             self._capture_all()
 
