@@ -286,11 +286,18 @@ class LocalModelRunner(ModelRunner):
                 and not batch.has_prompt_logprobs)
 
     def _run_graph(self, host: HostStep) -> torch.Tensor:
-        """Decode through the captured graphs: inputs go straight into their persistent buffers."""
-        input_ids, pending, rows = self.graphs.load(host)
+        """Decode through the captured graphs: inputs go straight into their persistent buffers.
+
+        One reference for the whole step: a tensor-parallel abort on another thread may release the graphs
+        meanwhile (``release_graphs``); then this step raises RuntimeError, the symptom the TP runner maps
+        to the worker's failure."""
+        graphs = self.graphs
+        if graphs is None:
+            raise RuntimeError("the decode graphs were released during the step (the runner is being stopped)")
+        input_ids, pending, rows = graphs.load(host)
         if len(host.pending):
             input_ids[pending] = self._last_sampled[0][rows]
-        return self.graphs.replay(host.num_seqs, cascade=host.cascade is not None)  # [num_seqs, vocab]
+        return graphs.replay(host.num_seqs, cascade=host.cascade is not None)  # [num_seqs, vocab]
 
     def _prompt_logprobs(self, batch: ScheduledBatch, metadata: AttentionMetadata,
                          hidden: torch.Tensor) -> PromptLogprobsOutput | None:

@@ -31,7 +31,9 @@ def fp8_e4m3_values(x, scale):
     ulp = ((biased_exp - 3) << 23).to(tl.float32, bitcast=True)  # e4m3 spacing there: 2^(exp - 3)
     inv_ulp = ((257 - biased_exp) << 23).to(tl.float32, bitcast=True)  # 1 / ulp
     rounded = ((a * inv_ulp + 8388608.0) - 8388608.0) * ulp  # a / ulp < 16: adding 2^23 rounds it half-even
-    return tl.where(y.to(tl.int32, bitcast=True) < 0, -rounded, rounded)
+    # y's sign bit onto the magnitude (not ``-rounded``: Triton negates as 0 - x, which makes -0.0 into +0.0)
+    sign = y.to(tl.int32, bitcast=True) & -2147483648
+    return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
