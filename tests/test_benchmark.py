@@ -134,3 +134,25 @@ def _env() -> dict:
     import os
 
     return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def test_bench_fp8_option_sets_the_ceiling_kv_bytes(monkeypatch, capsys):
+    """``--kv-cache-dtype fp8`` runs the engine with that cache and counts one byte per K/V element in the
+    ceiling (unless --kv-bytes is given)."""
+    import allmos.benchmark as bench
+
+    seen = {}
+
+    def fake_run(model, workload, **kwargs):
+        seen.update(kwargs)
+        return bench.BenchResult(2.0, 1000, 10)
+
+    monkeypatch.setattr(bench, "run_throughput", fake_run)
+    bench.main(["--kv-cache-dtype", "fp8", "--bw", "4.0"])
+    assert seen == {"kv_cache_dtype": "fp8"}
+    expected = ceiling_tokens_per_s(bench_model_config(None), standard_workload(), 4.0, kv_bytes=1)
+    assert f"ceiling {expected:,.0f} tok/s" in capsys.readouterr().out
+    bench.main(["--bw", "4.0"])
+    assert seen == {"kv_cache_dtype": "auto"}
+    expected = ceiling_tokens_per_s(bench_model_config(None), standard_workload(), 4.0, kv_bytes=2)
+    assert f"ceiling {expected:,.0f} tok/s" in capsys.readouterr().out
