@@ -78,20 +78,34 @@ def ceiling(config: ModelConfig, workload: Workload, bandwidth_tb_s: float, tflo
     attention 2 * L^2 * head_dim per head and layer for an L-token prompt, and one LM-head row per
     sequence, at ``tflops``. Norms, rotary and sampling are left out.
     """
-    layers, hidden, inter = config.num_hidden_layers, config.hidden_size, config.intermediate_size
-    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    vocab = config.vocab_size
-    attn_params = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
-    layer_params = layers * (attn_params + 3 * hidden * inter)
-    weights = weight_bytes_per_param * (layer_params + vocab * hidden)
+    layers, hidden, kv_heads, head_dim = (config.num_hidden_layers, config.hidden_size, config.num_key_value_heads,
+                                          config.head_dim)
+    weights = weight_bytes_per_param * (_layer_params(config) + config.vocab_size * hidden)
     kv_per_token = layers * 2 * kv_heads * head_dim * kv_bytes
     lens, outs = [len(p) for p in workload.prompts], workload.max_tokens
     kv_reads = sum(n * (m - 1) + m * (m - 1) // 2 for n, m in zip(lens, outs))  # sum_{j=1}^{m-1} (n + j)
     bandwidth = bandwidth_tb_s * 1e12  # bytes/s
     decode_s = (workload.num_decode_steps * weights + kv_reads * kv_per_token) / bandwidth
-    attn_flops = sum(2 * layers * heads * head_dim * L * L for L in lens)
-    prefill_s = (2 * layer_params * sum(lens) + attn_flops + 2 * vocab * hidden * len(lens)) / (tflops * 1e12)
+    prefill_s = prefill_flops(config, lens) / (tflops * 1e12)
     return Ceiling(weights, kv_reads * kv_per_token, decode_s, prefill_s, workload.num_output_tokens)
+
+
+def _layer_params(config: ModelConfig) -> int:
+    """Weights of the decoder layers' linear projections (q/k/v, o, gate/up, down), all layers."""
+    hidden, heads, kv_heads, head_dim = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                                         config.head_dim)
+    attn_params = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
+    return config.num_hidden_layers * (attn_params + 3 * hidden * config.intermediate_size)
+
+
+def prefill_flops(config: ModelConfig, prompt_lens: list[int]) -> float:
+    """Matrix FLOPs of prefilling fresh prompts of these lengths: 2 per layer weight per token, causal
+    attention 2 * L^2 * head_dim per query head and layer (QK^T and PV over the causal half), and one LM-head
+    row per prompt. Norms, rotary and sampling are left out."""
+    attn = sum(2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * n * n
+               for n in prompt_lens)
+    return 2 * _layer_params(config) * sum(prompt_lens) + attn + 2 * config.vocab_size * config.hidden_size * len(
+        prompt_lens)
 
 
 def ceiling_tokens_per_s(config: ModelConfig, workload: Workload, bandwidth_tb_s: float, tflops: float = 790.0,

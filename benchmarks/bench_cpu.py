@@ -10,8 +10,12 @@ per step) steps per second: no engine decodes batch 1 faster than that.
 With --quality: perplexity of each format on tests/data/alice_ch1_2.txt (public domain) against float32,
 greedy agreement and per-token logprob differences on fixed chat prompts (allmos.quality).
 
-Usage: python benchmarks/bench_cpu.py [--engines auto float32 bfloat16 int8 int4 int4-compiled transformers]
-       [--batches 1 16] [--new 128] [--threads 2] [--repeats 2] [--quality]
+``llama.cpp`` as an engine runs the same model's GGUF file (the one the default model is converted from) through
+the ``llama-cpp-python`` package when it is installed (``pip install llama-cpp-python``; not a dependency of
+allmos), batch 1 only (its high-level API decodes one sequence), the weight bytes counted as the whole file.
+
+Usage: python benchmarks/bench_cpu.py [--engines auto float32 bfloat16 int8 int4 int4-compiled transformers
+       llama.cpp] [--batches 1 16] [--new 128] [--threads 2] [--repeats 2] [--quality]
 """
 
 from __future__ import annotations
@@ -139,6 +143,30 @@ def child_transformers(a) -> dict:
             "tok_s": {b: decode_tok_s(generate, b, a.new, a.repeats) for b in a.batches}}
 
 
+def child_llama_cpp(a) -> dict:
+    import llama_cpp
+
+    from allmos.models.default_model import default_gguf_path
+
+    path = default_gguf_path()
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=a.threads, n_threads_batch=a.threads,
+                          verbose=False)
+    load_s = time.perf_counter() - start
+    rss = rss_mib()
+
+    def generate(p, n):
+        if len(p) != 1:
+            raise ValueError("the llama.cpp engine decodes batch 1 only")
+        tokens = llm.generate(p[0], temp=0.0, reset=True)  # greedy; does not stop at end-of-text by itself
+        for _ in range(n):
+            next(tokens)
+
+    return {"engine": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", "format": path.stem.rsplit(".", 1)[-1],
+            "load_s": load_s, "rss_mib": rss, "step_bytes": path.stat().st_size,
+            "tok_s": {b: decode_tok_s(generate, b, a.new, a.repeats) for b in a.batches if b == 1}}
+
+
 def child_quality(a) -> dict:
     from allmos import LLM, SamplingParams
     from allmos.quality import greedy_agreement, perplexity, token_logprobs
@@ -197,8 +225,8 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        result = (child_transformers(a) if a.child == "transformers" else child_quality(a) if a.child == "quality"
-                  else child_allmos(a.child, a))
+        children = {"transformers": child_transformers, "quality": child_quality, "llama.cpp": child_llama_cpp}
+        result = children[a.child](a) if a.child in children else child_allmos(a.child, a)
         print(json.dumps(result))
         return
     bandwidth = read_bandwidth_gbs(a.threads)
@@ -215,7 +243,7 @@ def main() -> None:
     print("|" + " --- |" * (7 + len(a.batches) + bool(base)))
     for r in rows:
         limit = bandwidth * 1e9 / r["step_bytes"]
-        tok = " | ".join(f"{_tok(r, b):.1f}" for b in a.batches)
+        tok = " | ".join(f"{_tok(r, b):.1f}" if _tok(r, b) == _tok(r, b) else "-" for b in a.batches)
         line = (f"| {r['engine']} | {r['format']} | {r['load_s']:.1f} | {r['rss_mib']:.0f} | "
                 f"{r['step_bytes'] / 1e6:.0f} | {tok} | {limit:.0f} | {100 * _tok(r, 1) / limit:.0f}% |")
         if base:
@@ -234,8 +262,9 @@ def main() -> None:
 
 
 def _tok(row: dict, batch: int) -> float:
+    """tok/s of ``row`` at ``batch`` (NaN where the engine did not run that batch)."""
     values = row["tok_s"]
-    return values[str(batch)] if str(batch) in values else values[batch]
+    return values.get(str(batch), values.get(batch, float("nan")))
 
 
 if __name__ == "__main__":
