@@ -102,15 +102,16 @@ class DecoderAttention(nn.Module):
                 self.q_norm.weight if self.qk_norm else None, self.k_norm.weight if self.qk_norm else None,
                 self.rms_norm_eps, rope.cos_cache, rope.sin_cache, positions)
         else:
-            q, k = self._qk_reference(positions, qkv[:, :q_size], qkv[:, q_size:q_size + kv_size])
+            q, k = self._qk_reference(positions, qkv[:, :q_size + kv_size])
         return q, k, v
 
-    def _qk_reference(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+    def _qk_reference(self, positions: torch.Tensor, qk: torch.Tensor):
+        """qk [num_tokens, q_size + kv_size] -> (q, k) normed (Qwen3) and rotated, [num_tokens, heads, head_dim]."""
         seq_lens = get_forward_context().rope_seq_lens if self.rotary_emb.needs_seq_lens else None
+        qk = qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
+        if not self.qk_norm:  # q and k side by side: one rotation over all their heads
+            return self.rotary_emb.rotate_packed(positions, qk, self.num_heads, seq_lens)
+        q, k = self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])
         return self.rotary_emb(positions, q, k, seq_lens)
 
 
