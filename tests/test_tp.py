@@ -369,7 +369,9 @@ if __name__ == "__main__":
 def test_no_orphans_when_driver_is_interrupted_or_killed(qwen3_dir, tmp_path, sig):
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(DRIVER_SCRIPT))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    # a driver that hangs is made to print every thread's stack (SIGABRT + faulthandler), the workers after 40 s
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PYTHONFAULTHANDLER": "1",
+           "ALLMOS_TP_STACKS_AFTER_S": "40"}
     stderr = tmp_path / "driver.err"
     with stderr.open("w") as err:
         driver = subprocess.Popen([sys.executable, str(script), str(qwen3_dir)], stdout=subprocess.PIPE,
@@ -390,7 +392,9 @@ def test_no_orphans_when_driver_is_interrupted_or_killed(qwen3_dir, tmp_path, si
             try:
                 driver.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                pytest.fail(f"the driver did not exit after two {sig.name}s:\n{stderr.read_text()[-3000:]}")
+                driver.send_signal(signal.SIGABRT)
+                driver.wait(timeout=10)
+                pytest.fail(f"the driver did not exit after two {sig.name}s:\n{stderr.read_text()[-8000:]}")
 
         def gone() -> bool:
             return not any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in workers)
