@@ -397,10 +397,11 @@ def test_no_orphans_when_driver_is_interrupted_or_killed(qwen3_dir, tmp_path, si
                 # worker's pipe while the worker waits in an all-reduce, so no signal reaches Python. Its
                 # stacks are reported; the driver is then killed and this test still checks what it is
                 # about: no worker outlives its driver.
+                masks = _signal_masks(driver.pid)
                 driver.send_signal(signal.SIGABRT)
                 driver.wait(timeout=10)
-                warnings.warn(f"tp driver hung after two {sig.name}s (known open bug):\n{stderr.read_text()[-8000:]}",
-                              stacklevel=1)
+                warnings.warn(f"tp driver hung after two {sig.name}s (known open bug); its signal state {masks}:\n"
+                              f"{stderr.read_text()[-8000:]}", stacklevel=1)
 
         def gone() -> bool:
             return not any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in workers)
@@ -409,6 +410,16 @@ def test_no_orphans_when_driver_is_interrupted_or_killed(qwen3_dir, tmp_path, si
     finally:
         if driver.poll() is None:
             driver.kill()
+
+
+def _signal_masks(pid: int) -> str:
+    """The signal lines of /proc/PID/status (pending, blocked, ignored, caught), for a hang report."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as exc:
+        return repr(exc)
+    return ", ".join(line.replace("\t", " ") for line in lines if line.startswith(("SigQ", "SigPnd", "ShdPnd",
+                                                                                     "SigBlk", "SigIgn", "SigCgt")))
 
 
 UNGUARDED_SCRIPT = """
