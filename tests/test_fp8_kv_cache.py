@@ -14,6 +14,7 @@ import random
 
 import pytest
 import torch
+from test_kernels import make_block_tables, slots_of
 
 from allmos.attention.torch_ref import (
     FP8_E4M3_MAX,
@@ -31,7 +32,6 @@ F8 = FP8_KV_DTYPE
 needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                        reason="CPU tensors run Triton kernels only under TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-PAD_BLOCK_ID = 2**30  # block-table padding: reading it would fault
 
 
 def make_scales(k: float, v: float, num_kv_heads: int = 0, head_dim: int = 0, seed: int = 0,
@@ -171,21 +171,12 @@ def fp8_case(seq_lens: list[int], num_kv_heads: int, head_dim: int, block_size: 
              seed: int):
     """An fp8 paged cache holding random K/V of every context token, stored by the torch reference; free slots
     and spare blocks are NaN; block tables shuffled, padded with an id that must never be read."""
-    rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    needed = [math.ceil(n / block_size) for n in seq_lens]
-    num_blocks = sum(needed) + 2
-    ids = list(range(num_blocks))
-    rng.shuffle(ids)
-    tables = torch.full((len(seq_lens), max(needed) + 1), PAD_BLOCK_ID, dtype=torch.int32)
-    used = 0
-    for s, n in enumerate(needed):
-        tables[s, :n] = torch.tensor(ids[used:used + n], dtype=torch.int32)
-        used += n
+    num_blocks = sum(math.ceil(n / block_size) for n in seq_lens) + 2
+    tables = make_block_tables(seq_lens, block_size, num_blocks, random.Random(seed))
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache, v_cache = nan_cache(shape, "cpu"), nan_cache(shape, "cpu")
-    slots = torch.tensor([int(tables[s, t // block_size]) * block_size + t % block_size
-                          for s, n in enumerate(seq_lens) for t in range(n)])
+    slots = slots_of(tables, [(s, t) for s, n in enumerate(seq_lens) for t in range(n)], block_size)
     keys = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen) * 4 + 6  # offset: the center matters
     values = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen)
     cpu_scales = KVScales(kv_scales.k_scale.cpu(), kv_scales.v_scale.cpu(),
