@@ -7,10 +7,6 @@
 #                                        (a `git archive` of an older commit, if present), tp=2 if 2 GPUs
 #   bash benchmarks/gpu_visit.sh tp      (2 GPUs) tensor-parallel and GPU engine tests, tp=1 vs tp=2 on the
 #                                        standard workload, and where a tp=2 decode step's time goes
-#   bash benchmarks/gpu_visit.sh full    (2 GPUs) the tensor-parallel GPU tests; then GPU 1 runs the attention,
-#                                        fp8 and engine GPU tests and the decode step cost (bench_step) while GPU 0
-#                                        runs the standard workload here, in .old/, in .prev/ (another tree), here
-#                                        again and with an fp8 cache, the decode kernels and the in-graph GEMVs
 #   bash benchmarks/gpu_visit.sh step    (2 GPUs) the tensor-parallel GPU tests; then GPU 1 runs the fp8 store
 #                                        diagnosis, the engine/GEMV GPU tests and bench_step in .prev/ (another
 #                                        tree) while GPU 0 runs the standard workload here and in .prev/, and
@@ -42,23 +38,6 @@ elif [ "$1" = serve ]; then
     fi
     TAIL=40 stage bench_serving 420 python benchmarks/bench_serving.py --launch --offline \
         --launch-model benchmarks/qwen3-0.6b --server-args "--load-format dummy" --request-rate inf "${RATE:-20}"
-elif [ "$1" = full ]; then
-    TAIL=6 stage tp_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_tp.py
-    (export CUDA_VISIBLE_DEVICES=1
-     TAIL=40 stage diag_fp8_store 60 python benchmarks/diag_fp8_store.py
-     TAIL=12 stage gpu_tests 240 python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_fp8_kv_cache.py \
-         tests/test_gpu_engine.py tests/test_kernels.py tests/test_cascade_attention.py tests/test_cascade_engine.py \
-         tests/test_fused_qk_rope_store.py tests/test_fused_decode_path.py tests/test_fused_decode_merge.py
-     TAIL=60 stage bench_step 150 python benchmarks/bench_step.py --steps 40 --profile-steps 10) &
-    export CUDA_VISIBLE_DEVICES=0
-    TAIL=2 stage bench_new 100 python bench.py
-    [ -d .old ] && (cd .old && TAIL=2 PYTHONPATH=$PWD stage bench_old 100 python bench.py)
-    [ -d .prev ] && (cd .prev && TAIL=2 PYTHONPATH=$PWD stage bench_prev 100 python bench.py)
-    TAIL=2 stage bench_new2 100 python bench.py
-    TAIL=2 stage bench_fp8 100 python bench.py --kv-cache-dtype fp8
-    TAIL=45 stage bench_kernels 120 python benchmarks/bench_kernels.py --fp8 --sweep-fp8 --no-prefill
-    TAIL=70 stage bench_gemv_graph 120 python benchmarks/bench_gemv_graph.py
-    wait
 elif [ "$1" = step ]; then
     TAIL=6 stage tp_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_tp.py
     (export CUDA_VISIBLE_DEVICES=1

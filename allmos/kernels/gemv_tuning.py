@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import triton
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench
 
@@ -102,7 +103,7 @@ def single_row_config(k: int) -> GemvConfig:
     (up to 2048) in one load, 8 warps from K = 2048. Timed inside a CUDA graph on an H200 (one launch per
     layer on distinct weights, ``benchmarks/bench_gemv_graph.py``), it beat cuBLAS at each decoder projection
     of the benchmark model; docs/benchmarks.md has the table."""
-    block_k = min(1 << max(0, k - 1).bit_length(), 2048)
+    block_k = min(triton.next_power_of_2(k), 2048)
     return GemvConfig(1, 4, block_k, 8 if block_k >= 2048 else 4, 1)
 
 
