@@ -52,7 +52,8 @@ FP8_DECODE_SWEEP = [DecodeConfig(n, w, s) for n in (64, 128, 256) for w in (4, 8
 PREFILL_SWEEP = [
     PrefillConfig(*c)
     for c in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 4, 2), (128, 128, 8, 1), (64, 128, 4, 2),
-              (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 3)]
+              (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 3), (256, 64, 8, 2), (256, 32, 8, 3),
+              (128, 64, 4, 3)]
 ]
 
 
@@ -196,7 +197,7 @@ def prefill_table(shapes: Shapes, sweep: bool) -> None:
     widths = (12, 28, 8, 8)
     print("\n## Prefill attention, 16k new tokens (causal TFLOP/s)")
     print(row("seqs x len", "kernel", "time ms", "TFLOP/s", widths=widths))
-    for num_seqs, seq_len in [(1, 16384), (16, 1024)]:
+    for num_seqs, seq_len in [(1, 16384), (4, 4096), (16, 1024)]:
         layout = f"{num_seqs} x {seq_len}"
         flops = prefill_flops([seq_len] * num_seqs, shapes)
         for cfg in [None] + (PREFILL_SWEEP if sweep else []):

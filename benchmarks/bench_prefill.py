@@ -7,7 +7,8 @@ row per prompt) and compared with the bf16 matrix rate measured in the same run 
 GPU; on the CPU a 1024-square GEMM in the model's dtype). Random Qwen3-0.6B weights by default.
 
 Usage: ``PYTHONPATH=. python benchmarks/bench_prefill.py [MODEL] [--lens 2000 3000 4000 8000]
-[--tokens 65536] [--max-num-batched-tokens N ...]`` (each chunk size in its own engine, same run).
+[--tokens 65536] [--max-num-batched-tokens N ...] [--profile]`` (each chunk size in its own engine, same run;
+``--profile``: the GPU kernels of one more run of the longest prompts, by total time).
 """
 
 from __future__ import annotations
@@ -63,6 +64,30 @@ def time_prefill(llm, lens: list[int], tokens: int) -> list[tuple[int, int, floa
     return rows
 
 
+def profile_kernels(llm, length: int, tokens: int, top: int = 18) -> None:
+    """The GPU kernels of prefilling ``tokens // length`` fresh prompts, by total time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from allmos import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    batch = prompts_of(length, max(1, tokens // length), 99, llm.engine.runner.model.config.vocab_size)
+    cuda = llm.engine.runner.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        llm.generate(batch, params, use_tqdm=False)
+        if cuda:
+            torch.cuda.synchronize()
+
+    def spent(e) -> float:  # microseconds on the device (CPU: the op's own time)
+        return e.device_time_total if cuda else e.self_cpu_time_total
+
+    events = [e for e in prof.key_averages() if spent(e) > 0]
+    total = sum(spent(e) for e in events)
+    print(f"\n{'GPU kernels' if cuda else 'CPU ops'}, {len(batch)} prompts of {length}: {total / 1e3:.1f} ms in all")
+    for e in sorted(events, key=lambda e: -spent(e))[:top]:
+        print(f"  {spent(e) / 1e3:8.2f} ms {100 * spent(e) / total:5.1f}% {e.count:6d}x  {e.key[:90]}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default=None, help="model folder (default: the benchmark model, random)")
@@ -70,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=65536, help="prompt tokens per length")
     ap.add_argument("--max-num-batched-tokens", type=int, nargs="+", default=[None])
     ap.add_argument("--device", default=None)
+    ap.add_argument("--profile", action="store_true", help="kernel table of the longest prompts (last engine)")
     a = ap.parse_args(argv)
     from allmos import LLM
 
@@ -95,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
             tflops = prefill_flops(config, [length] * count) / seconds / 1e12
             print(f"| {chunk or 'default'} | {length} | {count} | {seconds:.3f} | {length * count / seconds:,.0f} | "
                   f"{tflops:.3g} | {100 * tflops / rate:.1f}% |", flush=True)
+        if a.profile and chunk == a.max_num_batched_tokens[-1]:
+            profile_kernels(llm, max(a.lens), a.tokens)
         llm.shutdown()
     print(f"matrix rate measured in this run: {rate:.1f} TFLOP/s ({runner.dtype}, {runner.device.type})")
 

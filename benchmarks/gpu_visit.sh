@@ -14,6 +14,10 @@
 #   bash benchmarks/gpu_visit.sh check   (2 GPUs) every single-GPU test on GPU 1 while GPU 0 runs the standard
 #                                        workload here, in .old/, here again, here with an fp8 KV cache, and
 #                                        the decode attention kernels over bf16 and fp8 caches
+#   bash benchmarks/gpu_visit.sh prefill (2 GPUs) GPU 0: prompt tok/s of long prompts against the matrix rate, per
+#                                        chunk size, with a kernel table; GPU 1: one-row GEMVs in a graph with and
+#                                        without programmatic dependent launch, then the attention kernels'
+#                                        prefill tile sweep
 #   bash benchmarks/gpu_visit.sh serve   the serving benchmark at saturation and at RATE requests/s (default
 #                                        20), against the offline engine on the same requests; FastAPI etc.
 #                                        come from wheels in .whl/ when the machine lacks them
@@ -31,6 +35,14 @@ if [ "$1" = tp ]; then
     TAIL=8 stage tp_tests 200 python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_tp.py tests/test_gpu_engine.py
     TAIL=8 stage bench_tp 200 python benchmarks/bench_tp.py --child-timeout 95
     TAIL=10 stage bench_tp_step 150 python benchmarks/bench_tp_step.py --steps 50
+elif [ "$1" = prefill ]; then
+    (export CUDA_VISIBLE_DEVICES=1
+     TAIL=40 stage gemv_pdl 150 python benchmarks/bench_gemv_graph.py --batch 1 --pdl
+     TAIL=30 stage bench_kernels 200 python benchmarks/bench_kernels.py --sweep-prefill) &
+    export CUDA_VISIBLE_DEVICES=0
+    TAIL=40 stage bench_prefill 400 python benchmarks/bench_prefill.py --lens 2000 4000 8000 \
+        --max-num-batched-tokens 4096 16384 32768 --profile
+    wait
 elif [ "$1" = serve ]; then
     if ls .whl/*.whl > /dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
