@@ -14,6 +14,7 @@ Usage: ``PYTHONPATH=. python benchmarks/bench_prefill.py [MODEL] [--lens 2000 30
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import time
 
@@ -114,9 +115,9 @@ def main(argv: list[str] | None = None) -> None:
         if a.device is not None:
             kwargs["device"] = a.device
         llm = LLM(path, **kwargs)
-        runner = llm.engine.runner
+        device, dtype = llm.engine.runner.device.type, llm.engine.runner.dtype
         if rate is None:
-            rate = matrix_rate_tflops(runner.device.type, runner.dtype)
+            rate = matrix_rate_tflops(device, dtype)
         for length, count, seconds in time_prefill(llm, a.lens, a.tokens):
             tflops = prefill_flops(config, [length] * count) / seconds / 1e12
             print(f"| {chunk or 'default'} | {length} | {count} | {seconds:.3f} | {length * count / seconds:,.0f} | "
@@ -124,7 +125,11 @@ def main(argv: list[str] | None = None) -> None:
         if a.profile and chunk == a.max_num_batched_tokens[-1]:
             profile_kernels(llm, max(a.lens), a.tokens)
         llm.shutdown()
-    print(f"matrix rate measured in this run: {rate:.1f} TFLOP/s ({runner.dtype}, {runner.device.type})")
+        del llm  # the next engine sizes its KV cache from the memory this one frees
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print(f"matrix rate measured in this run: {rate:.1f} TFLOP/s ({dtype}, {device})")
 
 
 if __name__ == "__main__":

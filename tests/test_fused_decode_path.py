@@ -165,11 +165,12 @@ def test_fp8_cache_decode_kernels_match_torch_path(tiny_model_factory, device, c
         assert ((dequantize_kv(new, None) - dequantize_kv(ref, None)).abs() <= step).all()
 
 
-def test_single_row_config_reads_the_whole_row_up_to_2048():
+def test_single_row_config_reads_the_whole_row_up_to_4096():
     from allmos.kernels.gemv_tuning import single_row_config
 
-    assert [(c.block_m, c.block_n, c.block_k, c.num_warps) for c in map(single_row_config, (1024, 2048, 3072, 100))] \
-        == [(1, 4, 1024, 4), (1, 4, 2048, 8), (1, 4, 2048, 8), (1, 4, 128, 4)]
+    sizes = (1024, 2048, 3072, 100, 9000)
+    assert [(c.block_m, c.block_n, c.block_k, c.num_warps) for c in map(single_row_config, sizes)] \
+        == [(1, 4, 1024, 4), (1, 4, 2048, 8), (1, 4, 4096, 8), (1, 4, 128, 4), (1, 4, 4096, 8)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -72,6 +72,18 @@ def test_gemv_small_shapes(DEVICE, dtype, m, silu_mul):
 
 
 @pytest.mark.parametrize("DEVICE,dtype", CPU_CASES)
+@pytest.mark.parametrize("silu_mul", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_row_gemv_loops_over_k(DEVICE, dtype, silu_mul, bias):
+    """The one-row kernel past its first K tile: several tiles, a masked tail, N not a multiple of BLOCK_N."""
+    n, k = 22, 100
+    for config in (GemvConfig(1, 4, 32, 4, 1), GemvConfig(1, 8, 64, 4, 1), GemvConfig(1, 2, 128, 4, 1)):
+        x, w, b = operands(1, 2 * n if silu_mul else n, k, dtype, DEVICE, bias=bias, seed=config.block_k)
+        y = gemv(x, w, b, config, silu_mul=silu_mul, out=poisoned((1, n), dtype, DEVICE))
+        close(y, linear_ref(x, w, b, silu_mul), dtype)
+
+
+@pytest.mark.parametrize("DEVICE,dtype", CPU_CASES)
 @pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize("silu_mul", [False, True])
 @pytest.mark.parametrize("with_residual", [True, False])

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from allmos.attention.torch_ref import FP8_KV_DTYPE, KVScales
 from allmos.kernels.cascade_state import CascadePrefix, cascade_launch_args, cascade_prefix_state
+from allmos.kernels.pdl import gdc_launch_dependents, pdl_enabled
 from allmos.kernels.store_kv import check_kv_scales, kv_scale_args
 
 MAX_NUM_SPLITS = 16
@@ -176,7 +177,10 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FOLD_MERGE: tl.constexpr, SPLITS_P2: tl.constexpr,
     DOT_PRECISION: tl.constexpr, CASCADE: tl.constexpr, KV_FP8: tl.constexpr, Q_FP16: tl.constexpr,
+    PDL_TRIGGER: tl.constexpr,
 ):
+    if PDL_TRIGGER:  # a PDL kernel after this one (the output projection) may start loading its weights
+        gdc_launch_dependents()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -285,8 +289,10 @@ def _merge_head(
 def _merge_splits_kernel(
     part_ptr, lse_ptr, out_ptr, num_splits,
     stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_lk, stride_os, stride_oh,
-    HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr, PDL_TRIGGER: tl.constexpr,
 ):
+    if PDL_TRIGGER:
+        gdc_launch_dependents()
     _merge_head(part_ptr, lse_ptr, out_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), num_splits,
                 stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_lk, stride_os, stride_oh,
                 HEAD_DIM, SPLITS_P2)
@@ -456,6 +462,7 @@ def paged_decode_attention(
         BLOCK_N=cfg.block_n, SPLIT=split, FOLD_MERGE=fold, SPLITS_P2=triton.next_power_of_2(num_splits) if fold else 1,
         DOT_PRECISION=dot_precision(query.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         CASCADE=cascade is not None, KV_FP8=kv_fp8, Q_FP16=fp16_dots(query, kv_fp8),
+        PDL_TRIGGER=pdl_enabled(query.device),
     )
     if split and not fold:
         _merge_splits_kernel[(num_seqs, num_heads)](
@@ -463,5 +470,6 @@ def paged_decode_attention(
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4,
+            PDL_TRIGGER=pdl_enabled(query.device),
         )
     return out

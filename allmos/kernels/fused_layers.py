@@ -11,13 +11,18 @@ import torch
 import triton
 import triton.language as tl
 
+from allmos.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_enabled
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro,
-                     n_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     n_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    if PDL:  # launched with PDL: let the next kernel load its weights, wait for the one before
+        gdc_launch_dependents()
+        gdc_wait()
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     dtype = x.dtype
     x = x.to(tl.float32)
@@ -42,11 +47,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     out = torch.empty_like(x)
     res_out = torch.empty_like(x) if residual is not None else out
     res = residual if residual is not None else x
+    pdl = pdl_enabled(x.device)
     if n_rows:
         _rms_norm_kernel[(n_rows,)](
             x, res, weight, out, res_out, x.stride(0), res.stride(0), out.stride(0), res_out.stride(0),
             n_cols, eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols),
-            num_warps=4 if n_cols <= 2048 else 8)
+            PDL=pdl, num_warps=4 if n_cols <= 2048 else 8, **launch_options(pdl))
     return out if residual is None else (out, res_out)
 
 

@@ -7,7 +7,11 @@ exist. Accumulation is float32.
 
 Two inner products, chosen by ``BLOCK_M`` (a compile-time constant):
 - ``BLOCK_M == 1``: a row reduction, ``sum(W_tile * x_row)`` over a ``[BLOCK_N, BLOCK_K]`` tile (M must be
-  1); no tensor cores, no shared-memory staging, any power-of-two ``BLOCK_N``.
+  1); no tensor cores, no shared-memory staging, any power-of-two ``BLOCK_N``. Without a fused norm this is
+  its own kernel (``_row_gemv_kernel``), which loads its first weight tile before it reads x: on Hopper it
+  is launched with programmatic dependent launch (PDL), so that weight read starts while the kernel before
+  it finishes; ``gdc_wait`` then holds the program until that kernel's writes (x among them) are visible
+  (``allmos.kernels.pdl``).
 - ``BLOCK_M >= 16``: ``tl.dot`` with the input rows padded to ``BLOCK_M`` (masked loads give zeros); the
   wasted MMA work costs nothing in a memory-bound kernel, and the pipelined loads keep many weight bytes
   in flight.
@@ -31,6 +35,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from allmos.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_enabled
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,68 @@ def _gemv_kernel(
     tl.store(y_ptrs, acc.to(out_dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _row_dot(w_rows, x_ptr, ks, w_mask, K):
+    """sum(W[cols, ks] * x[ks]) over one [BLOCK_N, BLOCK_K] tile: [BLOCK_N] float32."""
+    w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
+    x = tl.load(x_ptr + ks, mask=ks < K, other=0.0)
+    return tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+
+
+@triton.jit
+def _row_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """One input row: y[0, cols] = W[cols, :] @ x[0, :] (then SiLU-and-mul). The first K tile of the weights is
+    loaded before x; with ``PDL`` the program lets the next launch start and waits for the previous kernel
+    in between (nothing is read from or written to activations before the wait)."""
+    cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N] output features
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + cols[:, None] * stride_wn  # [BLOCK_N, 1]
+    up_rows = w_ptr + (cols + N)[:, None] * stride_wn  # "up" half of [gate | up] (SILU_MUL)
+    w_mask = col_ok[:, None] & (ks[None, :] < K)
+    w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)  # [BLOCK_N, BLOCK_K]
+    if SILU_MUL:
+        wu = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
+    else:
+        wu = w
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    x = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)  # [BLOCK_K]
+    acc = tl.sum(w.to(tl.float32) * x[None, :], axis=1)  # [BLOCK_N]
+    if SILU_MUL:
+        acc_up = tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
+    else:
+        acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        kk = k0 + ks
+        mask = col_ok[:, None] & (kk[None, :] < K)
+        acc += _row_dot(w_rows, x_ptr, kk, mask, K)
+        if SILU_MUL:
+            acc_up += _row_dot(up_rows, x_ptr, kk, mask, K)
+    out_dtype = y_ptr.dtype.element_ty
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if SILU_MUL:
+            acc_up += tl.load(b_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if SILU_MUL:  # rounded as the reference: linear output, silu(gate), and the product each in out_dtype
+        gate = acc.to(out_dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(out_dtype).to(tl.float32)
+        acc = act * acc_up.to(out_dtype).to(tl.float32)
+    tl.store(y_ptr + cols, acc.to(out_dtype), mask=col_ok)
+
+
+def _launch_row(x, weight, bias, y, n: int, config: GemvConfig, silu_mul: bool) -> None:
+    """The one-row kernel (``_row_gemv_kernel``); x [1, K], y [1, N]."""
+    k = x.shape[1]
+    pdl = pdl_enabled(x.device)
+    _row_gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl))
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """Exact float32 products for float32 inputs (the tests' oracle dtype); the default for 16-bit."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -198,6 +266,9 @@ def _launch(x, residual, norm_weight, eps, weight, bias, config: GemvConfig, sil
     if m == 0 or n == 0:
         return y
     has_norm, has_res = norm_weight is not None, residual is not None
+    if config.block_m == 1 and not has_norm:
+        _launch_row(x, weight, bias, y, n, config, silu_mul)
+        return y
     res = residual if has_res else x
     res_out = res_out if res_out is not None else y
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))

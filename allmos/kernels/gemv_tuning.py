@@ -100,10 +100,10 @@ SINGLE_ROW_ROLES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # the LM
 
 def single_row_config(k: int) -> GemvConfig:
     """The GEMV tile for one input row (a batch-1 decode step): 4 output features per program, the whole K
-    (up to 2048) in one load, 8 warps from K = 2048. Timed inside a CUDA graph on an H200 (one launch per
+    (up to 4096) in one load, 8 warps from K = 2048. Timed inside a CUDA graph on an H200 (one launch per
     layer on distinct weights, ``benchmarks/bench_gemv_graph.py``), it beat cuBLAS at each decoder projection
     of the benchmark model; docs/benchmarks.md has the table."""
-    block_k = min(triton.next_power_of_2(k), 2048)
+    block_k = min(triton.next_power_of_2(k), 4096)
     return GemvConfig(1, 4, block_k, 8 if block_k >= 2048 else 4, 1)
 
 
