@@ -49,7 +49,7 @@ elif [ "$1" = prefill ]; then
 elif [ "$1" = pdl ]; then
     (export CUDA_VISIBLE_DEVICES=1
      TAIL=12 stage gpu_tests 200 python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_gemv.py \
-         tests/test_fused_decode_path.py tests/test_kernels.py tests/test_gpu_engine.py
+         tests/test_fused_decode_path.py tests/test_kernels.py tests/test_gpu_engine.py tests/test_fused_layers.py tests/test_fused_decode_merge.py
      TAIL=40 stage bench_prefill 300 python benchmarks/bench_prefill.py --lens 2000 4000 8000 \
          --max-num-batched-tokens 8192 16384 32768 --profile) &
     export CUDA_VISIBLE_DEVICES=0
