@@ -121,7 +121,10 @@ class InputProcessor:
             raise ValueError(f"This model's maximum context length is {max_len} tokens. However, your request has "
                              f"{len(token_ids)} input tokens, which leaves no room for output. Please reduce "
                              "the length of the prompt (or raise max_model_len).")
-        bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if all(type(t) is int for t in token_ids) and 0 <= min(token_ids) and max(token_ids) < self.vocab_size:
+            bad = []  # the common case, without a per-token range test
+        else:
+            bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
         if bad:
             raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
         params.validate_for_vocab(self.vocab_size)
