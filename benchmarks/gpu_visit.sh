@@ -18,9 +18,9 @@
 #                                        chunk size, with a kernel table; GPU 1: one-row GEMVs in a graph with and
 #                                        without programmatic dependent launch, then the attention kernels'
 #                                        prefill tile sweep
-#   bash benchmarks/gpu_visit.sh pdl     (2 GPUs) GPU 1: the GEMV, fused-path, kernel and engine GPU tests, then the
-#                                        prefill benchmark; GPU 0: decode step cost here with and without PDL
-#                                        (ALLMOS_PDL=0) and in .prev/, then the standard workload here and in .prev/
+#   bash benchmarks/gpu_visit.sh pdl     (2 GPUs) GPU 1: the kernel, fused-path and engine GPU tests; GPU 0: decode
+#                                        step cost here with and without PDL (ALLMOS_PDL=0) and in .prev/, the
+#                                        standard workload here and in .prev/, the prefill tile sweep, bench_prefill
 #   bash benchmarks/gpu_visit.sh serve   the serving benchmark at saturation and at RATE requests/s (default
 #                                        20), against the offline engine on the same requests; FastAPI etc.
 #                                        come from wheels in .whl/ when the machine lacks them
@@ -48,10 +48,10 @@ elif [ "$1" = prefill ]; then
     wait
 elif [ "$1" = pdl ]; then
     (export CUDA_VISIBLE_DEVICES=1
-     TAIL=12 stage gpu_tests 200 python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_gemv.py \
-         tests/test_fused_decode_path.py tests/test_kernels.py tests/test_gpu_engine.py tests/test_fused_layers.py tests/test_fused_decode_merge.py
-     TAIL=40 stage bench_prefill 300 python benchmarks/bench_prefill.py --lens 2000 4000 8000 \
-         --max-num-batched-tokens 8192 16384 32768 --profile) &
+     TAIL=12 stage gpu_tests 500 python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_gemv.py \
+         tests/test_fused_decode_path.py tests/test_kernels.py tests/test_fused_layers.py \
+         tests/test_fused_decode_merge.py tests/test_fused_qk_rope_store.py tests/test_cascade_attention.py \
+         tests/test_fp8_kv_cache.py tests/test_gpu_engine.py) &
     export CUDA_VISIBLE_DEVICES=0
     TAIL=20 stage bench_step 200 python benchmarks/bench_step.py --batch 1 8 64 --steps 40 --profile-steps 10 \
         --compare-env ALLMOS_PDL=0
@@ -59,6 +59,8 @@ elif [ "$1" = pdl ]; then
         --batch 1 8 64 --steps 40 --profile-steps 10)
     TAIL=2 stage bench_new 100 python bench.py
     [ -d .prev ] && (cd .prev && TAIL=2 PYTHONPATH=$PWD stage bench_prev 100 python bench.py)
+    TAIL=45 stage bench_kernels 150 python benchmarks/bench_kernels.py --sweep-prefill
+    TAIL=8 stage bench_prefill 150 python benchmarks/bench_prefill.py --lens 2000 4000 8000
     wait
 elif [ "$1" = serve ]; then
     if ls .whl/*.whl > /dev/null 2>&1; then
