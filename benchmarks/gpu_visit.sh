@@ -21,6 +21,9 @@
 #   bash benchmarks/gpu_visit.sh pdl     (2 GPUs) GPU 1: the kernel, fused-path and engine GPU tests; GPU 0: decode
 #                                        step cost here with and without PDL (ALLMOS_PDL=0) and in .prev/, the
 #                                        standard workload here and in .prev/, the prefill tile sweep, bench_prefill
+#   bash benchmarks/gpu_visit.sh ratio   (2 GPUs, nothing else running beside each benchmark's own GPU) GPU 0: decode
+#                                        step cost here with and without PDL and in .prev/, then the standard
+#                                        workload here, in .prev/, here; GPU 1: bench_prefill here and in .prev/
 #   bash benchmarks/gpu_visit.sh serve   the serving benchmark at saturation and at RATE requests/s (default
 #                                        20), against the offline engine on the same requests; FastAPI etc.
 #                                        come from wheels in .whl/ when the machine lacks them
@@ -61,6 +64,19 @@ elif [ "$1" = pdl ]; then
     [ -d .prev ] && (cd .prev && TAIL=2 PYTHONPATH=$PWD stage bench_prev 100 python bench.py)
     TAIL=45 stage bench_kernels 150 python benchmarks/bench_kernels.py --sweep-prefill
     TAIL=8 stage bench_prefill 150 python benchmarks/bench_prefill.py --lens 2000 4000 8000
+    wait
+elif [ "$1" = ratio ]; then
+    (export CUDA_VISIBLE_DEVICES=1
+     TAIL=6 stage bench_prefill 150 python benchmarks/bench_prefill.py --lens 2000 4000 8000
+     [ -d .prev ] && (cd .prev && TAIL=6 PYTHONPATH=$PWD stage bench_prefill_prev 150 python \
+         benchmarks/bench_prefill.py --lens 2000 4000 8000)) &
+    export CUDA_VISIBLE_DEVICES=0
+    TAIL=8 stage bench_step 200 python benchmarks/bench_step.py --batch 1 8 64 256 --steps 60 --profile-steps 10 \
+        --compare-env ALLMOS_PDL=0
+    [ -d .prev ] && (cd .prev && TAIL=8 PYTHONPATH=$PWD stage bench_step_prev 100 python benchmarks/bench_step.py \
+        --batch 1 8 64 256 --steps 60 --profile-steps 10)
+    TAIL=2 stage bench_new 100 python bench.py
+    [ -d .prev ] && (cd .prev && TAIL=2 PYTHONPATH=$PWD stage bench_prev 100 python bench.py)
     wait
 elif [ "$1" = serve ]; then
     if ls .whl/*.whl > /dev/null 2>&1; then

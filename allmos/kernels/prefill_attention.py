@@ -46,30 +46,25 @@ class PrefillConfig:
     block_n: int  # key tokens per tile
     num_warps: int
     num_stages: int
-    warp_specialize: bool = False  # Triton's automatic warp specialization of the unmasked key loop
 
 
 @triton.jit
 def _attend_causal(q, q_pos, row_valid, table, kv_end, num_full, k_cache_ptr, v_cache_ptr, head_offset, dims,
                    scale_log2, stride_cb, stride_ct, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   WARP_SPECIALIZE: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax of the query rows over keys ``[0, kv_end)``: the first ``num_full`` tiles unmasked
     (every row sees them whole), the rest with the causal mask. Returns the unnormalized output and the
     row sums."""
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if WARP_SPECIALIZE:
-        for tile in tl.range(0, num_full, warp_specialize=True):
-            offsets = kv_tile_offsets(table, tile * BLOCK_N, kv_end, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, False)
-            acc, m_i, l_i = attend_kv_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, offsets + head_offset, dims,
-                                           row_valid, row_valid, scale_log2, False, DOT_PRECISION)
-    else:
-        for tile in range(0, num_full):
-            offsets = kv_tile_offsets(table, tile * BLOCK_N, kv_end, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, False)
-            acc, m_i, l_i = attend_kv_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, offsets + head_offset, dims,
-                                           row_valid, row_valid, scale_log2, False, DOT_PRECISION)
+    for tile in range(0, num_full):
+        start = tile * BLOCK_N
+        offsets = kv_tile_offsets(table, start, kv_end, stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, False)
+        acc, m_i, l_i = attend_kv_tile(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, offsets + head_offset, dims, row_valid, row_valid,
+            scale_log2, False, DOT_PRECISION,
+        )
     for tile in range(num_full, tl.cdiv(kv_end, BLOCK_N)):
         start = tile * BLOCK_N
         key_pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -90,7 +85,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, Q_FP16: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    KV_FP8: tl.constexpr, Q_FP16: tl.constexpr,
 ):
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -124,7 +119,7 @@ def _prefill_kernel(
 
     acc, l_i = _attend_causal(q, q_pos, row_valid, table, kv_end, num_full, k_cache_ptr, v_cache_ptr,
                               head_offset, dims, scale_log2, stride_cb, stride_ct,
-                              BLOCK_M, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, WARP_SPECIALIZE)
+                              BLOCK_M, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     if KV_FP8:
         o = o * tl.load(v_scale_ptr)
@@ -218,6 +213,6 @@ def paged_prefill_attention(
         GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_q * group_p2, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
         DOT_PRECISION=dot_precision(query.dtype), KV_FP8=kv_fp8, Q_FP16=fp16_dots(query, kv_fp8),
-        WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
