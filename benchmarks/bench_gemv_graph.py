@@ -82,8 +82,11 @@ def configs(m: int, k: int) -> list[GemvConfig]:
             if block_k <= max(k, 256):
                 out += [GemvConfig(1, block_n, block_k, warps, 1), GemvConfig(1, block_n, block_k, warps, 3)]
         return out
-    return [GemvConfig(16, n, bk, w, s) for n, bk, w, s in ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 4),
-                                                            (64, 128, 4, 3), (16, 512, 4, 3), (32, 512, 8, 3))]
+    whole_k = min(triton.next_power_of_2(k), 4096)  # the row kernel over a few rows: weights loaded once
+    rows = [GemvConfig(1, n, whole_k, w, 1) for n, w in ((2, 4), (4, 4), (4, 8), (8, 8), (16, 8))
+            if n * whole_k <= 32768] if m <= 16 else []
+    return rows + [GemvConfig(16, n, bk, w, s) for n, bk, w, s in ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 4),
+                                                                   (64, 128, 4, 3), (16, 512, 4, 3), (32, 512, 8, 3))]
 
 
 def graph_time_us(fn, layers: int) -> float:

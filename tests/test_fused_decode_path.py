@@ -165,26 +165,29 @@ def test_fp8_cache_decode_kernels_match_torch_path(tiny_model_factory, device, c
         assert ((dequantize_kv(new, None) - dequantize_kv(ref, None)).abs() <= step).all()
 
 
-def test_single_row_config_reads_the_whole_row_up_to_4096():
-    from allmos.kernels.gemv_tuning import single_row_config
+def test_row_kernel_config_reads_the_whole_row_up_to_4096():
+    from allmos.kernels.gemv_tuning import row_kernel_config
 
     sizes = (1024, 2048, 3072, 100, 9000)
-    assert [(c.block_m, c.block_n, c.block_k, c.num_warps) for c in map(single_row_config, sizes)] \
+    assert [(c.block_m, c.block_n, c.block_k, c.num_warps) for c in map(row_kernel_config, sizes)] \
         == [(1, 4, 1024, 4), (1, 4, 2048, 8), (1, 4, 4096, 8), (1, 4, 128, 4), (1, 4, 4096, 8)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_default_single_row_gemvs_match_torch_path(tiny_model_factory, monkeypatch, device):
-    """The default CUDA tables (``single_row_tables``): a one-row decode step runs every decoder projection
-    through the GEMV (the LM head stays on torch), two rows run none; both match the torch path (bfloat16)."""
-    from allmos.kernels.gemv_tuning import single_row_tables
+def test_default_row_kernel_gemvs_match_torch_path(tiny_model_factory, monkeypatch, device):
+    """The default CUDA tables (``row_kernel_tables``): decode steps of 1 to 8 rows run every decoder projection
+    through the GEMV (the LM head stays on torch), 9 rows run none; all match the torch path (bfloat16)."""
+    from allmos.kernels.gemv_tuning import row_kernel_tables
 
     folder = tiny_model_factory("qwen3")
     model = build_model(load_model_config(folder), torch.bfloat16, torch.device(device))
     load_weights(model, safetensors_files(folder))
-    tables = single_row_tables(model.gemv_sites())
+    tables = row_kernel_tables(model.gemv_sites())
     assert set(tables) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
-    for context_lens, q_lens, expected_calls in (([9], [1], 4 * len(model.model.layers)), ([5, 17], [1, 1], 0)):
+    per_step = 4 * len(model.model.layers)
+    for context_lens, q_lens, expected_calls in (([9], [1], per_step), ([5, 17], [1, 1], per_step),
+                                                 (list(range(3, 11)), [1] * 8, per_step),
+                                                 (list(range(3, 12)), [1] * 9, 0)):
         input_ids, positions, md = step_inputs(context_lens, q_lens, seed=3, device=device)
         caches = random_caches(model, seed=1, device=device)
         caches = [(k.to(torch.bfloat16), v.to(torch.bfloat16)) for k, v in caches]

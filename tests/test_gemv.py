@@ -72,14 +72,17 @@ def test_gemv_small_shapes(DEVICE, dtype, m, silu_mul):
 
 
 @pytest.mark.parametrize("DEVICE,dtype", CPU_CASES)
+@pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("silu_mul", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_one_row_gemv_loops_over_k(DEVICE, dtype, silu_mul, bias):
-    """The one-row kernel past its first K tile: several tiles, a masked tail, N not a multiple of BLOCK_N."""
+def test_row_gemv_rows_and_k_tiles(DEVICE, dtype, m, silu_mul, bias):
+    """The row kernel over several rows: the whole K in one tile (weights loaded once for all rows), and past
+    its first K tile (several tiles, a masked tail); N not a multiple of BLOCK_N."""
     n, k = 22, 100
-    for config in (GemvConfig(1, 4, 32, 4, 1), GemvConfig(1, 8, 64, 4, 1), GemvConfig(1, 2, 128, 4, 1)):
-        x, w, b = operands(1, 2 * n if silu_mul else n, k, dtype, DEVICE, bias=bias, seed=config.block_k)
-        y = gemv(x, w, b, config, silu_mul=silu_mul, out=poisoned((1, n), dtype, DEVICE))
+    for config in (GemvConfig(1, 4, 128, 4, 1), GemvConfig(1, 4, 32, 4, 1), GemvConfig(1, 8, 64, 4, 1),
+                   GemvConfig(1, 2, 128, 4, 1)):
+        x, w, b = operands(m, 2 * n if silu_mul else n, k, dtype, DEVICE, bias=bias, seed=config.block_k + m)
+        y = gemv(x, w, b, config, silu_mul=silu_mul, out=poisoned((m, n), dtype, DEVICE))
         close(y, linear_ref(x, w, b, silu_mul), dtype)
 
 
@@ -92,7 +95,7 @@ def test_rms_norm_gemv_small_shapes(DEVICE, dtype, m, silu_mul, with_residual):
     norm = RMSNorm(k, eps=1e-6)
     norm.weight.data = torch.randn(k)
     norm = norm.to(device=DEVICE, dtype=dtype)
-    for i, config in enumerate(configs_for(m)[:3]):
+    for i, config in enumerate(configs_for(m)[:3] + [GemvConfig(1, 8, 32, 4, 1)]):  # the last: rows one by one
         x, w, b = operands(m, 2 * n if silu_mul else n, k, dtype, DEVICE, bias=i == 1, seed=10 + i)
         r = torch.randn(m, k).to(device=DEVICE, dtype=dtype) if with_residual else None
         out, res_out = poisoned((m, n), dtype, DEVICE), poisoned((m, k), dtype, DEVICE)
@@ -111,8 +114,8 @@ def test_bad_arguments_raise_value_error():
         GemvConfig(block_m=8, block_n=16, block_k=64)
     with pytest.raises(ValueError, match="power of two"):
         GemvConfig(block_m=16, block_n=24, block_k=64)
-    with pytest.raises(ValueError, match="one row"):
-        gemv(x, w, None, GemvConfig(1, 16, 64))
+    with pytest.raises(ValueError, match="M=17"):
+        gemv(torch.zeros(17, 64), w, None, GemvConfig(1, 16, 64))
     with pytest.raises(ValueError, match=r"x \[M, K\]"):
         gemv(x, w[:, :32], None, default_gemv_config(2))
     with pytest.raises(ValueError, match="even rows"):

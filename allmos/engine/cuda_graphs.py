@@ -73,16 +73,16 @@ def enable_decode_kernels(model: torch.nn.Module, backend: AttentionBackend, siz
 
 def use_default_decode_kernels(model: torch.nn.Module) -> None:
     """The decode kernels that measured faster on an H200 without start-up tuning (docs/benchmarks.md): the
-    fused q/k-norm + RoPE + K/V store at every batch size, and the Triton GEMV for one-row batches
-    (``gemv_tuning.single_row_tables``). A model without these hooks (or an install without Triton) keeps its
+    fused q/k-norm + RoPE + K/V store at every batch size, and the Triton row GEMV for batches up to 8 rows
+    (``gemv_tuning.row_kernel_tables``). A model without these hooks (or an install without Triton) keeps its
     path."""
     from allmos.kernels import gemv
 
     if gemv is None or not hasattr(model, "gemv_sites"):
         return
-    from allmos.kernels.gemv_tuning import single_row_tables
+    from allmos.kernels.gemv_tuning import row_kernel_tables
 
-    model.use_decode_kernels(single_row_tables(model.gemv_sites()), fuse_kv_store=True)
+    model.use_decode_kernels(row_kernel_tables(model.gemv_sites()), fuse_kv_store=True)
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:

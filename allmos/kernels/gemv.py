@@ -6,12 +6,13 @@ memory exactly once per M tile (one tile for M <= BLOCK_M) and no split-K partia
 exist. Accumulation is float32.
 
 Two inner products, chosen by ``BLOCK_M`` (a compile-time constant):
-- ``BLOCK_M == 1``: a row reduction, ``sum(W_tile * x_row)`` over a ``[BLOCK_N, BLOCK_K]`` tile (M must be
-  1); no tensor cores, no shared-memory staging, any power-of-two ``BLOCK_N``. Without a fused norm this is
-  its own kernel (``_row_gemv_kernel``), which loads its first weight tile before it reads x: on Hopper it
-  is launched with programmatic dependent launch (PDL), so that weight read starts while the kernel before
-  it finishes; ``gdc_wait`` then holds the program until that kernel's writes (x among them) are visible
-  (``allmos.kernels.pdl``).
+- ``BLOCK_M == 1``: a row reduction, ``sum(W_tile * x_row)`` over a ``[BLOCK_N, BLOCK_K]`` tile, for a few
+  rows (``ROW_KERNEL_MAX_ROWS``); no tensor cores, no shared-memory staging, any power-of-two ``BLOCK_N``.
+  Without a fused norm this is its own kernel (``_row_gemv_kernel``): it loads its weight tile first and
+  then takes the rows of x one by one against it (with the whole K in one tile, each weight byte is read
+  once for all rows). On Hopper it is launched with programmatic dependent launch (PDL), so that weight
+  read starts while the kernel before it finishes; ``gdc_wait`` then holds the program until that kernel's
+  writes (x among them) are visible (``allmos.kernels.pdl``).
 - ``BLOCK_M >= 16``: ``tl.dot`` with the input rows padded to ``BLOCK_M`` (masked loads give zeros); the
   wasted MMA work costs nothing in a memory-bound kernel, and the pipelined loads keep many weight bytes
   in flight.
@@ -39,19 +40,22 @@ import triton.language as tl
 from allmos.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_enabled
 
 
+ROW_KERNEL_MAX_ROWS = 16  # the row-reduction kernels compute rows one by one: for small decode batches only
+
+
 @dataclass(frozen=True)
 class GemvConfig:
     """Tile shape and launch parameters of one GEMV kernel variant (each distinct value compiles once)."""
 
-    block_m: int  # 1: row-reduction kernel (M == 1 only); 16 or more: tl.dot with rows padded
+    block_m: int  # 1: row-reduction kernel (M <= ROW_KERNEL_MAX_ROWS); 16 or more: tl.dot with rows padded
     block_n: int  # output features per program
     block_k: int  # input features per loop iteration
     num_warps: int = 4
     num_stages: int = 3
 
     def fits(self, m: int) -> bool:
-        """Whether this config can run ``m`` input rows (the row-reduction kernel takes one row)."""
-        return m == 1 if self.block_m == 1 else m >= 1
+        """Whether this config can run ``m`` input rows (the row-reduction kernel takes a few)."""
+        return 1 <= m <= ROW_KERNEL_MAX_ROWS if self.block_m == 1 else m >= 1
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -174,55 +178,67 @@ def _row_dot(w_rows, x_ptr, ks, w_mask, K):
 
 
 @triton.jit
-def _row_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """One input row: y[0, cols] = W[cols, :] @ x[0, :] (then SiLU-and-mul). The first K tile of the weights is
-    loaded before x; with ``PDL`` the program lets the next launch start and waits for the previous kernel
-    in between (nothing is read from or written to activations before the wait)."""
+def _row_epilogue(acc, acc_up, b_ptr, cols, col_ok, N, out_dtype: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  SILU_MUL: tl.constexpr):
+    """Bias, then ``silu(gate) * up`` rounded as the reference (linear output, silu(gate) and the product each
+    in ``out_dtype``): [BLOCK_N] float32 sums -> [BLOCK_N] in ``out_dtype``."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if SILU_MUL:
+            acc_up += tl.load(b_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if SILU_MUL:
+        gate = acc.to(out_dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(out_dtype).to(tl.float32)
+        acc = act * acc_up.to(out_dtype).to(tl.float32)
+    return acc.to(out_dtype)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _row_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
+                     SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """y[m, cols] = W[cols, :] @ x[m, :] (then SiLU-and-mul) for the program's ``BLOCK_N`` output features, one
+    input row after the other. The first K tile of the weights is loaded before anything else and reused by
+    every row (with K <= BLOCK_K, the whole weight slice: each weight byte is read once for all M rows; past
+    BLOCK_K the rest is read per row). With ``PDL`` the program lets the next launch start and waits for the
+    previous kernel after that first load (nothing is read from or written to activations before the wait)."""
     cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N] output features
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + cols[:, None] * stride_wn  # [BLOCK_N, 1]
     up_rows = w_ptr + (cols + N)[:, None] * stride_wn  # "up" half of [gate | up] (SILU_MUL)
     w_mask = col_ok[:, None] & (ks[None, :] < K)
-    w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)  # [BLOCK_N, BLOCK_K]
+    w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_K]
     if SILU_MUL:
-        wu = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
+        wu = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0).to(tl.float32)
     else:
         wu = w
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    x = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)  # [BLOCK_K]
-    acc = tl.sum(w.to(tl.float32) * x[None, :], axis=1)  # [BLOCK_N]
-    if SILU_MUL:
-        acc_up = tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
-    else:
-        acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        kk = k0 + ks
-        mask = col_ok[:, None] & (kk[None, :] < K)
-        acc += _row_dot(w_rows, x_ptr, kk, mask, K)
+    for m in range(M):
+        x_row = x_ptr + m * stride_xm
+        x = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)  # [BLOCK_K]
+        acc = tl.sum(w * x[None, :], axis=1)  # [BLOCK_N]
         if SILU_MUL:
-            acc_up += _row_dot(up_rows, x_ptr, kk, mask, K)
-    out_dtype = y_ptr.dtype.element_ty
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        if SILU_MUL:
-            acc_up += tl.load(b_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if SILU_MUL:  # rounded as the reference: linear output, silu(gate), and the product each in out_dtype
-        gate = acc.to(out_dtype).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(out_dtype).to(tl.float32)
-        acc = act * acc_up.to(out_dtype).to(tl.float32)
-    tl.store(y_ptr + cols, acc.to(out_dtype), mask=col_ok)
+            acc_up = tl.sum(wu * x[None, :], axis=1)
+        else:
+            acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            kk = k0 + ks
+            mask = col_ok[:, None] & (kk[None, :] < K)
+            acc += _row_dot(w_rows, x_row, kk, mask, K)
+            if SILU_MUL:
+                acc_up += _row_dot(up_rows, x_row, kk, mask, K)
+        y = _row_epilogue(acc, acc_up, b_ptr, cols, col_ok, N, y_ptr.dtype.element_ty, HAS_BIAS, SILU_MUL)
+        tl.store(y_ptr + m * stride_ym + cols, y, mask=col_ok)
 
 
 def _launch_row(x, weight, bias, y, n: int, config: GemvConfig, silu_mul: bool) -> None:
-    """The one-row kernel (``_row_gemv_kernel``); x [1, K], y [1, N]."""
-    k = x.shape[1]
+    """The row kernel (``_row_gemv_kernel``) over all M rows of x [M, K] into y [M, N]."""
+    m, k = x.shape
     pdl = pdl_enabled(x.device)
     _row_gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
+        x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=pdl,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl))
 
@@ -245,7 +261,7 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"gemv bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     if not config.fits(x.shape[0]):
-        raise ValueError(f"{config} cannot run M={x.shape[0]} rows (block_m 1 takes exactly one row)")
+        raise ValueError(f"{config} cannot run M={x.shape[0]} rows (block_m 1 takes 1 to {ROW_KERNEL_MAX_ROWS})")
 
 
 def _output(out: torch.Tensor | None, shape: tuple[int, int], like: torch.Tensor, what: str) -> torch.Tensor:

@@ -95,24 +95,27 @@ def fixed_table(sizes: tuple[int, ...], fuse_norm: bool = True) -> GemvTable:
     return GemvTable(tuple(sizes), tuple(GemvChoice(default_gemv_config(m), fuse_norm) for m in sizes))
 
 
-SINGLE_ROW_ROLES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # the LM head stays on cuBLAS
+ROW_KERNEL_ROLES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # the LM head stays on cuBLAS
+ROW_KERNEL_BATCH_SIZES = (1, 2, 4, 8)  # decode batches (captured sizes) that take the row kernel by default
 
 
-def single_row_config(k: int) -> GemvConfig:
-    """The GEMV tile for one input row (a batch-1 decode step): 4 output features per program, the whole K
-    (up to 4096) in one load, 8 warps from K = 2048. Timed inside a CUDA graph on an H200 (one launch per
-    layer on distinct weights, ``benchmarks/bench_gemv_graph.py``), it beat cuBLAS at each decoder projection
-    of the benchmark model; docs/benchmarks.md has the table."""
+def row_kernel_config(k: int) -> GemvConfig:
+    """The row-kernel tile for small decode batches: 4 output features per program and the whole K (up to
+    4096) in one load, reused by every row; 8 warps from K = 2048. Timed inside a CUDA graph on an H200 (one
+    launch per layer on distinct weights, ``benchmarks/bench_gemv_graph.py``), it beat cuBLAS at each
+    decoder projection of the benchmark model; docs/benchmarks.md has the tables."""
     block_k = min(triton.next_power_of_2(k), 4096)
     return GemvConfig(1, 4, block_k, 8 if block_k >= 2048 else 4, 1)
 
 
-def single_row_tables(sites: dict[str, tuple[GemvSignature, list]]) -> dict[str, GemvTable]:
-    """Default tables for a CUDA model without start-up tuning: the decoder projections of a one-row batch
-    through ``single_row_config`` (the norm stays a separate kernel; SiLU-and-mul joins the gate/up GEMV),
-    every other batch size and the LM head on cuBLAS. Sites whose weights are not 16-bit floats are left out."""
-    return {role: GemvTable((1,), (GemvChoice(single_row_config(sig.k)),)) for role, (sig, _) in sites.items()
-            if role in SINGLE_ROW_ROLES and sig.dtype in (torch.bfloat16, torch.float16)}
+def row_kernel_tables(sites: dict[str, tuple[GemvSignature, list]]) -> dict[str, GemvTable]:
+    """Default tables for a CUDA model without start-up tuning: the decoder projections of batches up to 8
+    rows through ``row_kernel_config`` (the norm stays a separate kernel; SiLU-and-mul joins the gate/up
+    GEMV), larger batches and the LM head on cuBLAS. Sites whose weights are not 16-bit floats are left out."""
+    sizes = ROW_KERNEL_BATCH_SIZES
+    return {role: GemvTable(sizes, tuple(GemvChoice(row_kernel_config(sig.k)) for _ in sizes))
+            for role, (sig, _) in sites.items() if role in ROW_KERNEL_ROLES and sig.dtype in (torch.bfloat16,
+                                                                                               torch.float16)}
 
 
 @dataclass
