@@ -24,6 +24,9 @@
 #   bash benchmarks/gpu_visit.sh ratio   (2 GPUs, nothing else running beside each benchmark's own GPU) GPU 0: decode
 #                                        step cost here with and without PDL and in .prev/, then the standard
 #                                        workload here, in .prev/, here; GPU 1: bench_prefill here and in .prev/
+#   bash benchmarks/gpu_visit.sh rows    (2 GPUs) GPU 1: projections in a graph at 1-16 rows, then the GEMV, fused-path
+#                                        and engine GPU tests; GPU 0: decode step cost at 1-16 rows here and in
+#                                        .cur/ (another tree), then the standard workload in both
 #   bash benchmarks/gpu_visit.sh serve   the serving benchmark at saturation and at RATE requests/s (default
 #                                        20), against the offline engine on the same requests; FastAPI etc.
 #                                        come from wheels in .whl/ when the machine lacks them
@@ -77,6 +80,18 @@ elif [ "$1" = ratio ]; then
         --batch 1 8 64 256 --steps 60 --profile-steps 10)
     TAIL=2 stage bench_new 100 python bench.py
     [ -d .prev ] && (cd .prev && TAIL=2 PYTHONPATH=$PWD stage bench_prev 100 python bench.py)
+    wait
+elif [ "$1" = rows ]; then
+    (export CUDA_VISIBLE_DEVICES=1
+     TAIL=70 stage gemv_rows 150 python benchmarks/bench_gemv_graph.py --batch 1 2 8 16
+     TAIL=8 stage gpu_tests 330 python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_gemv.py \
+         tests/test_fused_decode_path.py tests/test_gpu_engine.py tests/test_fused_layers.py) &
+    export CUDA_VISIBLE_DEVICES=0
+    TAIL=8 stage bench_step 150 python benchmarks/bench_step.py --batch 1 2 4 8 16 --steps 60 --profile-steps 10
+    [ -d .cur ] && (cd .cur && TAIL=8 PYTHONPATH=$PWD stage bench_step_cur 150 python benchmarks/bench_step.py \
+        --batch 1 2 4 8 16 --steps 60 --profile-steps 10)
+    TAIL=2 stage bench_new 100 python bench.py
+    [ -d .cur ] && (cd .cur && TAIL=2 PYTHONPATH=$PWD stage bench_cur 100 python bench.py)
     wait
 elif [ "$1" = serve ]; then
     if ls .whl/*.whl > /dev/null 2>&1; then
