@@ -175,8 +175,8 @@ def test_row_kernel_config_reads_the_whole_row_up_to_4096():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_default_row_kernel_gemvs_match_torch_path(tiny_model_factory, monkeypatch, device):
-    """The default CUDA tables (``row_kernel_tables``): decode steps of 1 to 8 rows run every decoder projection
-    through the GEMV (the LM head stays on torch), 9 rows run none; all match the torch path (bfloat16)."""
+    """The default CUDA tables (``row_kernel_tables``): decode steps of 1 to 4 rows run every decoder projection
+    through the GEMV (the LM head stays on torch), 5 rows run none; all match the torch path (bfloat16)."""
     from allmos.kernels.gemv_tuning import row_kernel_tables
 
     folder = tiny_model_factory("qwen3")
@@ -186,8 +186,8 @@ def test_default_row_kernel_gemvs_match_torch_path(tiny_model_factory, monkeypat
     assert set(tables) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
     per_step = 4 * len(model.model.layers)
     for context_lens, q_lens, expected_calls in (([9], [1], per_step), ([5, 17], [1, 1], per_step),
-                                                 (list(range(3, 11)), [1] * 8, per_step),
-                                                 (list(range(3, 12)), [1] * 9, 0)):
+                                                 (list(range(3, 7)), [1] * 4, per_step),
+                                                 (list(range(3, 8)), [1] * 5, 0)):
         input_ids, positions, md = step_inputs(context_lens, q_lens, seed=3, device=device)
         caches = random_caches(model, seed=1, device=device)
         caches = [(k.to(torch.bfloat16), v.to(torch.bfloat16)) for k, v in caches]
@@ -199,4 +199,6 @@ def test_default_row_kernel_gemvs_match_torch_path(tiny_model_factory, monkeypat
         new = forward(model, TorchAttentionBackend(), caches, input_ids, positions, md)
         monkeypatch.undo()
         assert calls[0] == expected_calls
-        torch.testing.assert_close(new.float(), ref.float(), atol=3e-2, rtol=3e-2)
+        # bf16: another float32 summation order flips a rounding now and then, and two layers carry it on
+        # (logits of order 1; a wrong kernel is off by that much)
+        torch.testing.assert_close(new.float(), ref.float(), atol=5e-2, rtol=3e-2)

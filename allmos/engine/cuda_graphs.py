@@ -73,7 +73,7 @@ def enable_decode_kernels(model: torch.nn.Module, backend: AttentionBackend, siz
 
 def use_default_decode_kernels(model: torch.nn.Module) -> None:
     """The decode kernels that measured faster on an H200 without start-up tuning (docs/benchmarks.md): the
-    fused q/k-norm + RoPE + K/V store at every batch size, and the Triton row GEMV for batches up to 8 rows
+    fused q/k-norm + RoPE + K/V store at every batch size, and the Triton row GEMV for batches up to 4 rows
     (``gemv_tuning.row_kernel_tables``). A model without these hooks (or an install without Triton) keeps its
     path."""
     from allmos.kernels import gemv

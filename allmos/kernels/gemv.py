@@ -207,20 +207,20 @@ def _row_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, 
     w_rows = w_ptr + cols[:, None] * stride_wn  # [BLOCK_N, 1]
     up_rows = w_ptr + (cols + N)[:, None] * stride_wn  # "up" half of [gate | up] (SILU_MUL)
     w_mask = col_ok[:, None] & (ks[None, :] < K)
-    w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_K]
+    w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)  # [BLOCK_N, BLOCK_K]
     if SILU_MUL:
-        wu = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0).to(tl.float32)
+        wu = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
     else:
         wu = w
-    if PDL:
+    if PDL:  # right after the loads are issued (not after they land), so the next launch starts early
         gdc_launch_dependents()
         gdc_wait()
     for m in range(M):
         x_row = x_ptr + m * stride_xm
         x = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)  # [BLOCK_K]
-        acc = tl.sum(w * x[None, :], axis=1)  # [BLOCK_N]
+        acc = tl.sum(w.to(tl.float32) * x[None, :], axis=1)  # [BLOCK_N]
         if SILU_MUL:
-            acc_up = tl.sum(wu * x[None, :], axis=1)
+            acc_up = tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
         else:
             acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(BLOCK_K, K, BLOCK_K):

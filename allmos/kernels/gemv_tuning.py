@@ -96,7 +96,7 @@ def fixed_table(sizes: tuple[int, ...], fuse_norm: bool = True) -> GemvTable:
 
 
 ROW_KERNEL_ROLES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # the LM head stays on cuBLAS
-ROW_KERNEL_BATCH_SIZES = (1, 2, 4, 8)  # decode batches (captured sizes) that take the row kernel by default
+ROW_KERNEL_BATCH_SIZES = (1, 2, 4)  # decode batches (captured sizes) that take the row kernel by default
 
 
 def row_kernel_config(k: int) -> GemvConfig:
@@ -109,7 +109,7 @@ def row_kernel_config(k: int) -> GemvConfig:
 
 
 def row_kernel_tables(sites: dict[str, tuple[GemvSignature, list]]) -> dict[str, GemvTable]:
-    """Default tables for a CUDA model without start-up tuning: the decoder projections of batches up to 8
+    """Default tables for a CUDA model without start-up tuning: the decoder projections of batches up to 4
     rows through ``row_kernel_config`` (the norm stays a separate kernel; SiLU-and-mul joins the gate/up
     GEMV), larger batches and the LM head on cuBLAS. Sites whose weights are not 16-bit floats are left out."""
     sizes = ROW_KERNEL_BATCH_SIZES
