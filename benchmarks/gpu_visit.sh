@@ -27,6 +27,8 @@
 #   bash benchmarks/gpu_visit.sh rows    (2 GPUs) GPU 1: projections in a graph at 1-16 rows, then the GEMV, fused-path
 #                                        and engine GPU tests; GPU 0: decode step cost at 1-16 rows here and in
 #                                        .cur/ (another tree), then the standard workload in both
+#   bash benchmarks/gpu_visit.sh quick   (2 GPUs) GPU 1: the GEMV and fused-path GPU tests; GPU 0: decode step cost at
+#                                        1-8 rows here and in .cur/
 #   bash benchmarks/gpu_visit.sh serve   the serving benchmark at saturation and at RATE requests/s (default
 #                                        20), against the offline engine on the same requests; FastAPI etc.
 #                                        come from wheels in .whl/ when the machine lacks them
@@ -92,6 +94,15 @@ elif [ "$1" = rows ]; then
         --batch 1 2 4 8 16 --steps 60 --profile-steps 10)
     TAIL=2 stage bench_new 100 python bench.py
     [ -d .cur ] && (cd .cur && TAIL=2 PYTHONPATH=$PWD stage bench_cur 100 python bench.py)
+    wait
+elif [ "$1" = quick ]; then
+    (export CUDA_VISIBLE_DEVICES=1
+     TAIL=6 stage gpu_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_gemv.py \
+         tests/test_fused_decode_path.py) &
+    export CUDA_VISIBLE_DEVICES=0
+    TAIL=7 stage bench_step 100 python benchmarks/bench_step.py --batch 1 2 4 8 --steps 40 --profile-steps 5
+    [ -d .cur ] && (cd .cur && TAIL=7 PYTHONPATH=$PWD stage bench_step_cur 100 python benchmarks/bench_step.py \
+        --batch 1 2 4 8 --steps 40 --profile-steps 5)
     wait
 elif [ "$1" = serve ]; then
     if ls .whl/*.whl > /dev/null 2>&1; then
