@@ -193,14 +193,37 @@ def _row_epilogue(acc, acc_up, b_ptr, cols, col_ok, N, out_dtype: tl.constexpr, 
     return acc.to(out_dtype)
 
 
+@triton.jit
+def _row_times_tile(w, wu, w_rows, up_rows, x_row, y_row, b_ptr, cols, col_ok, ks, N, K, HAS_BIAS: tl.constexpr,
+                    SILU_MUL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One input row against the program's weights: the first K tile ``w`` / ``wu`` held in registers, the
+    rest of K (past ``BLOCK_K``) read here; stores ``y_row[cols]``."""
+    x = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)  # [BLOCK_K]
+    acc = tl.sum(w.to(tl.float32) * x[None, :], axis=1)  # [BLOCK_N]
+    if SILU_MUL:
+        acc_up = tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
+    else:
+        acc_up = tl.zeros_like(acc)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        kk = k0 + ks
+        mask = col_ok[:, None] & (kk[None, :] < K)
+        acc += _row_dot(w_rows, x_row, kk, mask, K)
+        if SILU_MUL:
+            acc_up += _row_dot(up_rows, x_row, kk, mask, K)
+    y = _row_epilogue(acc, acc_up, b_ptr, cols, col_ok, N, y_row.dtype.element_ty, HAS_BIAS, SILU_MUL)
+    tl.store(y_row + cols, y, mask=col_ok)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _row_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
-                     SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                     SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_ROW: tl.constexpr,
+                     PDL: tl.constexpr):
     """y[m, cols] = W[cols, :] @ x[m, :] (then SiLU-and-mul) for the program's ``BLOCK_N`` output features, one
     input row after the other. The first K tile of the weights is loaded before anything else and reused by
     every row (with K <= BLOCK_K, the whole weight slice: each weight byte is read once for all M rows; past
     BLOCK_K the rest is read per row). With ``PDL`` the program lets the next launch start and waits for the
-    previous kernel after that first load (nothing is read from or written to activations before the wait)."""
+    previous kernel right after issuing that first load (nothing is read from or written to activations
+    before the wait). ``ONE_ROW`` (M == 1) compiles without the row loop (measured faster at one row)."""
     cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N] output features
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
@@ -212,25 +235,16 @@ def _row_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, 
         wu = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
     else:
         wu = w
-    if PDL:  # right after the loads are issued (not after they land), so the next launch starts early
+    if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    for m in range(M):
-        x_row = x_ptr + m * stride_xm
-        x = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)  # [BLOCK_K]
-        acc = tl.sum(w.to(tl.float32) * x[None, :], axis=1)  # [BLOCK_N]
-        if SILU_MUL:
-            acc_up = tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
-        else:
-            acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            kk = k0 + ks
-            mask = col_ok[:, None] & (kk[None, :] < K)
-            acc += _row_dot(w_rows, x_row, kk, mask, K)
-            if SILU_MUL:
-                acc_up += _row_dot(up_rows, x_row, kk, mask, K)
-        y = _row_epilogue(acc, acc_up, b_ptr, cols, col_ok, N, y_ptr.dtype.element_ty, HAS_BIAS, SILU_MUL)
-        tl.store(y_ptr + m * stride_ym + cols, y, mask=col_ok)
+    if ONE_ROW:
+        _row_times_tile(w, wu, w_rows, up_rows, x_ptr, y_ptr, b_ptr, cols, col_ok, ks, N, K, HAS_BIAS, SILU_MUL,
+                        BLOCK_K)
+    else:
+        for m in range(M):
+            _row_times_tile(w, wu, w_rows, up_rows, x_ptr + m * stride_xm, y_ptr + m * stride_ym, b_ptr, cols,
+                            col_ok, ks, N, K, HAS_BIAS, SILU_MUL, BLOCK_K)
 
 
 def _launch_row(x, weight, bias, y, n: int, config: GemvConfig, silu_mul: bool) -> None:
@@ -239,8 +253,8 @@ def _launch_row(x, weight, bias, y, n: int, config: GemvConfig, silu_mul: bool) 
     pdl = pdl_enabled(x.device)
     _row_gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=pdl,
-        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl))
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        ONE_ROW=m == 1, PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
