@@ -312,7 +312,8 @@ def rotate_with(x: torch.Tensor, tables: RopeTables) -> torch.Tensor:
     """
     rotary_dim = tables.cos.shape[-1]
     x_rot = x if rotary_dim == x.shape[-1] else x[..., :rotary_dim]
-    out = x_rot * tables.cos + x_rot.roll(rotary_dim // 2, -1) * tables.sin  # roll: (x2, x1)
+    out = x_rot * tables.cos
+    out.add_(x_rot.roll(rotary_dim // 2, -1).mul_(tables.sin))  # roll: (x2, x1); in place on temporaries
     return out if x_rot is x else torch.cat((out, x[..., rotary_dim:]), dim=-1)
 
 
