@@ -170,3 +170,36 @@ def _one_seq_prefill(table: list[int], n: int) -> AttentionMetadata:
         slot_mapping=torch.tensor(slots, dtype=torch.int64), query_start_loc=torch.tensor([0, n], dtype=torch.int32),
         seq_lens=torch.tensor([n], dtype=torch.int32), block_tables=torch.tensor([table], dtype=torch.int32),
         max_query_len=n, max_seq_len=n, is_decode=n == 1, query_start_loc_cpu=[0, n], seq_lens_cpu=[n])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize(("table", "seq_len"), [([6, 0, 0], 3), ([3, 4, 5], 9), ([3, 4, 5], 12), ([3, 4, 9], 6)],
+                         ids=["one-block", "three-blocks", "full-blocks", "consecutive-prefix"])
+def test_one_sequence_in_consecutive_blocks_reads_one_slice(dtype, table, seq_len):
+    """Decode of a single sequence whose context blocks are consecutive reads one slice of the flat cache:
+    bitwise the output of the gather through per-token slots, and the float64 attention over its context."""
+    from allmos.attention.torch_backend import _context_slots, _decode
+    from allmos.attention.torch_ref import FP8_KV_DTYPE, KVScales
+
+    g = torch.Generator().manual_seed(7)
+    k_cache, v_cache = (c.clamp(-448, 448).to(dtype) for c in _cache(12, torch.float32, seed=8))  # garbage
+    scales = KVScales(torch.tensor([0.3]), torch.tensor([0.05]), None) if dtype == FP8_KV_DTYPE else None
+    keys = torch.randn(seq_len, KV_HEADS, DIM, generator=g)
+    values = torch.randn(seq_len, KV_HEADS, DIM, generator=g)
+    backend = TorchAttentionBackend()
+    backend.forward(torch.zeros(seq_len - 1, HEADS, DIM), keys[:-1], values[:-1], k_cache, v_cache,
+                    _one_seq_prefill(table, seq_len - 1), 1.0, scales)  # the context, then one decode step
+    md = backend.prepare(_one_seq_prefill(table, seq_len))
+    md.slot_mapping, md.is_decode = md.slot_mapping[-1:], True
+    md.query_start_loc, md.query_start_loc_cpu, md.max_query_len = torch.tensor([0, 1], dtype=torch.int32), [0, 1], 1
+    q = torch.randn(1, HEADS, DIM, generator=g).to(k_cache.dtype if dtype != FP8_KV_DTYPE else torch.float32)
+    out = backend.forward(q, keys[-1:].to(q.dtype), values[-1:].to(q.dtype), k_cache, v_cache, md, DIM**-0.5, scales)
+    assert md.context_start == table[0] * BLOCK and md.token_slots is None
+    gathered = backend.prepare(md)
+    gathered.context_start = None
+    _context_slots(gathered, BLOCK)
+    assert torch.equal(out, _decode(q, k_cache, v_cache, gathered, DIM**-0.5, scales))
+    if dtype != FP8_KV_DTYPE:
+        ref = _naive(q, keys.to(dtype), values.to(dtype), seq_len - 1, DIM**-0.5)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)

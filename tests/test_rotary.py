@@ -9,7 +9,7 @@ from transformers import GPTNeoXConfig, LlamaConfig
 from transformers.models.gpt_neox import modeling_gpt_neox
 from transformers.models.llama import modeling_llama
 
-from allmos.layers.rotary import RopeConfig, get_rope, rope_config_from_hf
+from allmos.layers.rotary import RopeConfig, get_rope, rope_config_from_hf, rotate_with
 
 THETA = 10000.0
 MAX_POS = 512  # small, so that dynamic NTK scales beyond it
@@ -258,6 +258,31 @@ def test_invalid_rope_config_raises():
         RopeConfig(32, 31, 512, 1e4, None)
     with pytest.raises(ValueError, match="supported"):
         RopeConfig(32, 32, 512, 1e4, {"rope_type": "su"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("partial", [1.0, 0.25])
+@pytest.mark.parametrize("variant", ["default", "yarn", "dynamic"])
+def test_step_tables_rotate_bitwise_like_forward(variant, partial, dtype):
+    """``rotate_with`` over ``tables`` (the CPU decoder's per-step path) equals ``forward`` and ``rotate_packed``
+    bit for bit, packed q/k views with the strides of a fused q/k/v output included."""
+    gen = torch.Generator().manual_seed(4)
+    head_dim = 64
+    cfg = RopeConfig(head_dim, int(head_dim * partial), MAX_POS, THETA,
+                     None if variant == "default" else dict(SCALINGS[variant]))
+    ours = get_rope(cfg)
+    positions = torch.randint(0, MAX_POS, (37,), generator=gen)
+    seq_lens = positions + torch.randint(1, 2 * MAX_POS, (37,), generator=gen)  # dynamic: below and above
+    qkv = torch.randn(37, (NUM_HEADS + 2 * NUM_KV_HEADS) * head_dim, generator=gen).to(dtype)
+    qk = qkv[:, :(NUM_HEADS + NUM_KV_HEADS) * head_dim].view(37, NUM_HEADS + NUM_KV_HEADS, head_dim)
+    tables = ours.tables(positions, dtype, seq_lens)
+    rotated = rotate_with(qk, tables)
+    q_ref, k_ref = ours.rotate_packed(positions, qk, NUM_HEADS, seq_lens)
+    assert rotated.dtype == dtype
+    assert torch.equal(rotated[:, :NUM_HEADS], q_ref) and torch.equal(rotated[:, NUM_HEADS:], k_ref)
+    q, k = qk[:, :NUM_HEADS].contiguous(), qk[:, NUM_HEADS:].contiguous()
+    q_fwd, k_fwd = ours(positions, q, k, seq_lens)
+    assert torch.equal(rotate_with(q, tables), q_fwd) and torch.equal(rotate_with(k, tables), k_fwd)
 
 
 @pytest.mark.gpu

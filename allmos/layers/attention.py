@@ -7,7 +7,7 @@ from torch import nn
 
 from allmos.attention import custom_op
 from allmos.attention.context import get_forward_context
-from allmos.attention.torch_ref import KVScales
+from allmos.attention.torch_ref import FP8_KV_DTYPE, KVScales
 
 
 class Attention(nn.Module):
@@ -35,7 +35,9 @@ class Attention(nn.Module):
             return custom_op.attention(q, k, v, self.layer_idx, self.scale, self.k_scale, self.v_scale, self.k_center)
         ctx = get_forward_context()
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        return ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.metadata, self.scale, self.kv_scales)
+        # only an fp8 cache reads the scales (AttentionBackend.forward): skip building them for any other
+        kv_scales = self.kv_scales if k_cache.dtype == FP8_KV_DTYPE else None
+        return ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.metadata, self.scale, kv_scales)
 
     @property
     def kv_scales(self) -> KVScales:

@@ -81,7 +81,8 @@ class Int8WeightOnly(QuantMethod):
         self._replace_weight(layer, qweight=qweight, weight_scale=scale.to(dtype))
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        scale = layer.weight_scale if layer.weight_scale.dtype == x.dtype else layer.weight_scale.to(x.dtype)
+        scale = layer.weight_scale  # one module attribute lookup per call: they show on a decode step
+        scale = scale if scale.dtype == x.dtype else scale.to(x.dtype)
         if x.dim() == 2:  # [tokens, in], the model's case: no reshapes (the kernel needs a contiguous x)
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), layer.qweight, scale)
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), layer.qweight, scale)
@@ -105,7 +106,8 @@ class Int4WeightOnly(QuantMethod):
         self._replace_weight(layer, qweight=packed, scales_and_zeros=scale_zero)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        sz = layer.scales_and_zeros if layer.scales_and_zeros.dtype == x.dtype else layer.scales_and_zeros.to(x.dtype)
+        sz = layer.scales_and_zeros  # one module attribute lookup per call: they show on a decode step
+        sz = sz if sz.dtype == x.dtype else sz.to(x.dtype)
         if x.dim() == 2:  # [tokens, in], the model's case: no reshapes (the kernel needs a contiguous x)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), layer.qweight, self.group_size, sz)
         x2 = x.reshape(-1, x.shape[-1]).contiguous()

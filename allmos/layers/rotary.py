@@ -295,6 +295,28 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, x_pass), dim=-1)
 
 
+@dataclass(frozen=True)
+class RopeTables:
+    """One forward's cos/sin laid out for ``rotate_with``: computed once per step (``RotaryEmbedding.tables``)
+    and shared by every layer, so a layer's rotation is four elementwise ops with no lookups or casts."""
+
+    cos: torch.Tensor  # [num_tokens, 1, rotary_dim] activation dtype: (cos, cos)
+    sin: torch.Tensor  # [num_tokens, 1, rotary_dim] activation dtype: (-sin, sin)
+
+
+def rotate_with(x: torch.Tensor, tables: RopeTables) -> torch.Tensor:
+    """``_rotate`` with per-step tables: ``x * (cos, cos) + (x2, x1) * (-sin, sin)`` over the rotated channels.
+
+    x: [num_tokens, num_heads, head_dim] in the tables' dtype (any strides). Bitwise equal to ``_rotate``: each
+    product is the same product (negating a rounded product is exact) and ``a + (-b)`` is ``a - b``.
+    """
+    rotary_dim = tables.cos.shape[-1]
+    x_rot = x if rotary_dim == x.shape[-1] else x[..., :rotary_dim]
+    out = x_rot * tables.cos
+    out.add_(x_rot.roll(rotary_dim // 2, -1).mul_(tables.sin))  # roll: (x2, x1); in place on temporaries
+    return out if x_rot is x else torch.cat((out, x[..., rotary_dim:]), dim=-1)
+
+
 class RotaryEmbedding(torch.nn.Module):
     """Applies rotary embeddings to flattened query/key tokens; subclasses say where cos/sin come from."""
 
@@ -341,6 +363,15 @@ class RotaryEmbedding(torch.nn.Module):
         cos, sin = self.cos_sin(positions, seq_lens)
         out = _rotate(qk, cos.to(qk.dtype), sin.to(qk.dtype))
         return out[:, :num_heads], out[:, num_heads:]
+
+    def tables(
+        self, positions: torch.Tensor, dtype: torch.dtype, seq_lens: torch.Tensor | None = None
+    ) -> RopeTables:
+        """cos/sin of ``positions`` (``seq_lens`` as in ``forward``) cast to ``dtype`` once, as ``forward`` casts
+        them, for ``rotate_with``."""
+        cos, sin = self.cos_sin(positions, seq_lens)  # [num_tokens, rotary_dim // 2] each
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        return RopeTables(torch.cat((cos, cos), dim=-1)[:, None], torch.cat((-sin, sin), dim=-1)[:, None])
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -24,7 +24,7 @@ from allmos.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from allmos.layers.fused_linear import norm_then_linear
 from allmos.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from allmos.layers.norm import RMSNorm
-from allmos.layers.rotary import CachedRotaryEmbedding, RotaryEmbedding, get_rope
+from allmos.layers.rotary import CachedRotaryEmbedding, RopeTables, RotaryEmbedding, get_rope, rotate_with
 from allmos.layers.tp import SINGLE, TPGroup
 from allmos.models.model_config import ModelConfig
 
@@ -66,14 +66,15 @@ class DecoderAttention(nn.Module):
         # positions [num_tokens]; x [num_tokens, hidden]
         return self.attend(positions, self.qkv_proj(x))
 
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
         """Everything after the q/k/v projection: q/k norm, RoPE, K/V store, attention, o_proj.
-        qkv [num_tokens, q_size + 2 * kv_size] -> [num_tokens, hidden]."""
+        qkv [num_tokens, q_size + 2 * kv_size] -> [num_tokens, hidden]. ``rope``: this step's cos/sin tables
+        (``RotaryEmbedding.tables``), or None to look them up here."""
         ctx = get_forward_context() if self.fuse_kv_store and self._rope_fusable() else None  # GPU only
         if ctx is not None and ctx.backend.accepts_stored_kv:
             o = self.attn(self._qk_rope_store(positions, qkv, ctx), None, None)  # K/V already in the cache
         else:
-            o = self.attn(*self._qk_rope(positions, qkv))  # [num_tokens, num_heads, head_dim]
+            o = self.attn(*self._qk_rope(positions, qkv, rope))  # [num_tokens, num_heads, head_dim]
         return self.o_proj(o.flatten(1))
 
     def _rope_fusable(self) -> bool:
@@ -91,7 +92,7 @@ class DecoderAttention(nn.Module):
             self.rms_norm_eps, rope.cos_cache, rope.sin_cache, positions, k_cache, v_cache,
             ctx.metadata.slot_mapping, self.attn.kv_scales)
 
-    def _qk_rope(self, positions: torch.Tensor, qkv: torch.Tensor):
+    def _qk_rope(self, positions: torch.Tensor, qkv: torch.Tensor, rope: RopeTables | None = None):
         """(q, k, v) with q/k normed and rotated: [num_tokens, heads, head_dim] each."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
@@ -102,14 +103,21 @@ class DecoderAttention(nn.Module):
                 self.q_norm.weight if self.qk_norm else None, self.k_norm.weight if self.qk_norm else None,
                 self.rms_norm_eps, rope.cos_cache, rope.sin_cache, positions)
         else:
-            q, k = self._qk_reference(positions, qkv[:, :q_size + kv_size])
+            q, k = self._qk_reference(positions, qkv[:, :q_size + kv_size], rope)
         return q, k, v
 
-    def _qk_reference(self, positions: torch.Tensor, qk: torch.Tensor):
-        """qk [num_tokens, q_size + kv_size] -> (q, k) normed (Qwen3) and rotated, [num_tokens, heads, head_dim]."""
-        seq_lens = get_forward_context().rope_seq_lens if self.rotary_emb.needs_seq_lens else None
+    def _qk_reference(self, positions: torch.Tensor, qk: torch.Tensor, rope: RopeTables | None = None):
+        """qk [num_tokens, q_size + kv_size] -> (q, k) normed (Qwen3) and rotated, [num_tokens, heads, head_dim];
+        with ``rope`` through its tables (the same values)."""
         qk = qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
-        if not self.qk_norm:  # q and k side by side: one rotation over all their heads
+        if rope is not None:
+            if not self.qk_norm:  # q and k side by side: one rotation over all their heads
+                qk = rotate_with(qk, rope)
+                return qk[:, :self.num_heads], qk[:, self.num_heads:]
+            q, k = self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])
+            return rotate_with(q, rope), rotate_with(k, rope)
+        seq_lens = get_forward_context().rope_seq_lens if self.rotary_emb.needs_seq_lens else None
+        if not self.qk_norm:
             return self.rotary_emb.rotate_packed(positions, qk, self.num_heads, seq_lens)
         q, k = self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])
         return self.rotary_emb(positions, q, k, seq_lens)
@@ -139,11 +147,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None):
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                rope: RopeTables | None = None):
         # x, residual [num_tokens, hidden]: norm -> attention -> add & norm -> MLP; each norm may run inside
         # the projection after it, and SiLU-mul inside gate_up (layers.fused_linear)
         qkv, residual = norm_then_linear(self.input_layernorm, self.self_attn.qkv_proj, x, residual)
-        x = self.self_attn.attend(positions, qkv)
+        x = self.self_attn.attend(positions, qkv, rope)
         act, residual = norm_then_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, x, residual,
                                          act=self.mlp.act_fn)
         return self.mlp.down_proj(act), residual
@@ -153,16 +162,27 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: DecoderSpec, tp: TPGroup) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        rotary_emb = get_rope(cfg.rope)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, spec, i, tp, rotary_emb) for i in range(cfg.num_hidden_layers))
+        self.rotary_emb = get_rope(cfg.rope)  # shared by every layer
+        self.layers = nn.ModuleList(DecoderLayer(cfg, spec, i, tp, self.rotary_emb)
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden]
+        rope = self._rope_tables(positions, x.dtype)
         for layer in self.layers:
-            x, residual = layer(positions, x, residual)
+            x, residual = layer(positions, x, residual, rope)
         x, _ = self.norm(x, residual)
         return x
+
+    def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables | None:
+        """On the CPU, this step's cos/sin tables, looked up once for every layer; None elsewhere (CUDA's
+        fused kernels read the cos/sin caches themselves, the reference path looks them up per layer)."""
+        if positions.device.type != "cpu":
+            return None
+        rope = self.rotary_emb
+        seq_lens = get_forward_context().rope_seq_lens if rope.needs_seq_lens else None
+        return rope.tables(positions, dtype, seq_lens)
 
 
 class DecoderForCausalLM(nn.Module):
