@@ -171,8 +171,9 @@ def measure(args: argparse.Namespace) -> dict:
         ideal_ms = 1e3 * (weights + batch * ctx * kv_per_token) / bandwidth
         results.append(BatchResult(batch, ctx, wall_ms, replay_ms, gpu_ms, kernels, ideal_ms, rel_err,
                                    top[: args.kernels]))
-        print(f"batch {batch}: wall {wall_ms:.3f} ms, graph replay {replay_ms:.3f} ms, GPU {gpu_ms:.3f} ms, {kernels:.0f} kernels/step, "
-              f"ideal {ideal_ms:.3f} ms, logits vs torch path {rel_err:.2e}", file=sys.stderr, flush=True)
+        print(f"batch {batch}: wall {wall_ms:.3f} ms, graph replay {replay_ms:.3f} ms, GPU {gpu_ms:.3f} ms, "
+              f"{kernels:.0f} kernels/step, ideal {ideal_ms:.3f} ms, logits vs torch path {rel_err:.2e}",
+              file=sys.stderr, flush=True)
         for name, us, n in top[: args.kernels]:
             print(f"    {us:8.1f} us/step {n:6.1f}/step  {name}", file=sys.stderr)
         engine.abort_request(request_ids)
@@ -213,7 +214,8 @@ def print_comparison(base: dict, other: dict, label: str) -> None:
           "wall tok/s | other | ideal ms |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for a, b in zip(base["results"], other["results"]):
-        print(f"| {a['batch']} | {a['replay_ms']:.3f} | {b['replay_ms']:.3f} | {b['replay_ms'] / a['replay_ms']:.2f}x | "
+        print(f"| {a['batch']} | {a['replay_ms']:.3f} | {b['replay_ms']:.3f} | "
+              f"{b['replay_ms'] / a['replay_ms']:.2f}x | "
               f"{a['gpu_ms']:.3f} | {b['gpu_ms']:.3f} | "
               f"{a['kernels']:.0f} | {b['kernels']:.0f} | {a['batch'] / a['wall_ms'] * 1e3:.0f} | "
               f"{b['batch'] / b['wall_ms'] * 1e3:.0f} | {a['ideal_ms']:.3f} |")

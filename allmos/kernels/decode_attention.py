@@ -36,7 +36,7 @@ import triton.language as tl
 
 from allmos.attention.torch_ref import FP8_KV_DTYPE, KVScales
 from allmos.kernels.cascade_state import CascadePrefix, cascade_launch_args, cascade_prefix_state
-from allmos.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_enabled
+from allmos.kernels.pdl import pdl_enter, pdl_kwargs
 from allmos.kernels.store_kv import check_kv_scales, kv_scale_args
 
 MAX_NUM_SPLITS = 16
@@ -179,9 +179,7 @@ def _decode_kernel(
     DOT_PRECISION: tl.constexpr, CASCADE: tl.constexpr, KV_FP8: tl.constexpr, Q_FP16: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:  # launched with PDL (allmos.kernels.pdl): the next kernel may start; the last one must be done
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_enter(PDL)  # allmos.kernels.pdl: the next kernel may start; the last one must be done
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -292,9 +290,7 @@ def _merge_splits_kernel(
     stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_lk, stride_os, stride_oh,
     HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_enter(PDL)
     _merge_head(part_ptr, lse_ptr, out_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), num_splits,
                 stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_lk, stride_os, stride_oh,
                 HEAD_DIM, SPLITS_P2)
@@ -453,7 +449,6 @@ def paged_decode_attention(
     fold = split and fold_merge
     part, lse, sem = _split_buffers(workspace, out, seq_lens, num_splits, fold, num_kv_heads)
     group = num_heads // num_kv_heads
-    pdl = pdl_enabled(query.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, seq_lens, block_tables, out, part, lse, sem,
         k_scale, v_scale, scale * 1.4426950408889634, num_splits, *cascade_launch_args(cascade, query, seq_lens),
@@ -465,14 +460,19 @@ def paged_decode_attention(
         BLOCK_N=cfg.block_n, SPLIT=split, FOLD_MERGE=fold, SPLITS_P2=triton.next_power_of_2(num_splits) if fold else 1,
         DOT_PRECISION=dot_precision(query.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         CASCADE=cascade is not None, KV_FP8=kv_fp8, Q_FP16=fp16_dots(query, kv_fp8),
-        PDL=pdl, **launch_options(pdl),
+        **pdl_kwargs(query.device),
     )
     if split and not fold:
-        _merge_splits_kernel[(num_seqs, num_heads)](
-            part, lse, out, num_splits,
-            part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-            out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4,
-            PDL=pdl, **launch_options(pdl),
-        )
+        _merge_splits(part, lse, out, num_splits)
     return out
+
+
+def _merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, num_splits: int) -> None:
+    """Combine the splits' partial outputs ``part`` by their log-sum-exps ``lse`` into ``out``."""
+    num_seqs, num_heads, head_dim = out.shape
+    _merge_splits_kernel[(num_seqs, num_heads)](
+        part, lse, out, num_splits,
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4, **pdl_kwargs(out.device),
+    )

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from allmos.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_enabled
+from allmos.kernels.pdl import pdl_enter, pdl_kwargs
 
 
 @triton.jit
@@ -20,9 +20,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stri
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    if PDL:  # launched with PDL: let the next kernel load its weights, wait for the one before
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_enter(PDL)  # allmos.kernels.pdl: the next kernel may load its weights; the one before must be done
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     dtype = x.dtype
     x = x.to(tl.float32)
@@ -47,12 +45,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     out = torch.empty_like(x)
     res_out = torch.empty_like(x) if residual is not None else out
     res = residual if residual is not None else x
-    pdl = pdl_enabled(x.device)
     if n_rows:
         _rms_norm_kernel[(n_rows,)](
             x, res, weight, out, res_out, x.stride(0), res.stride(0), out.stride(0), res_out.stride(0),
             n_cols, eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols),
-            PDL=pdl, num_warps=4 if n_cols <= 2048 else 8, **launch_options(pdl))
+            num_warps=4 if n_cols <= 2048 else 8, **pdl_kwargs(x.device))
     return out if residual is None else (out, res_out)
 
 

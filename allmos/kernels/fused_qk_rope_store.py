@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from allmos.attention.torch_ref import KVScales
-from allmos.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_enabled
+from allmos.kernels.pdl import pdl_enter, pdl_kwargs
 from allmos.kernels.store_kv import check_kv_scales, fp8_e4m3_values, kv_scale_args
 
 
@@ -48,9 +48,7 @@ def _qk_norm_rope_store_kernel(
     HAS_NORM: tl.constexpr, HALF: tl.constexpr, HEAD_BLOCK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     KV_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # launched with PDL (allmos.kernels.pdl): the next kernel may start; the last one must be done
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_enter(PDL)  # allmos.kernels.pdl: the next kernel may start; the last one must be done
     token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)  # [HEAD_BLOCK] over q | k | v heads
     d = tl.arange(0, HALF)  # [HALF]
@@ -152,7 +150,6 @@ def qk_norm_rope_store(
     if num_tokens == 0:
         return q
     k_scale, v_scale, k_center, kv_fp8 = kv_scale_args(k_cache, kv_scales)
-    pdl = pdl_enabled(qkv.device)
     has_norm = q_weight is not None
     total_heads = num_heads + 2 * num_kv_heads
     head_block = min(head_block_for(num_tokens), triton.next_power_of_2(total_heads))
@@ -163,6 +160,6 @@ def qk_norm_rope_store(
         qkv.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos.stride(0),
         num_heads, num_kv_heads, eps, k_scale, v_scale, k_center,
         HAS_NORM=has_norm, HALF=half, HEAD_BLOCK=head_block, BLOCK_SIZE=k_cache.shape[1], KV_FP8=kv_fp8,
-        PDL=pdl, num_warps=max(1, min(4, head_block * half // 256)), **launch_options(pdl),
+        num_warps=max(1, min(4, head_block * half // 256)), **pdl_kwargs(qkv.device),
     )
     return q

@@ -37,8 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from allmos.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_enabled
-
+from allmos.kernels.pdl import pdl_enter, pdl_kwargs
 
 ROW_KERNEL_MAX_ROWS = 16  # the row-reduction kernels compute rows one by one: for small decode batches only
 
@@ -235,9 +234,7 @@ def _row_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, 
         wu = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
     else:
         wu = w
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_enter(PDL)
     if ONE_ROW:
         _row_times_tile(w, wu, w_rows, up_rows, x_ptr, y_ptr, b_ptr, cols, col_ok, ks, N, K, HAS_BIAS, SILU_MUL,
                         BLOCK_K)
@@ -250,11 +247,10 @@ def _row_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, 
 def _launch_row(x, weight, bias, y, n: int, config: GemvConfig, silu_mul: bool) -> None:
     """The row kernel (``_row_gemv_kernel``) over all M rows of x [M, K] into y [M, N]."""
     m, k = x.shape
-    pdl = pdl_enabled(x.device)
     _row_gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        ONE_ROW=m == 1, PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl))
+        ONE_ROW=m == 1, num_warps=config.num_warps, num_stages=config.num_stages, **pdl_kwargs(x.device))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -8,8 +8,9 @@ is launched with PDL waits unconditionally, so completion stays ordered along th
 graphs, which keep the launch attribute). A kernel that only calls ``gdc_launch_dependents`` (launched
 normally) lets a PDL kernel after it start early and changes nothing else.
 
-Both calls are compiled in only where ``pdl_enabled`` is true (a ``PDL`` constexpr), so older GPUs and the
-interpreter never see them.
+A kernel takes a ``PDL`` constexpr and calls ``pdl_enter(PDL)`` (both calls, in that order) where its
+dependent work begins; its launch passes ``**pdl_kwargs(device)``. Both calls are compiled in only where
+``pdl_enabled`` is true, so older GPUs and the interpreter never see them.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 try:  # Triton 3.3+
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
-__all__ = ["gdc_launch_dependents", "gdc_wait", "launch_options", "pdl_enabled"]
+__all__ = ["pdl_enabled", "pdl_enter", "pdl_kwargs"]
 
 
 @functools.cache
@@ -38,6 +41,15 @@ def pdl_enabled(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def launch_options(pdl: bool) -> dict[str, bool]:
-    """The extra launch keyword of a kernel launched with PDL (nothing otherwise)."""
-    return {"launch_pdl": True} if pdl else {}
+def pdl_kwargs(device: torch.device) -> dict[str, bool]:
+    """Launch keywords of a kernel with a ``PDL`` constexpr on ``device``: its value, and ``launch_pdl`` with it."""
+    return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {"PDL": False}
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """With ``PDL``: let the next launch start, then wait until the kernel before this one has completed and its
+    writes are visible. Everything after this may read and write activations."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
