@@ -1,19 +1,27 @@
-"""The model forward compiled by inductor for the CPU, at start-up.
+"""The CPU forward compiled by inductor at start-up: one decoder layer (level 3) or the whole forward (level 2).
 
 Eager decode on the CPU runs some fifty small torch ops per layer (norms, RoPE, activation, views), each
 a few microseconds of dispatch; ``torch.compile`` fuses them into a handful of C++ loops per layer and
 leaves the matmuls to the same packed kernels (see ``allmos.layers.quantization``) and attention to one
 opaque op (``allmos.attention.custom_op``).
 
-Invariants: both graphs are compiled inside ``LLM(...)`` (``warm_up``): one specialized to a single new
-token (batch-1 decode) and one with a dynamic token count for every larger step (decode batches,
-prefill chunks). Afterwards the compiled function runs with recompilation forbidden: a step that would
-need a new graph runs eagerly instead, with a warning, rather than compiling inside a user's request.
+Level 3 (``compilation_config=3``) compiles one decoder layer's forward and runs every layer through it:
+the layers share their code, their parameters are inputs of the graph (torch's inlining of ``nn.Module``
+calls) and the attention op takes the layer index as a tensor, so one graph serves them all. Embedding,
+RoPE tables and the final norm stay eager (a handful of ops, about what one compiled call costs). Start-up
+compiles one layer instead of all of them; each step pays one compiled call per layer.
+Level 2 compiles the whole ``model.forward`` (every layer traced and compiled: a slower start-up).
+
+Invariants (both levels): every graph is compiled inside ``LLM(...)`` (``warm_up``): one specialized to a
+single new token (batch-1 decode) and one with a dynamic token count for every larger step (decode batches,
+prefill chunks). Afterwards the compiled code runs with recompilation forbidden: a step that would need a new
+graph runs eagerly instead, with a warning, rather than compiling inside a user's request.
 ``enforce_eager=True`` skips all of this.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -23,27 +31,54 @@ from torch import nn
 
 logger = logging.getLogger("allmos")
 
+LAYERWISE, WHOLE_FORWARD = 3, 2  # compilation_config levels
 
-def compile_unsupported_reason(model: nn.Module, device: torch.device) -> str | None:
-    """Why ``model`` is not compiled on ``device`` (None: it is compiled)."""
+
+def compile_unsupported_reason(model: nn.Module, device: torch.device, level: int = LAYERWISE) -> str | None:
+    """Why ``model`` is not compiled on ``device`` at ``level`` (None: it is compiled)."""
     if device.type != "cpu":
         return "only the CPU forward is compiled (CUDA uses graphs)"
     if not hasattr(torch.compiler, "set_stance"):
         return f"torch {torch.__version__} lacks torch.compiler.set_stance"
     rotary = model.model.layers[0].self_attn.rotary_emb
-    if rotary.needs_seq_lens:
+    if level == WHOLE_FORWARD and rotary.needs_seq_lens:
         return "dynamic NTK RoPE reads per-step sequence lengths from the forward context"
     return None
 
 
+def _compile(fn: Callable) -> Callable:
+    """``fn`` through inductor, whole graphs only; with its own graph cache where torch offers one, so that
+    engines in one process never count towards each other's recompilation limit."""
+    options = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters \
+        else {}
+    return torch.compile(fn, fullgraph=True, backend="inductor", **options)
+
+
+def _mark_dynamic(*tensors: torch.Tensor | None) -> None:
+    """Compile the next graph with the first (token) dimension of ``tensors`` dynamic."""
+    for t in tensors:
+        if t is not None:
+            torch._dynamo.mark_dynamic(t, 0)
+
+
+def _layer_forward(layer: nn.Module, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, rope):
+    return layer(positions, x, residual, rope)
+
+
 class CompiledForward:
-    """``model(input_ids, positions)`` through inductor; call ``warm_up`` once before serving."""
+    """``model(input_ids, positions)`` through inductor; call ``warm_up`` once before serving.
+
+    Subclasses say what is compiled (``_run``); this class owns warm-up and the eager fallback."""
+
+    level: int
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._compiled = torch.compile(model.forward, fullgraph=True, backend="inductor")
-        self._warming = False
+        self._warming = False  # inside warm_up: graphs may be compiled, steps of 2+ tokens mark dims dynamic
         self._warned = False  # a step fell back to eager (logged once)
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def warm_up(self, run_step: Callable[[int], None]) -> float:
         """Compile both graphs; ``run_step(num_tokens)`` runs one forward of that many new tokens through
@@ -62,15 +97,12 @@ class CompiledForward:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self._warming:
-            if input_ids.shape[0] >= 2:
-                torch._dynamo.mark_dynamic(input_ids, 0)
-                torch._dynamo.mark_dynamic(positions, 0)
-            return self._compiled(input_ids, positions)
+            return self._run(input_ids, positions)
         try:
-            # guards that only tell the two graphs apart (the runner always calls in inference mode with
-            # the same parameters); a step neither graph takes raises instead of recompiling
+            # guards that only tell the graphs apart (the runner always calls in inference mode with the
+            # same parameters); a step no graph takes raises instead of recompiling
             with torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True):
-                return self._compiled(input_ids, positions)
+                return self._run(input_ids, positions)
         except RuntimeError as exc:
             if "recompil" not in str(exc).lower():
                 raise
@@ -78,27 +110,64 @@ class CompiledForward:
                 logger.warning("compiled CPU forward has no graph for this step (%d tokens); running it eagerly "
                                "(%s)", input_ids.shape[0], str(exc).splitlines()[0][:200])
                 self._warned = True
+            # a layer that ran before the failure stored this step's K/V already: storing them again is harmless
             return self.model(input_ids, positions)
 
 
+class WholeForward(CompiledForward):
+    """Level 2: the whole ``model.forward`` in one graph."""
+
+    level = WHOLE_FORWARD
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self._compiled = _compile(model.forward)
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self._warming and input_ids.shape[0] >= 2:
+            _mark_dynamic(input_ids, positions)
+        return self._compiled(input_ids, positions)
+
+
+class LayerwiseForward(CompiledForward):
+    """Level 3: one compiled decoder layer runs every layer; the rest of the forward stays eager."""
+
+    level = LAYERWISE
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self._compiled_layer = _compile(_layer_forward)
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions, layer_forward=self._layer)
+
+    def _layer(self, layer: nn.Module, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, rope):
+        if self._warming and x.shape[0] >= 2:
+            _mark_dynamic(positions, x, residual, *((rope.cos, rope.sin) if rope is not None else ()))
+        return self._compiled_layer(layer, positions, x, residual, rope)
+
+
 def compile_cpu_forward(model: nn.Module, device: torch.device,
-                        scratch_step: Callable[[Callable], Callable[[int], None]]) -> CompiledForward | None:
-    """The CPU forward compiled by inductor and warmed now (None: it stays eager, with the reason logged).
+                        scratch_step: Callable[[Callable], Callable[[int], None]],
+                        level: int = LAYERWISE) -> CompiledForward | None:
+    """The CPU forward compiled by inductor at ``level`` and warmed now (None: it stays eager, with the
+    reason logged).
 
     ``scratch_step(forward)`` returns ``run(n)``: one decode forward of ``n`` one-token sequences through
     ``forward`` on a scratch cache."""
-    reason = compile_unsupported_reason(model, device)
+    reason = compile_unsupported_reason(model, device, level)
     if reason is not None:
         if device.type == "cpu":
             logger.info("CPU forward stays eager: %s", reason)
         return None
-    compiled = CompiledForward(model)
-    logger.info("compiling the CPU forward (torch.compile, inductor; compilation_config=0 skips this) ...")
+    compiled = (LayerwiseForward if level == LAYERWISE else WholeForward)(model)
+    what = "one decoder layer" if level == LAYERWISE else "the whole CPU forward"
+    logger.info("compiling %s (torch.compile, inductor; compilation_config=0 skips this) ...", what)
     try:
         seconds = compiled.warm_up(scratch_step(compiled))
     except Exception as exc:  # no C++ compiler, an inductor limitation: serve eagerly rather than fail
         logger.warning("torch.compile of the CPU forward failed, running eagerly: %s",
                        str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
         return None
-    logger.info("compiled the CPU forward in %.1f s", seconds)
+    logger.info("compiled %s in %.1f s", what, seconds)
     return compiled
