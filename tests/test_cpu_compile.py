@@ -85,3 +85,19 @@ def test_compilation_config_levels():
         EngineConfig.from_kwargs(None, compilation_config=1)
     assert not EngineConfig.from_kwargs(None, compilation_config=0).compile_cpu_forward
     assert EngineConfig.from_kwargs(None, compilation_config=2).compile_cpu_forward
+
+
+def test_layers_alike_tells_layer_kinds_apart(folder):
+    """Level 3 drops the guards on modules only when one traced layer stands for every layer."""
+    import torch
+
+    from allmos.engine.cpu_compile import layers_alike
+
+    llm = LLM(str(folder), kvcache_block_size=16, dtype="float32", device="cpu")
+    layers = llm.engine.runner.model.model.layers
+    assert layers_alike(layers)  # the layer index differs, and is a tensor input of the graph
+    layers[1].input_layernorm.eps *= 2
+    assert not layers_alike(layers)
+    layers[1].input_layernorm.eps /= 2
+    layers[1].mlp.down_proj.weight.data = layers[1].mlp.down_proj.weight.data.to(torch.bfloat16)
+    assert not layers_alike(layers)
