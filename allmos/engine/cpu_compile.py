@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from allmos.engine.direct_graphs import DirectLayerGraphs
+
 logger = logging.getLogger("allmos")
 
 LAYERWISE, WHOLE_FORWARD = 3, 2  # compilation_config levels
@@ -47,7 +49,7 @@ def compile_unsupported_reason(model: nn.Module, device: torch.device, level: in
     return None
 
 
-def _compile(fn: Callable, input_guards_only: bool) -> Callable:
+def _compile(fn: Callable, input_guards_only: bool, backend: str | Callable = "inductor") -> Callable:
     """``fn`` through inductor, whole graphs only; with its own graph cache where torch offers one, so that
     engines in one process never count towards each other's recompilation limit.
 
@@ -59,7 +61,7 @@ def _compile(fn: Callable, input_guards_only: bool) -> Callable:
         else {}
     if input_guards_only and hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):
         kwargs["options"] = {"guard_filter_fn": _input_guards}
-    return torch.compile(fn, fullgraph=True, backend="inductor", **kwargs)
+    return torch.compile(fn, fullgraph=True, backend=backend, **kwargs)
 
 
 def _input_guards(entries: list) -> list[bool]:
@@ -175,25 +177,54 @@ class WholeForward(CompiledForward):
 
 
 class LayerwiseForward(CompiledForward):
-    """Level 3: one compiled decoder layer runs every layer; the rest of the forward stays eager."""
+    """Level 3: one compiled decoder layer runs every layer; the rest of the forward stays eager.
+
+    Where the layers are alike, steps call the layer's graphs directly (``DirectLayerGraphs``) once warm-up
+    found that equal to calling them through ``torch.compile``."""
 
     level = LAYERWISE
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        alike = layers_alike(model.model.layers)
+        layers = model.model.layers
+        alike = layers_alike(layers)
         if not alike:
             logger.info("decoder layers differ in kind: each kind gets its own compiled graphs, every call checks "
                         "which one applies")
-        self._compiled_layer = _compile(_layer_forward, input_guards_only=alike)
+        self._direct = DirectLayerGraphs(layers) if alike else None
+        self._compiled_layer = _compile(_layer_forward, input_guards_only=alike,
+                                        backend=self._direct.backend if alike else "inductor")
+        self._checking = False  # warm-up: compare each layer's direct call with its torch.compile call
+
+    def warm_up(self, run_step: Callable[[int], None]) -> float:
+        start = time.perf_counter()
+        super().warm_up(run_step)
+        if self._direct is not None:
+            self._checking = True
+            try:
+                run_step(1)
+                run_step(3)
+            finally:
+                self._checking = False
+            logger.info("compiled layer called %s", "directly" if self._direct.usable else
+                        "through torch.compile (its direct call was not found equal)")
+        return time.perf_counter() - start
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions, layer_forward=self._layer)
+        direct = self._direct is not None and self._direct.usable and not self._checking
+        return self.model(input_ids, positions, layer_forward=self._direct if direct else self._layer)
 
     def _layer(self, layer: nn.Module, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, rope):
-        if self._warming and x.shape[0] >= 2:
-            _mark_dynamic(positions, x, residual, *((rope.cos, rope.sin) if rope is not None else ()))
-        return self._compiled_layer(layer, positions, x, residual, rope)
+        activations = (positions, x, residual, *((rope.cos, rope.sin) if rope is not None else (None, None)))
+        if self._warming:
+            if x.shape[0] >= 2:
+                _mark_dynamic(*activations)
+            if self._direct is not None:
+                self._direct.tracing(layer, activations)
+        out = self._compiled_layer(layer, positions, x, residual, rope)
+        if self._checking:
+            self._direct.check(out, layer, positions, x, residual, rope)
+        return out
 
 
 def compile_cpu_forward(model: nn.Module, device: torch.device,
