@@ -49,6 +49,8 @@ def _compiled_run(folder, level: int):
     result = _run(llm)
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after LLM()
     assert not runner.compiled._warned  # and no step fell back to eager
+    if level == 3:  # steps called the layer's graphs directly, warm-up having found that equal
+        assert runner.compiled._direct.usable and runner.compiled._direct.checked > 0
     return result
 
 

@@ -50,17 +50,20 @@ def compile_unsupported_reason(model: nn.Module, device: torch.device, level: in
 
 
 def _compile(fn: Callable, input_guards_only: bool, backend: str | Callable = "inductor") -> Callable:
-    """``fn`` through inductor, whole graphs only; with its own graph cache where torch offers one, so that
-    engines in one process never count towards each other's recompilation limit.
+    """``fn`` through inductor (or ``backend``), whole graphs only, with a graph cache of its own where torch
+    offers one (``isolate_recompiles``): engines in one process then never share graphs nor count towards
+    each other's recompilation limit.
 
     ``input_guards_only``: keep only the guards on ``fn``'s tensor inputs and on global state (grad mode and
     the like), which tell the graphs of one and of several tokens apart, and drop those on modules and
     module globals: hundreds of checks per call (0.4-0.8 ms per step on the default model) of things that
-    do not change after start-up. Callers make sure that every module a graph may see was traced alike."""
-    kwargs = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters \
-        else {}
-    if input_guards_only and hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):
-        kwargs["options"] = {"guard_filter_fn": _input_guards}
+    do not change after start-up. Callers make sure that every module a graph may see was traced alike.
+    Only with a cache of its own: a graph another engine traced on other modules could pass the input guards."""
+    kwargs = {}
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+        kwargs["isolate_recompiles"] = True
+        if input_guards_only and hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):
+            kwargs["options"] = {"guard_filter_fn": _input_guards}
     return torch.compile(fn, fullgraph=True, backend=backend, **kwargs)
 
 
