@@ -44,7 +44,9 @@ class EngineConfig:
     tokenizer: str | None = None
     trust_remote_code: bool = False  # accepted for vLLM compatibility; True is refused (no remote code runs)
     quantization: str | None = None  # None | "int8" | "int4": weight-only, CPU (allmos.layers.quantization)
-    compilation_config: int = 0  # 3: torch.compile the CPU forward at start-up (engine.cpu_compile); 0: eager
+    # torch.compile the CPU forward at start-up (engine.cpu_compile): 3 one decoder layer, 2 the whole forward;
+    # 0: eager
+    compilation_config: int = 0
     enable_cascade_attention: bool = True  # shared-prefix decode attention (Triton backend; docs/cascade_attention.md)
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8" (alias "fp8_e4m3"): float8_e4m3fn with scales
 
@@ -86,9 +88,9 @@ class EngineConfig:
         if not isinstance(self.enable_cascade_attention, bool):
             raise ValueError(f"enable_cascade_attention must be True or False, got {self.enable_cascade_attention!r}")
         _check_kv_cache_dtype(self)
-        if self.compilation_config not in (0, 3):
-            raise ValueError(f"compilation_config must be 0 (eager) or 3 (compile the CPU forward at start-up), "
-                             f"got {self.compilation_config!r}")
+        if self.compilation_config not in (0, 2, 3):
+            raise ValueError(f"compilation_config must be 0 (eager), 2 (compile the whole CPU forward at start-up) "
+                             f"or 3 (compile one decoder layer at start-up), got {self.compilation_config!r}")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -126,8 +128,9 @@ class EngineConfig:
 
     @property
     def compile_cpu_forward(self) -> bool:
-        """Whether the CPU forward is compiled at start-up (``compilation_config`` level 3, not enforce_eager)."""
-        return self.compilation_config == 3 and not self.enforce_eager
+        """Whether the CPU forward is compiled at start-up (``compilation_config`` level 2 or 3, not
+        enforce_eager)."""
+        return self.compilation_config in (2, 3) and not self.enforce_eager
 
     def resolved_backend(self, device: torch.device) -> str:
         if self.attention_backend == "auto":

@@ -14,8 +14,13 @@ greedy agreement and per-token logprob differences on fixed chat prompts (allmos
 the ``llama-cpp-python`` package when it is installed (``pip install llama-cpp-python``; not a dependency of
 allmos), batch 1 only (its high-level API decodes one sequence), the weight bytes counted as the whole file.
 
-Usage: python benchmarks/bench_cpu.py [--engines auto float32 bfloat16 int8 int4 int4-compiled transformers
-       llama.cpp] [--batches 1 16] [--new 128] [--threads 2] [--repeats 2] [--quality]
+``-compiled`` engines compile one decoder layer at start-up (``compilation_config=3``), ``-compiled-whole`` ones
+the whole forward (``compilation_config=2``); their load time includes compiling, or reading torch's compile
+cache when an earlier process compiled the same graphs.
+
+Usage: python benchmarks/bench_cpu.py [--engines auto float32 bfloat16 int8 int4 int4-compiled auto-compiled
+       auto-compiled-whole transformers llama.cpp] [--batches 1 16] [--new 128] [--threads 2] [--repeats 2]
+       [--quality]
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ ENGINES = {
     "int8": {"quantization": "int8"},
     "int4": {"quantization": "int4"},
     "auto-compiled": {"compilation_config": 3},
+    "auto-compiled-whole": {"compilation_config": 2},
     "int4-compiled": {"quantization": "int4", "compilation_config": 3},
+    "int4-compiled-whole": {"quantization": "int4", "compilation_config": 2},
     "float32-compiled": {"dtype": "float32", "compilation_config": 3},
 }
 CHAT_PROMPTS = [

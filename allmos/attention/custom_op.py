@@ -18,27 +18,28 @@ import torch
 from allmos.attention.context import get_forward_context
 from allmos.attention.torch_ref import KVScales
 
-_SCHEMA = ("attention(Tensor query, Tensor key, Tensor value, int layer_idx, float scale, Tensor? k_scale=None, "
+_SCHEMA = ("attention(Tensor query, Tensor key, Tensor value, Tensor layer_index, float scale, Tensor? k_scale=None, "
            "Tensor? v_scale=None, Tensor? k_center=None) -> Tensor")
 _LIBRARY = torch.library.Library("allmos", "FRAGMENT")  # holds the registration for the process lifetime
 
 
-def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_idx: int, scale: float,
-               k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_index: torch.Tensor,
+               scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                k_center: torch.Tensor | None = None) -> torch.Tensor:
-    """Store ``key``/``value`` into layer ``layer_idx``'s cache and attend (``AttentionBackend.forward``).
+    """Store ``key``/``value`` into layer ``layer_index``'s cache and attend (``AttentionBackend.forward``).
 
-    query [num_tokens, num_heads, head_dim]; key, value [num_tokens, num_kv_heads, head_dim]; k_scale, v_scale
+    query [num_tokens, num_heads, head_dim]; key, value [num_tokens, num_kv_heads, head_dim]; layer_index: a 0-d
+    int64 CPU tensor (an input of the graph, so one compiled layer serves every layer); k_scale, v_scale
     [1] and k_center [num_kv_heads, head_dim]: the layer's fp8 cache scales (``allmos.attention.torch_ref.KVScales``;
     None: 1.0, no center), inputs of the op so a compiled graph reads their current values."""
     ctx = get_forward_context()
-    k_cache, v_cache = ctx.kv_caches[layer_idx]
+    k_cache, v_cache = ctx.kv_caches[int(layer_index)]
     kv_scales = None if k_scale is None or v_scale is None else KVScales(k_scale, v_scale, k_center)
     return ctx.backend.forward(query, key, value, k_cache, v_cache, ctx.metadata, scale, kv_scales)
 
 
-def _attention_fake(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_idx: int, scale: float,
-                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+def _attention_fake(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_index: torch.Tensor,
+                    scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                     k_center: torch.Tensor | None = None) -> torch.Tensor:
     return torch.empty_like(query)  # [num_tokens, num_heads, head_dim]
 

@@ -184,7 +184,7 @@ class LocalModelRunner(ModelRunner):
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
         calibrate_kv_cache(self)  # fp8 caches: each layer's scales, before graphs, compile or real KV
         self.graphs = self._capture_graphs()
-        self.compiled = compile_cpu_forward(self.model, self.device, self._scratch_decode) \
+        self.compiled = compile_cpu_forward(self.model, self.device, self._scratch_decode, config.compilation_config) \
             if config.compile_cpu_forward else None
 
     def _scratch_decode(self, forward) -> Callable[[int], None]:

@@ -14,6 +14,9 @@ class Attention(nn.Module):
     def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        # the index as a tensor for the compiled CPU forward's attention op: an input of the graph rather than a
+        # constant in it, so that one compiled decoder layer serves every layer (allmos.engine.cpu_compile)
+        self.register_buffer("layer_index", torch.tensor(layer_idx, dtype=torch.int64), persistent=False)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         # fp8 KV cache (kv_cache_dtype="fp8"): stored K = (K - k_center) / k_scale, V / v_scale
@@ -32,7 +35,7 @@ class Attention(nn.Module):
         """Attention of q over this layer's cache after storing k/v; k = v = None when the caller already
         stored them (only with a backend whose ``accepts_stored_kv`` is True)."""
         if torch.compiler.is_compiling():  # one opaque op in the compiled graph (see attention.custom_op)
-            return custom_op.attention(q, k, v, self.layer_idx, self.scale, self.k_scale, self.v_scale, self.k_center)
+            return custom_op.attention(q, k, v, self.layer_index, self.scale, self.k_scale, self.v_scale, self.k_center)
         ctx = get_forward_context()
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         # only an fp8 cache reads the scales (AttentionBackend.forward): skip building them for any other

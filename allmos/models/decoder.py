@@ -29,7 +29,13 @@ from allmos.layers.tp import SINGLE, TPGroup
 from allmos.models.model_config import ModelConfig
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from allmos.kernels.gemv_tuning import GemvSignature, GemvTable
+
+    # (layer, positions, x, residual, rope) -> (x, residual): how DecoderModel.forward runs one layer
+    LayerForward = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, RopeTables | None],
+                            tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -167,11 +173,20 @@ class DecoderModel(nn.Module):
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden]
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                layer_forward: LayerForward | None = None) -> torch.Tensor:
+        """Final hidden states [num_tokens, hidden]. ``layer_forward(layer, positions, x, residual, rope)`` runs
+        each layer in place of ``layer(positions, x, residual, rope)`` (the CPU's compiled layer,
+        ``allmos.engine.cpu_compile``); the first layer then gets a zero residual instead of None (the same
+        values), so that every layer is called with the same kinds of inputs."""
+        x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
         rope = self._rope_tables(positions, x.dtype)
+        residual = None if layer_forward is None else torch.zeros_like(x)
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, rope)
+            if layer_forward is None:
+                x, residual = layer(positions, x, residual, rope)
+            else:
+                x, residual = layer_forward(layer, positions, x, residual, rope)
         x, _ = self.norm(x, residual)
         return x
 
@@ -211,8 +226,9 @@ class DecoderForCausalLM(nn.Module):
         """This family's ``DecoderSpec`` for ``cfg``; ValueError for settings the family does not support."""
         raise NotImplementedError
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                layer_forward: LayerForward | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, layer_forward)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [num_seqs, hidden] -> [num_seqs, vocab]
         return self.lm_head(hidden)
