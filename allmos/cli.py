@@ -28,7 +28,9 @@ def _engine_args(p: argparse.ArgumentParser, model_help: str = DEFAULT_MODEL_HEL
     p.add_argument("--kvcache-block-size", type=int, default=256, help="tokens per KV block (default: 256)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
+    p.add_argument("-O", "--compilation-config", type=int, default=0, choices=[0, 2, 3],
+                   help="CPU: 3 compiles one decoder layer at start-up, 2 the whole forward, 0 eager (default: 0)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks that split each layer (default: 1)")
     p.add_argument("--load-format", default="auto", help="auto, safetensors, gguf or dummy (default: auto)")
     p.add_argument("--quantization", default=None, choices=["int8", "int4"],
@@ -50,7 +52,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
                 max_num_batched_tokens=a.max_num_batched_tokens, kvcache_block_size=a.kvcache_block_size,
                 dtype=a.dtype, device=a.device, enforce_eager=a.enforce_eager,
                 tensor_parallel_size=a.tensor_parallel_size, load_format=a.load_format, quantization=a.quantization,
-                kv_cache_dtype=a.kv_cache_dtype)
+                kv_cache_dtype=a.kv_cache_dtype, compilation_config=a.compilation_config)
 
 
 def _params(a: argparse.Namespace):

@@ -138,3 +138,15 @@ def test_quantization_flag_reaches_the_engine(tiny_llama_real_tokenizer, capsys,
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--quantization", "fp4"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_compilation_config_flag_reaches_the_engine_kwargs(capsys):
+    from allmos.cli import serve_engine_kwargs
+
+    assert serve_engine_kwargs(build_parser().parse_args(["serve"]))["compilation_config"] == 0
+    assert serve_engine_kwargs(build_parser().parse_args(["serve", "-O", "3"]))["compilation_config"] == 3
+    args = build_parser().parse_args(["generate", "--compilation-config", "2", "hello"])
+    assert args.compilation_config == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "-O", "1"])
+    assert "invalid choice" in capsys.readouterr().err
