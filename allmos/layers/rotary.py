@@ -349,21 +349,6 @@ class RotaryEmbedding(torch.nn.Module):
         cos, sin = cos.to(query.dtype), sin.to(query.dtype)
         return _rotate(query, cos, sin), _rotate(key, cos.to(key.dtype), sin.to(key.dtype))
 
-    def rotate_packed(
-        self,
-        positions: torch.Tensor,  # [num_tokens] int64
-        qk: torch.Tensor,  # [num_tokens, num_heads + num_kv_heads, head_dim]: query heads, then key heads
-        num_heads: int,
-        seq_lens: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward`` for a query and key that sit side by side in one tensor (a fused q/k/v projection's
-        output): one rotation over all heads instead of two, the same products per element. Returns views
-        (query ``[num_tokens, num_heads, head_dim]``, key ``[num_tokens, num_kv_heads, head_dim]``) of one
-        new tensor."""
-        cos, sin = self.cos_sin(positions, seq_lens)
-        out = _rotate(qk, cos.to(qk.dtype), sin.to(qk.dtype))
-        return out[:, :num_heads], out[:, num_heads:]
-
     def tables(
         self, positions: torch.Tensor, dtype: torch.dtype, seq_lens: torch.Tensor | None = None
     ) -> RopeTables:

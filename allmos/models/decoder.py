@@ -113,20 +113,17 @@ class DecoderAttention(nn.Module):
         return q, k, v
 
     def _qk_reference(self, positions: torch.Tensor, qk: torch.Tensor, rope: RopeTables | None = None):
-        """qk [num_tokens, q_size + kv_size] -> (q, k) normed (Qwen3) and rotated, [num_tokens, heads, head_dim];
-        with ``rope`` through its tables (the same values)."""
+        """qk [num_tokens, q_size + kv_size] -> (q, k) normed (Qwen3) and rotated, [num_tokens, heads, head_dim],
+        through this step's ``rope`` tables (looked up here when the caller has none)."""
         qk = qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
-        if rope is not None:
-            if not self.qk_norm:  # q and k side by side: one rotation over all their heads
-                qk = rotate_with(qk, rope)
-                return qk[:, :self.num_heads], qk[:, self.num_heads:]
-            q, k = self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])
-            return rotate_with(q, rope), rotate_with(k, rope)
-        seq_lens = get_forward_context().rope_seq_lens if self.rotary_emb.needs_seq_lens else None
-        if not self.qk_norm:
-            return self.rotary_emb.rotate_packed(positions, qk, self.num_heads, seq_lens)
+        if rope is None:
+            seq_lens = get_forward_context().rope_seq_lens if self.rotary_emb.needs_seq_lens else None
+            rope = self.rotary_emb.tables(positions, qk.dtype, seq_lens)
+        if not self.qk_norm:  # q and k side by side: one rotation over all their heads
+            qk = rotate_with(qk, rope)
+            return qk[:, :self.num_heads], qk[:, self.num_heads:]
         q, k = self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])
-        return self.rotary_emb(positions, q, k, seq_lens)
+        return rotate_with(q, rope), rotate_with(k, rope)
 
 
 class DecoderMLP(nn.Module):
