@@ -115,6 +115,23 @@ def _row_inv_rms(x_ptr, res_ptr, rows, row_ok, K, eps, stride_xm, stride_rm,
     return 1.0 / tl.sqrt(sum_sq / K + eps)
 
 
+@triton.jit
+def _epilogue(acc, acc_up, b_ptr, cols, col_ok, N, out_dtype: tl.constexpr, HAS_BIAS: tl.constexpr,
+              SILU_MUL: tl.constexpr):
+    """Bias, then ``silu(gate) * up`` rounded as the reference (linear output, silu(gate) and the product each
+    in ``out_dtype``): float32 sums [BLOCK_N] or [BLOCK_M, BLOCK_N] (the bias broadcasts over rows) -> the same
+    shape in ``out_dtype``."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if SILU_MUL:
+            acc_up += tl.load(b_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if SILU_MUL:
+        gate = acc.to(out_dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(out_dtype).to(tl.float32)
+        acc = act * acc_up.to(out_dtype).to(tl.float32)
+    return acc.to(out_dtype)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr,
@@ -155,17 +172,9 @@ def _gemv_kernel(
         if SILU_MUL:
             wu = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
             acc_up = _dot_accumulate(acc_up, xk, wu, BLOCK_M >= 16, DOT_PRECISION)
-    out_dtype = y_ptr.dtype.element_ty
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if SILU_MUL:
-            acc_up += tl.load(b_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if SILU_MUL:  # rounded as the reference: linear output, silu(gate), and the product each in out_dtype
-        gate = acc.to(out_dtype).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(out_dtype).to(tl.float32)
-        acc = act * acc_up.to(out_dtype).to(tl.float32)
+    y = _epilogue(acc, acc_up, b_ptr, cols, col_ok, N, y_ptr.dtype.element_ty, HAS_BIAS, SILU_MUL)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
-    tl.store(y_ptrs, acc.to(out_dtype), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(y_ptrs, y, mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -174,22 +183,6 @@ def _row_dot(w_rows, x_ptr, ks, w_mask, K):
     w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
     x = tl.load(x_ptr + ks, mask=ks < K, other=0.0)
     return tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-
-
-@triton.jit
-def _row_epilogue(acc, acc_up, b_ptr, cols, col_ok, N, out_dtype: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  SILU_MUL: tl.constexpr):
-    """Bias, then ``silu(gate) * up`` rounded as the reference (linear output, silu(gate) and the product each
-    in ``out_dtype``): [BLOCK_N] float32 sums -> [BLOCK_N] in ``out_dtype``."""
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        if SILU_MUL:
-            acc_up += tl.load(b_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if SILU_MUL:
-        gate = acc.to(out_dtype).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(out_dtype).to(tl.float32)
-        acc = act * acc_up.to(out_dtype).to(tl.float32)
-    return acc.to(out_dtype)
 
 
 @triton.jit
@@ -209,7 +202,7 @@ def _row_times_tile(w, wu, w_rows, up_rows, x_row, y_row, b_ptr, cols, col_ok, k
         acc += _row_dot(w_rows, x_row, kk, mask, K)
         if SILU_MUL:
             acc_up += _row_dot(up_rows, x_row, kk, mask, K)
-    y = _row_epilogue(acc, acc_up, b_ptr, cols, col_ok, N, y_row.dtype.element_ty, HAS_BIAS, SILU_MUL)
+    y = _epilogue(acc, acc_up, b_ptr, cols, col_ok, N, y_row.dtype.element_ty, HAS_BIAS, SILU_MUL)
     tl.store(y_row + cols, y, mask=col_ok)
 
 
