@@ -5,6 +5,8 @@ a graph runs the projection once for each of ``--layers`` distinct weight copies
 weight from memory, as in a real step: 28 layers of weights do not fit in L2), and the replay time over the
 layers is the in-graph cost of one launch. cuBLAS (``F.linear``) against Triton GEMV tiles
 (``allmos.kernels.gemv``), each with the bytes-only time of its weight read at the measured copy bandwidth.
+The row kernel runs with programmatic dependent launch where the device has it (``allmos.kernels.pdl``); run
+again with ``ALLMOS_PDL=0`` for the same kernels without it.
 
 Usage: ``PYTHONPATH=. python benchmarks/bench_gemv_graph.py [--batch 1 8] [--layers 28]``
 """
@@ -16,61 +18,11 @@ import argparse
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 from triton.testing import do_bench
 
 from allmos.kernels.gemv import GemvConfig, gemv
 
 SHAPES = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)}  # (N, K)
-
-
-try:  # programmatic dependent launch (Hopper): a kernel may start while the one before it finishes
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # older Triton
-    gdc_launch_dependents = gdc_wait = None
-
-
-@triton.jit
-def _row_gemv_early_weights(x_ptr, w_ptr, y_ptr, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            PDL: tl.constexpr):
-    """y[0, cols] = W[cols, :] @ x[0, :] for one row, whole K in one tile (K <= BLOCK_K). The weight tile
-    is loaded first; with PDL the kernel then lets the next launch start and waits for the one before it
-    (whose output x may be) only before loading x, so the weight read overlaps the previous kernel's tail."""
-    cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N]
-    ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-    w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :], mask=ks[None, :] < K, other=0.0)
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    x = tl.load(x_ptr + ks, mask=ks < K, other=0.0)
-    acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
-    tl.store(y_ptr + cols, acc.to(y_ptr.dtype.element_ty))
-
-
-def early_weights_gemv(x, weight, out, block_n: int, pdl: bool) -> torch.Tensor:
-    n, k = weight.shape
-    block_k = triton.next_power_of_2(k)
-    _row_gemv_early_weights[(triton.cdiv(n, block_n),)](
-        x, weight, out, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
-        num_warps=8 if block_k >= 2048 else 4, num_stages=1, launch_pdl=pdl)
-    return out
-
-
-def time_pdl(name: str, weights: list[torch.Tensor], copy_bw: float) -> None:
-    """One row: the weight-first kernel with and without programmatic dependent launch, in a graph."""
-    n, k = weights[0].shape
-    layers = len(weights)
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    outs = [torch.empty(1, n, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
-    ref = F.linear(x, weights[0])
-    ideal = n * k * 2 / copy_bw * 1e6
-    for block_n in (2, 4, 8):
-        cells = []
-        for pdl in (False, True):
-            err = (early_weights_gemv(x, weights[0], outs[0], block_n, pdl).float() - ref.float()).abs().max()
-            t = graph_time_us(lambda i, b=block_n, p=pdl: early_weights_gemv(x, weights[i], outs[i], b, p), layers)
-            cells.append(f"{'PDL' if pdl else 'plain'} {t:6.2f} us ({100 * ideal / t:4.1f}%, err {err:.1e})")
-        print(f"  weights-first n{block_n}: " + "; ".join(cells))
 
 
 def configs(m: int, k: int) -> list[GemvConfig]:
@@ -136,7 +88,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--layers", type=int, default=28)
-    ap.add_argument("--pdl", action="store_true", help="also time a one-row kernel with programmatic dependent launch")
     a = ap.parse_args()
     copy_bw = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}, copy bandwidth {copy_bw / 1e12:.2f} TB/s; us per launch in a graph "
@@ -145,8 +96,6 @@ def main() -> None:
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(a.layers)]
         for m in a.batch:
             time_site(name, weights, m, copy_bw)
-        if a.pdl and gdc_wait is not None:
-            time_pdl(name, weights, copy_bw)
         del weights
 
 

@@ -15,20 +15,15 @@
 #                                        workload here, in .old/, here again, here with an fp8 KV cache, and
 #                                        the decode attention kernels over bf16 and fp8 caches
 #   bash benchmarks/gpu_visit.sh prefill (2 GPUs) GPU 0: prompt tok/s of long prompts against the matrix rate, per
-#                                        chunk size, with a kernel table; GPU 1: one-row GEMVs in a graph with and
-#                                        without programmatic dependent launch, then the attention kernels'
-#                                        prefill tile sweep
-#   bash benchmarks/gpu_visit.sh pdl     (2 GPUs) GPU 1: the kernel, fused-path and engine GPU tests; GPU 0: decode
-#                                        step cost here with and without PDL (ALLMOS_PDL=0) and in .prev/, the
-#                                        standard workload here and in .prev/, the prefill tile sweep, bench_prefill
-#   bash benchmarks/gpu_visit.sh ratio   (2 GPUs, nothing else running beside each benchmark's own GPU) GPU 0: decode
-#                                        step cost here with and without PDL and in .prev/, then the standard
-#                                        workload here, in .prev/, here; GPU 1: bench_prefill here and in .prev/
-#   bash benchmarks/gpu_visit.sh rows    (2 GPUs) GPU 1: projections in a graph at 1-16 rows, then the GEMV, fused-path
-#                                        and engine GPU tests; GPU 0: decode step cost at 1-16 rows here and in
-#                                        .cur/ (another tree), then the standard workload in both
-#   bash benchmarks/gpu_visit.sh quick   (2 GPUs) GPU 1: the GEMV and fused-path GPU tests; GPU 0: decode step cost at
-#                                        1-8 rows here and in .cur/
+#                                        chunk size, with a kernel table; GPU 1: the GEMVs in a graph, then the
+#                                        attention kernels' prefill tile sweep
+#   bash benchmarks/gpu_visit.sh compare (2 GPUs) this tree against the one in ${TREE:-.prev}/ (a `git archive`):
+#                                        GPU 1 runs the GPU tests in $TESTS (default: kernels, fused paths,
+#                                        engine); GPU 0 the decode step cost at $BATCHES (default 1 2 4 8 64 256)
+#                                        here (with PDL_OFF=1 also with ALLMOS_PDL=0) and in the other tree, then
+#                                        the standard workload in both; PREFILL=1 adds bench_prefill in both on
+#                                        GPU 1 after the tests (copy this tree's benchmarks/bench_step.py into
+#                                        the other tree for its graph-replay column; carry the tree there)
 #   bash benchmarks/gpu_visit.sh serve   the serving benchmark at saturation and at RATE requests/s (default
 #                                        20), against the offline engine on the same requests; FastAPI etc.
 #                                        come from wheels in .whl/ when the machine lacks them
@@ -48,61 +43,29 @@ if [ "$1" = tp ]; then
     TAIL=10 stage bench_tp_step 150 python benchmarks/bench_tp_step.py --steps 50
 elif [ "$1" = prefill ]; then
     (export CUDA_VISIBLE_DEVICES=1
-     TAIL=40 stage gemv_pdl 150 python benchmarks/bench_gemv_graph.py --batch 1 --pdl
+     TAIL=40 stage gemv_graph 150 python benchmarks/bench_gemv_graph.py --batch 1 8
      TAIL=30 stage bench_kernels 200 python benchmarks/bench_kernels.py --sweep-prefill) &
     export CUDA_VISIBLE_DEVICES=0
     TAIL=40 stage bench_prefill 400 python benchmarks/bench_prefill.py --lens 2000 4000 8000 \
         --max-num-batched-tokens 4096 16384 32768 --profile
     wait
-elif [ "$1" = pdl ]; then
+elif [ "$1" = compare ]; then
+    tree=${TREE:-.prev}
+    steps="--batch ${BATCHES:-1 2 4 8 64 256} --steps 60 --profile-steps 10"
     (export CUDA_VISIBLE_DEVICES=1
-     TAIL=12 stage gpu_tests 500 python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_gemv.py \
+     TAIL=8 stage gpu_tests 400 python -m pytest -m gpu -q -p no:cacheprovider -rfE ${TESTS:-tests/test_gemv.py \
          tests/test_fused_decode_path.py tests/test_kernels.py tests/test_fused_layers.py \
-         tests/test_fused_decode_merge.py tests/test_fused_qk_rope_store.py tests/test_cascade_attention.py \
-         tests/test_fp8_kv_cache.py tests/test_gpu_engine.py) &
+         tests/test_fused_decode_merge.py tests/test_fused_qk_rope_store.py tests/test_gpu_engine.py}
+     if [ -n "$PREFILL" ]; then
+         TAIL=6 stage bench_prefill 150 python benchmarks/bench_prefill.py --lens 2000 4000 8000
+         (cd "$tree" && TAIL=6 PYTHONPATH=$PWD stage bench_prefill_other 150 python benchmarks/bench_prefill.py \
+             --lens 2000 4000 8000)
+     fi) &
     export CUDA_VISIBLE_DEVICES=0
-    TAIL=20 stage bench_step 200 python benchmarks/bench_step.py --batch 1 8 64 --steps 40 --profile-steps 10 \
-        --compare-env ALLMOS_PDL=0
-    [ -d .prev ] && (cd .prev && TAIL=8 PYTHONPATH=$PWD stage bench_step_prev 100 python benchmarks/bench_step.py \
-        --batch 1 8 64 --steps 40 --profile-steps 10)
+    TAIL=8 stage bench_step 200 python benchmarks/bench_step.py $steps ${PDL_OFF:+--compare-env ALLMOS_PDL=0}
+    (cd "$tree" && TAIL=8 PYTHONPATH=$PWD stage bench_step_other 150 python benchmarks/bench_step.py $steps)
     TAIL=2 stage bench_new 100 python bench.py
-    [ -d .prev ] && (cd .prev && TAIL=2 PYTHONPATH=$PWD stage bench_prev 100 python bench.py)
-    TAIL=45 stage bench_kernels 150 python benchmarks/bench_kernels.py --sweep-prefill
-    TAIL=8 stage bench_prefill 150 python benchmarks/bench_prefill.py --lens 2000 4000 8000
-    wait
-elif [ "$1" = ratio ]; then
-    (export CUDA_VISIBLE_DEVICES=1
-     TAIL=6 stage bench_prefill 150 python benchmarks/bench_prefill.py --lens 2000 4000 8000
-     [ -d .prev ] && (cd .prev && TAIL=6 PYTHONPATH=$PWD stage bench_prefill_prev 150 python \
-         benchmarks/bench_prefill.py --lens 2000 4000 8000)) &
-    export CUDA_VISIBLE_DEVICES=0
-    TAIL=8 stage bench_step 200 python benchmarks/bench_step.py --batch 1 8 64 256 --steps 60 --profile-steps 10 \
-        --compare-env ALLMOS_PDL=0
-    [ -d .prev ] && (cd .prev && TAIL=8 PYTHONPATH=$PWD stage bench_step_prev 100 python benchmarks/bench_step.py \
-        --batch 1 8 64 256 --steps 60 --profile-steps 10)
-    TAIL=2 stage bench_new 100 python bench.py
-    [ -d .prev ] && (cd .prev && TAIL=2 PYTHONPATH=$PWD stage bench_prev 100 python bench.py)
-    wait
-elif [ "$1" = rows ]; then
-    (export CUDA_VISIBLE_DEVICES=1
-     TAIL=70 stage gemv_rows 150 python benchmarks/bench_gemv_graph.py --batch 1 2 8 16
-     TAIL=8 stage gpu_tests 330 python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_gemv.py \
-         tests/test_fused_decode_path.py tests/test_gpu_engine.py tests/test_fused_layers.py) &
-    export CUDA_VISIBLE_DEVICES=0
-    TAIL=8 stage bench_step 150 python benchmarks/bench_step.py --batch 1 2 4 8 16 --steps 60 --profile-steps 10
-    [ -d .cur ] && (cd .cur && TAIL=8 PYTHONPATH=$PWD stage bench_step_cur 150 python benchmarks/bench_step.py \
-        --batch 1 2 4 8 16 --steps 60 --profile-steps 10)
-    TAIL=2 stage bench_new 100 python bench.py
-    [ -d .cur ] && (cd .cur && TAIL=2 PYTHONPATH=$PWD stage bench_cur 100 python bench.py)
-    wait
-elif [ "$1" = quick ]; then
-    (export CUDA_VISIBLE_DEVICES=1
-     TAIL=6 stage gpu_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_gemv.py \
-         tests/test_fused_decode_path.py) &
-    export CUDA_VISIBLE_DEVICES=0
-    TAIL=7 stage bench_step 100 python benchmarks/bench_step.py --batch 1 2 4 8 --steps 40 --profile-steps 5
-    [ -d .cur ] && (cd .cur && TAIL=7 PYTHONPATH=$PWD stage bench_step_cur 100 python benchmarks/bench_step.py \
-        --batch 1 2 4 8 --steps 40 --profile-steps 5)
+    (cd "$tree" && TAIL=2 PYTHONPATH=$PWD stage bench_other 100 python bench.py)
     wait
 elif [ "$1" = serve ]; then
     if ls .whl/*.whl > /dev/null 2>&1; then
