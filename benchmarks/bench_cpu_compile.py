@@ -16,18 +16,7 @@ import statistics
 import time
 
 import torch
-
-
-def decode_seconds(llm, prompts: list[list[int]], new: int) -> float:
-    """time(prompt + new tokens) - time(prompt + 1 token): decode only."""
-    from allmos import SamplingParams
-
-    def run(n: int) -> float:
-        start = time.perf_counter()
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
-        return time.perf_counter() - start
-
-    return run(new) - run(1)
+from bench_cpu import decode_tok_s  # this folder's CPU benchmark: the same prompts and decode timing
 
 
 def build_variants(llm) -> tuple[dict, dict]:
@@ -50,23 +39,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    from allmos import LLM
+    from allmos import LLM, SamplingParams
 
     torch.set_num_threads(a.threads)
     llm = LLM(None, max_model_len=1024, device="cpu")
     runner = llm.engine.runner
     variants, seconds = build_variants(llm)
     print("compile s in this process: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), flush=True)
+
+    def generate(prompts: list[list[int]], n: int) -> None:
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+
     for batch in a.batches:
-        g = torch.Generator().manual_seed(batch)
-        prompts = torch.randint(100, 49152, (batch, 14), generator=g).tolist()
         rates = {name: [] for name in variants}
         for r in range(a.rounds):
             names = list(variants) if r % 2 == 0 else list(variants)[::-1]
             for name in names:
                 runner.compiled = variants[name]
-                decode_seconds(llm, prompts, 2)  # warm-up
-                rates[name].append(batch * (a.new - 1) / decode_seconds(llm, prompts, a.new))
+                rates[name].append(decode_tok_s(generate, batch, a.new, repeats=1))  # after one warm-up call
         base = statistics.median(rates["eager"])
         for name, values in rates.items():
             med = statistics.median(values)
