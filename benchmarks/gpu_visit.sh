@@ -23,7 +23,9 @@
 #                                        here (with PDL_OFF=1 also with ALLMOS_PDL=0) and in the other tree, then
 #                                        the standard workload in both; PREFILL=1 adds bench_prefill in both on
 #                                        GPU 1 after the tests (copy this tree's benchmarks/bench_step.py into
-#                                        the other tree for its graph-replay column; carry the tree there)
+#                                        the other tree for its graph-replay column; carry the tree there);
+#                                        HOST=1 adds where the host's time goes per step (diag_host_phases.py);
+#                                        TEST_LIMIT: seconds for the tests (default 400)
 #   bash benchmarks/gpu_visit.sh serve   the serving benchmark at saturation and at RATE requests/s (default
 #                                        20), against the offline engine on the same requests; FastAPI etc.
 #                                        come from wheels in .whl/ when the machine lacks them
@@ -53,7 +55,7 @@ elif [ "$1" = compare ]; then
     tree=${TREE:-.prev}
     steps="--batch ${BATCHES:-1 2 4 8 64 256} --steps 60 --profile-steps 10"
     (export CUDA_VISIBLE_DEVICES=1
-     TAIL=8 stage gpu_tests 400 python -m pytest -m gpu -q -p no:cacheprovider -rfE ${TESTS:-tests/test_gemv.py \
+     TAIL=8 stage gpu_tests ${TEST_LIMIT:-400} python -m pytest -m gpu -q -p no:cacheprovider -rfE ${TESTS:-tests/test_gemv.py \
          tests/test_fused_decode_path.py tests/test_kernels.py tests/test_fused_layers.py \
          tests/test_fused_decode_merge.py tests/test_fused_qk_rope_store.py tests/test_gpu_engine.py}
      if [ -n "$PREFILL" ]; then
@@ -66,6 +68,7 @@ elif [ "$1" = compare ]; then
     (cd "$tree" && TAIL=8 PYTHONPATH=$PWD stage bench_step_other 150 python benchmarks/bench_step.py $steps)
     TAIL=2 stage bench_new 100 python bench.py
     (cd "$tree" && TAIL=2 PYTHONPATH=$PWD stage bench_other 100 python bench.py)
+    [ -n "$HOST" ] && TAIL=4 stage host_phases 150 python benchmarks/diag_host_phases.py --batch 1 8 64
     wait
 elif [ "$1" = serve ]; then
     if ls .whl/*.whl > /dev/null 2>&1; then
