@@ -34,36 +34,64 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
     return [rng.integers(3, 200, size=int(rng.integers(1, 40))).tolist() for _ in range(n)]
 
 
+PLAIN = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+         SamplingParams(temperature=0.9, seed=3, max_tokens=12, ignore_eos=True)]
+NEEDS_SAMPLER = [SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True),
+                 SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)]
+
+
+def _count_calls(graphs: DecodeGraphs, name: str) -> list[int]:
+    calls = []
+    original = getattr(graphs, name)
+    setattr(graphs, name, lambda n, cascade=False: calls.append(n) or original(n, cascade))
+    return calls
+
+
 @pytest.mark.parametrize("num_prompts", [1, 5, 11])
-def test_graph_input_path_matches_ordinary_path(engines, num_prompts):
+@pytest.mark.parametrize("params", [PLAIN[0], PLAIN[1], PLAIN, NEEDS_SAMPLER[0], NEEDS_SAMPLER[1],
+                                    [PLAIN[1], NEEDS_SAMPLER[0]]], ids=lambda p: "mixed" if isinstance(p, list) else None)
+def test_graph_input_path_matches_ordinary_path(engines, num_prompts, params):
+    """Greedy and temperature-only batches are drawn inside the graphs; batches with a row that needs the
+    sampler (top-p, logprobs) are sampled by it from the graphs' logits. Same tokens either way (a list of
+    params alternates them over the prompts, so a batch may mix greedy and random rows)."""
     plain, graphed = engines
     graphs = _attach_graphs(graphed, max_num_seqs=16)
-    used = []
-    original = graphs.replay
-    graphs.replay = lambda n, cascade=False: used.append(n) or original(n, cascade)
+    replays, draws = _count_calls(graphs, "replay"), _count_calls(graphs, "draw")
     prompts = _prompts(num_prompts, seed=num_prompts)
-    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
-              SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True)]
-    for sp in params:
-        a = plain.generate(prompts, sp, use_tqdm=False)
-        b = graphed.generate(prompts, sp, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
-    assert used, "the decode steps did not go through the graph input path"
+    if isinstance(params, list):
+        params = [params[i % len(params)] for i in range(num_prompts)]
+    a = plain.generate(prompts, params, use_tqdm=False)
+    b = graphed.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    assert replays, "the decode steps did not go through the graph input path"
+    needs_sampler = any(p in NEEDS_SAMPLER for p in (params if isinstance(params, list) else [params]))
+    if needs_sampler and num_prompts > 1:  # (the mixed list with one prompt holds only the plain row)
+        assert not draws
+    elif not needs_sampler:
+        assert len(draws) == len(replays)
 
 
-def test_load_writes_padding_and_block_tables(qwen3_dir, engines):
+def test_load_writes_padding_block_tables_and_draw_columns(qwen3_dir, engines):
     graphs = _attach_graphs(engines[1], max_num_seqs=16)
+    graphs.store_sampled(torch.tensor([99, 98], dtype=torch.int64))  # the previous step sampled 2 rows
     host = HostStep.for_decode(
-        input_ids=np.array([5, 6, 7], np.int64), positions=np.array([3, 20, 0], np.int64),
+        input_ids=np.array([5, 0, 7], np.int64), positions=np.array([3, 20, 0], np.int64),
         slot_mapping=np.array([19, 36, 48], np.int64), seq_lens=np.array([4, 21, 1], np.int64),
         block_tables=np.array([[1, 0], [9, 2], [3, 0]], np.int32), pending=np.array([1], np.int64),
-        pending_rows=np.array([0], np.int64))
-    input_ids, pending, rows = graphs.load(host)
+        pending_rows=np.array([1], np.int64))
+    columns = [np.array([1, 2, 3], np.int32), np.array([-4, 5, 6], np.int32),
+               np.array([0.5, 1.0, 2.0], np.float32).view(np.int32), np.array([1, 0, 1], np.float32).view(np.int32)]
+    graphs.load(host, columns)
     views = graphs.inputs[4]  # 3 rows run in the size-4 graph
-    assert input_ids.tolist() == [5, 6, 7] and pending.tolist() == [1] and rows.tolist() == [0]
-    assert views.input_ids.tolist() == [5, 6, 7, 0]
+    assert views.input_ids.tolist() == [5, 0, 7, 0]
+    assert graphs.i64[views.input_index].tolist() == [5, 98, 7, 0]  # row 1 takes the previous step's row 1
     assert views.positions.tolist() == [3, 20, 0, 0]
     assert views.slot_mapping.tolist() == [19, 36, 48, -1]
     assert views.seq_lens.tolist() == [4, 21, 1, 0]
     assert views.block_tables[:3, :2].tolist() == [[1, 0], [9, 2], [3, 0]]
-    assert torch.equal(input_ids, views.input_ids[:3])
+    lo, hi, inv_t, noise = views.draw_columns
+    assert lo.tolist() == [1, 2, 3, 0] and hi.tolist() == [-4, 5, 6, 0]
+    assert inv_t.view(torch.float32).tolist() == [0.5, 1.0, 2.0, 0.0]
+    assert noise.view(torch.float32).tolist() == [1.0, 0.0, 1.0, 0.0]
+    graphs.load(host)  # a step sampled outside the graphs: the columns are zeros
+    assert all(c.tolist() == [0, 0, 0, 0] for c in views.draw_columns)

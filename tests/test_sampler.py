@@ -22,11 +22,13 @@ import torch
 
 from allmos.engine import sampler as sampler_module
 from allmos.engine.sampler import (
+    PlainDraw,
     Sampler,
     SamplingRow,
     SamplingTensors,
     apply_penalties,
     noise_key,
+    plain_draw,
     uniform_bits_torch,
 )
 
@@ -528,3 +530,58 @@ def test_at_positions_equals_a_fresh_build():
         else:
             assert a == b, field.name
     assert not torch.equal(moved.noise_key_lo, first.noise_key_lo)
+
+
+# --------------------------------------------------------------------------- the plain draw (decode graphs)
+
+
+def _plain_draw_tokens(logits: torch.Tensor, rows: list[SamplingRow], positions: list[int]) -> torch.Tensor:
+    """``plain_draw`` fed the way the decode graphs feed it: the int32 columns of ``PlainDraw.columns``."""
+    draw = PlainDraw.of(rows, logits.shape[1])
+    lo, hi, inv_t, noise = (torch.from_numpy(c).to(logits.device) for c in draw.columns(positions))
+    return plain_draw(logits, inv_t.view(torch.float32), noise.view(torch.float32), lo, hi)
+
+
+def _plain_rows(rng: random.Random, n: int) -> list[SamplingRow]:
+    """Greedy and temperature-only rows; filters that are off by value (top_k >= vocab, top_k 0, top_p 1)."""
+    return [SamplingRow(temperature=rng.choice([0.0, 0.6, 1.0, 1.7]), top_k=rng.choice([-1, 0, 10_000]),
+                        top_p=1.0, seed=rng.randrange(2**63)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("all_random", [False, True])
+def test_plain_draw_picks_the_samplers_tokens(all_random):
+    rng = random.Random(11)
+    rows = _plain_rows(rng, 9)
+    if all_random:
+        rows = [dataclasses.replace(r, temperature=0.9) for r in rows]
+    positions = [rng.randrange(5000) for _ in rows]
+    logits = torch.randn(len(rows), 300, dtype=torch.bfloat16) * 4
+    expected = Sampler(use_triton=False)(logits, SamplingTensors.build(rows, 300, CPU, positions=positions))
+    assert torch.equal(_plain_draw_tokens(logits, rows, positions), expected.token_ids)
+    greedy = [dataclasses.replace(r, temperature=0.0) for r in rows]  # an all-greedy batch: plain argmax
+    assert torch.equal(_plain_draw_tokens(logits, greedy, positions), logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("change", [
+    dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1), dict(num_logprobs=0), dict(presence_penalty=0.5),
+    dict(frequency_penalty=-0.5), dict(repetition_penalty=1.2), dict(banned_token_ids=(3,)),
+])
+def test_plain_draw_refuses_rows_that_need_the_sampler(change):
+    rows = [SamplingRow(temperature=0.7, seed=1), dataclasses.replace(SamplingRow(temperature=0.7, seed=2), **change)]
+    assert PlainDraw.of(rows[:1], 100) is not None
+    assert PlainDraw.of(rows, 100) is None
+    greedy = dataclasses.replace(rows[1], temperature=0.0)
+    filters_only = {"top_k", "top_p", "min_p"}
+    # a greedy row ignores filters (the sampler does too), not penalties, banned ids or logprobs
+    assert (PlainDraw.of([greedy], 100) is not None) == (set(change) <= filters_only)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_plain_draw_matches_the_sampler_on_gpu():
+    rng, cuda, vocab = random.Random(5), torch.device("cuda"), 151936
+    rows = _plain_rows(rng, 48)
+    positions = [rng.randrange(4000) for _ in rows]
+    logits = torch.randn(len(rows), vocab, device=cuda, dtype=torch.bfloat16) * 3
+    expected = Sampler()(logits, SamplingTensors.build(rows, vocab, cuda, positions=positions)).token_ids
+    assert torch.equal(_plain_draw_tokens(logits, rows, positions), expected)

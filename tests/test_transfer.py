@@ -5,10 +5,11 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from allmos.engine.sampler import SamplingRow, SamplingTensors
-from allmos.utils.transfer import ALIGN_BYTES, pack_aligned, split_packed
+from allmos.utils.transfer import ALIGN_BYTES, StagingRing, pack_aligned, split_packed
 
 
 def test_pack_aligned_round_trips_and_aligns_every_part():
@@ -35,3 +36,26 @@ def test_sampling_tensors_rows_are_aligned_for_any_batch_size():
             assert tensor.shape == (batch,) and tensor.is_contiguous(), name
             assert tensor.data_ptr() % ALIGN_BYTES == 0, name
         assert torch.allclose(t.inv_temperature, torch.tensor([1 / (0.5 + i / 10) for i in range(batch)]))
+
+
+def _ring_round_trip(device: torch.device) -> None:
+    ring = StagingRing(8, torch.int64, device, slots=2)
+    dst = torch.full((8,), -1, dtype=torch.int64, device=device)
+    slots = []
+    for step in range(5):
+        a = ring.take()
+        slots.append(id(a))
+        a[:3] = [step, step + 1, step + 2]
+        ring.upload(dst, 3)
+        assert dst.tolist() == [step, step + 1, step + 2] + [-1] * 5
+    assert slots[0] == slots[2] == slots[4] and slots[1] == slots[3] and slots[0] != slots[1]
+
+
+def test_staging_ring_uploads_and_reuses_its_slots_in_turn():
+    _ring_round_trip(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_staging_ring_on_gpu():
+    _ring_round_trip(torch.device("cuda"))

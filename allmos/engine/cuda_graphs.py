@@ -34,8 +34,9 @@ from allmos.attention.backend import AttentionBackend
 from allmos.attention.cascade import MIN_GROUP_SIZE, CascadeArrays, tile_capacity
 from allmos.attention.context import ForwardContext, forward_context
 from allmos.attention.metadata import AttentionMetadata
+from allmos.engine.sampler import plain_draw
 from allmos.engine.step_inputs import HostStep
-from allmos.utils.transfer import pack_aligned, split_packed, staged
+from allmos.utils.transfer import StagingRing, pack_aligned
 
 logger = logging.getLogger("allmos")
 
@@ -98,12 +99,18 @@ class DecodeGraphs:
     """The captured decode graphs and their persistent input buffers.
 
     Inputs reach a graph in two host-to-device copies straight into its buffers (``load``), laid out by
-    ``_layout(bs)``: one int64 buffer holds ``input_ids | positions | slot_mapping`` (then the indices of
-    inputs that are the previous step's samples, for the runner's device-side fill), one int32 buffer holds
-    ``seq_lens | cascade prefix blocks | cascade members | cascade tiles | block_tables``. Rows ``n..bs``
-    are padding written by the host (slot -1, seq_len 0, no cascade group); the block-table rows past ``n``
-    are not sent (a row of seq_len 0 reads none). No device-to-device copy
-    separates the upload from the replay.
+    ``_layout(bs)``: one int64 buffer holds ``input_ids | positions | slot_mapping | input_index``, one int32
+    buffer holds ``seq_lens | cascade prefix blocks | cascade members | draw columns (noise key low / high,
+    inv_temperature, noise_scale) | cascade tiles | block_tables``. Rows ``n..bs`` are padding written by the
+    host (slot -1, seq_len 0, no cascade group); the block-table rows past ``n`` are not sent (a row of
+    seq_len 0 reads none). No device-to-device copy separates the upload from the replay.
+
+    The previous step's sampled tokens live in ``sampled`` (the int64 buffer's tail; the runner stores there
+    the tokens of every step it samples outside these graphs): a graph starts by gathering each row's input
+    from the int64 buffer at ``input_index``, which points at the row's own ``input_ids`` entry or at its
+    token in ``sampled``. Each forward graph has a draw graph (``draw``): the plain draw of
+    ``sampler.PlainDraw`` over its logits, writing the tokens into ``sampled``; a step whose rows need more
+    (penalties, filters, logprobs) samples the logits with the runner's sampler instead.
     """
 
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend, kv_caches, max_num_seqs: int,
@@ -114,11 +121,18 @@ class DecodeGraphs:
         self.tile_members = backend.cascade_members_per_tile  # None: no cascade graphs
         max_bs = self.sizes[-1]
         i64_size, i32_size = _buffer_sizes(max_bs, max_blocks_per_seq, self.tile_members)
-        self.i64 = torch.zeros(i64_size, dtype=torch.int64, device=device)
+        self.sampled_offset = i64_size  # sampled tokens after the inputs: an upload never reaches them
+        self.i64 = torch.zeros(i64_size + max(max_num_seqs, max_bs), dtype=torch.int64, device=device)
+        self.sampled = self.i64[i64_size:]  # [max(max_num_seqs, max_bs)] the last sampled tokens
         self.i32 = torch.zeros(i32_size, dtype=torch.int32, device=device)
+        self._stage64 = StagingRing(i64_size, torch.int64, device)  # host side of the uploads
+        self._stage32 = StagingRing(i32_size, torch.int32, device)
+        self.layouts = {bs: _layout(bs, max_blocks_per_seq, self.tile_members) for bs in self.sizes}
+        self._row_index = np.arange(max_bs, dtype=np.int64)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # by (batch size, cascade)
-        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        self.draw_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}  # logits [bs, vocab] of each forward graph
         self.max_seq_len = max_blocks_per_seq * kv_caches[0][0].shape[1]
         self.capture = capture
         self.inputs = {bs: self._views(bs) for bs in self.sizes}
@@ -148,46 +162,63 @@ class DecodeGraphs:
         views.cascade_prefix_blocks.zero_()
         views.cascade_members.zero_()
         views.cascade_tiles.zero_()
+        views.input_index.copy_(torch.arange(bs, device=views.input_index.device))  # the inputs themselves
+        for column in views.draw_columns:
+            column.zero_()
 
     def _views(self, bs: int) -> GraphInputs:
         """The views of the persistent buffers that the graph of size ``bs`` reads."""
-        i64, i32 = _layout(bs, self.max_blocks_per_seq, self.tile_members)
-        ids, pos, slots = (self.i64[start:start + bs] for start in i64[:3])
-        seq_lens, prefix_blocks, members = (self.i32[start:start + bs] for start in i32[:3])
+        i64, i32 = self.layouts[bs]
+        ids, pos, slots, index = (self.i64[start:start + bs] for start in i64)
+        seq_lens, prefix_blocks, members, lo, hi, inv_t, noise = (self.i32[start:start + bs] for start in i32[:7])
         capacity = _tile_capacity(bs, self.tile_members)
-        tiles = self.i32[i32[3]:i32[3] + capacity * 3].view(capacity, 3)
-        tables = self.i32[i32[4]:i32[4] + bs * self.max_blocks_per_seq].view(bs, self.max_blocks_per_seq)
-        return GraphInputs(ids, pos, slots, seq_lens, tables, prefix_blocks, members, tiles)
+        tiles = self.i32[i32[7]:i32[7] + capacity * 3].view(capacity, 3)
+        tables = self.i32[i32[8]:i32[8] + bs * self.max_blocks_per_seq].view(bs, self.max_blocks_per_seq)
+        return GraphInputs(ids, pos, slots, index, seq_lens, tables, prefix_blocks, members, tiles,
+                           (lo, hi, inv_t, noise))
 
-    def load(self, host: HostStep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Copy one decode step's host inputs into the buffers of its size; returns the device views
-        (input_ids ``[n]``, the flat indices of inputs that are previous samples, and their sample rows),
-        so the caller can fill those inputs on the device before ``replay``."""
+    def load(self, host: HostStep, draw_columns: list[np.ndarray] | None = None) -> None:
+        """Copy one decode step's host inputs into the buffers of its size: ``host`` (its inputs that are
+        previous samples point into ``sampled``) and, for ``draw``, the 4 int32 ``[n]`` columns of
+        ``PlainDraw.columns`` (zeros when None)."""
         n, bs = host.num_seqs, self.size_for(host.num_seqs)
-        width = self.max_blocks_per_seq
-        if host.block_tables.shape[1] > width:
-            raise ValueError(f"a block table of {host.block_tables.shape[1]} blocks exceeds {width}")
-        i64_parts = [_padded(host.input_ids, bs, 0), _padded(host.positions, bs, 0),
-                     _padded(host.slot_mapping, bs, -1), host.pending, host.pending_rows]
-        tables = np.zeros((n, width), dtype=np.int32)
-        tables[:, :host.block_tables.shape[1]] = host.block_tables
-        i32_parts = [_padded(host.seq_lens, bs, 0), *self._cascade_parts(host.cascade, bs), tables.ravel()]
-        i64, i64_starts = pack_aligned(i64_parts, np.int64)
-        i32, _ = pack_aligned(i32_parts, np.int32)
-        self.i64[:i64.size].copy_(staged(i64, self.device), non_blocking=True)
-        self.i32[:i32.size].copy_(staged(i32, self.device), non_blocking=True)
-        input_ids, _, _, pending, rows = split_packed(self.i64, i64_starts, [p.size for p in i64_parts])
-        return input_ids[:n], pending, rows
+        width, used = self.max_blocks_per_seq, host.block_tables.shape[1]
+        if used > width:
+            raise ValueError(f"a block table of {used} blocks exceeds {width}")
+        s64, s32 = self.layouts[bs]
+        a = self._stage64.take()
+        _put(a, s64[0], host.input_ids, bs, 0)
+        _put(a, s64[1], host.positions, bs, 0)
+        _put(a, s64[2], host.slot_mapping, bs, -1)
+        index = a[s64[3]:s64[3] + bs]
+        index[:] = self._row_index[:bs] + s64[0]  # row r's input: its own input_ids entry ...
+        index[host.pending] = self.sampled_offset + host.pending_rows  # ... or a sample (flat index = row)
+        b = self._stage32.take()
+        _put(b, s32[0], host.seq_lens, bs, 0)
+        self._put_cascade(b, s32, host.cascade, bs)
+        for start, column in zip(s32[3:7], draw_columns or [()] * 4, strict=True):
+            _put(b, start, column, bs, 0)
+        tables = b[s32[8]:s32[8] + n * width].reshape(n, width)
+        tables[:, :used] = host.block_tables
+        tables[:, used:] = 0
+        self._stage64.upload(self.i64, s64[3] + bs)
+        self._stage32.upload(self.i32, s32[8] + n * width)
 
-    def _cascade_parts(self, arrays: CascadeArrays | None, bs: int) -> list[np.ndarray]:
+    def store_sampled(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Keep the tokens of a step sampled outside the draw graphs ([m] int64) where the next graph step
+        gathers its inputs; returns that view."""
+        stored = self.sampled[:token_ids.shape[0]]
+        stored.copy_(token_ids)
+        return stored
+
+    def _put_cascade(self, b: np.ndarray, s32: list[int], arrays: CascadeArrays | None, bs: int) -> None:
         """The cascade entries of size ``bs``'s buffers: the step's groups, zeros elsewhere."""
         capacity = _tile_capacity(bs, self.tile_members)
-        if arrays is None:
-            return [np.zeros(bs, np.int32), np.zeros(bs, np.int32), np.zeros(capacity * 3, np.int32)]
-        if self.tile_members is None:
+        if arrays is not None and self.tile_members is None:
             raise RuntimeError("cascade groups reached decode graphs captured without cascade")
-        return [_padded(arrays.prefix_blocks, bs, 0), _padded(arrays.members, bs, 0),
-                _padded(arrays.tiles.ravel(), capacity * 3, 0)]
+        parts = (arrays.prefix_blocks, arrays.members, arrays.tiles.ravel()) if arrays is not None else ((), (), ())
+        for start, values, size in zip((s32[1], s32[2], s32[7]), parts, (bs, bs, capacity * 3), strict=True):
+            _put(b, start, values, size, 0)
 
     def _metadata(self, bs: int, views: GraphInputs, cascade: bool) -> AttentionMetadata:
         fields = dict(cascade_prefix_blocks=views.cascade_prefix_blocks, cascade_members=views.cascade_members,
@@ -207,22 +238,31 @@ class DecodeGraphs:
         views = self.inputs[bs]
         ctx = ForwardContext(self._metadata(bs, views, cascade), self.kv_caches, self.backend,
                              rope_seq_lens=views.seq_lens)
+        input_ids = self.i64.index_select(0, views.input_index)  # [bs]: own inputs and previous samples
         with forward_context(ctx):
-            hidden = self.model(views.input_ids, views.positions)  # [bs, hidden]
+            hidden = self.model(input_ids, views.positions)  # [bs, hidden]
         return self.model.compute_logits(hidden)  # [bs, vocab]
+
+    def _draw(self, bs: int, cascade: bool) -> None:
+        lo, hi, inv_t, noise = self.inputs[bs].draw_columns
+        tokens = plain_draw(self.outputs[bs, cascade], inv_t.view(torch.float32), noise.view(torch.float32), lo, hi)
+        self.sampled[:bs].copy_(tokens)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
         pool = None
         for bs, cascade in self._variants():
             self._write_padding(bs)
-            self._forward(bs, cascade)  # warm-up: compiles kernels outside the capture
+            self.outputs[bs, cascade] = self._forward(bs, cascade)  # warm-up: compiles kernels outside the capture
+            self._draw(bs, cascade)
             torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
+            graph, draw_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.outputs[bs, cascade] = self._forward(bs, cascade)
             pool = graph.pool() if pool is None else pool
-            self.graphs[bs, cascade] = graph
+            with torch.cuda.graph(draw_graph, pool=pool):
+                self._draw(bs, cascade)
+            self.graphs[bs, cascade], self.draw_graphs[bs, cascade] = graph, draw_graph
         torch.cuda.synchronize()
 
     def replay(self, num_seqs: int, cascade: bool = False) -> torch.Tensor:
@@ -230,23 +270,36 @@ class DecodeGraphs:
         has cascade groups); returns logits ``[num_seqs, vocab]``."""
         bs = self.size_for(num_seqs)
         if not self.capture:
-            return self._forward(bs, cascade)[:num_seqs]
-        self.graphs[bs, cascade].replay()
+            self.outputs[bs, cascade] = self._forward(bs, cascade)
+        else:
+            self.graphs[bs, cascade].replay()
         return self.outputs[bs, cascade][:num_seqs]
+
+    def draw(self, num_seqs: int, cascade: bool = False) -> torch.Tensor:
+        """After ``replay`` of the same size: the plain draw over its logits with the columns ``load`` wrote;
+        returns the tokens ``[num_seqs]`` int64, a view of ``sampled``."""
+        bs = self.size_for(num_seqs)
+        if not self.capture:
+            self._draw(bs, cascade)
+        else:
+            self.draw_graphs[bs, cascade].replay()
+        return self.sampled[:num_seqs]
 
 
 @dataclass
 class GraphInputs:
     """The persistent input views of one captured size ``bs``."""
 
-    input_ids: torch.Tensor  # [bs] int64
+    input_ids: torch.Tensor  # [bs] int64, the inputs known on the host
     positions: torch.Tensor  # [bs] int64
     slot_mapping: torch.Tensor  # [bs] int64, -1 on padding rows
+    input_index: torch.Tensor  # [bs] int64: where in the int64 buffer each row's input is (its own or a sample)
     seq_lens: torch.Tensor  # [bs] int32, 0 on padding rows
     block_tables: torch.Tensor  # [bs, max_blocks_per_seq] int32
     cascade_prefix_blocks: torch.Tensor  # [bs] int32
     cascade_members: torch.Tensor  # [bs] int32
     cascade_tiles: torch.Tensor  # [tile capacity of bs, 3] int32 (0 rows without cascade)
+    draw_columns: tuple[torch.Tensor, ...]  # 4 x [bs] int32: noise key low, high, inv_temperature, noise_scale bits
 
 
 def _tile_capacity(bs: int, tile_members: int | None) -> int:
@@ -255,26 +308,26 @@ def _tile_capacity(bs: int, tile_members: int | None) -> int:
 
 def _i32_parts(bs: int, max_blocks: int, tile_members: int | None) -> list[np.ndarray]:
     capacity = _tile_capacity(bs, tile_members)
-    return [np.zeros(bs, np.int32)] * 3 + [np.zeros(capacity * 3, np.int32), np.zeros(bs * max_blocks, np.int32)]
+    return [np.zeros(bs, np.int32)] * 7 + [np.zeros(capacity * 3, np.int32), np.zeros(bs * max_blocks, np.int32)]
 
 
 def _layout(bs: int, max_blocks: int, tile_members: int | None) -> tuple[list[int], list[int]]:
     """Start of each part in the int64 and int32 buffers for size ``bs`` (``pack_aligned``'s layout, so a
     step's packed upload lands exactly on the views its graph captured)."""
-    _, i64_starts = pack_aligned([np.zeros(bs, np.int64)] * 3, np.int64)
+    _, i64_starts = pack_aligned([np.zeros(bs, np.int64)] * 4, np.int64)
     _, i32_starts = pack_aligned(_i32_parts(bs, max_blocks, tile_members), np.int32)
     return i64_starts, i32_starts
 
 
 def _buffer_sizes(max_bs: int, max_blocks: int, tile_members: int | None) -> tuple[int, int]:
-    """Buffer lengths that hold the largest size's parts (int64 also the two pending-index parts)."""
-    i64, _ = pack_aligned([np.zeros(max_bs, np.int64)] * 5, np.int64)
+    """Buffer lengths that hold the largest size's parts."""
+    i64, _ = pack_aligned([np.zeros(max_bs, np.int64)] * 4, np.int64)
     i32, _ = pack_aligned(_i32_parts(max_bs, max_blocks, tile_members), np.int32)
     return i64.size, i32.size
 
 
-def _padded(values: np.ndarray, size: int, fill: int) -> np.ndarray:
-    """``values`` followed by ``fill`` up to ``size`` entries."""
-    out = np.full(size, fill, dtype=values.dtype)
-    out[:values.size] = values
-    return out
+def _put(buffer: np.ndarray, start: int, values, size: int, fill: int) -> None:
+    """``buffer[start:start + size]`` = ``values`` followed by ``fill`` (padding rows)."""
+    count = len(values)
+    buffer[start:start + count] = values
+    buffer[start + count:start + size] = fill

@@ -28,7 +28,7 @@ from allmos.engine.cpu_compile import compile_cpu_forward
 from allmos.engine.cuda_graphs import DecodeGraphs
 from allmos.engine.kv_cache import KVCacheSpec, cpu_num_blocks, gpu_num_blocks
 from allmos.engine.kv_calibration import calibrate_kv_cache
-from allmos.engine.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors, raw_logprobs
+from allmos.engine.sampler import PlainDraw, Sampler, SamplerOutput, SamplingRow, SamplingTensors, raw_logprobs
 from allmos.engine.step_inputs import HostStep, host_step, upload
 from allmos.layers.quantization import quantize_model
 from allmos.layers.tp import SINGLE, TPGroup
@@ -65,7 +65,8 @@ class PendingStep:
     waits for them.
 
     The copies are non-blocking into pinned memory, so the host can schedule and launch the next step
-    while the device still works on this one.
+    while the device still works on this one; they are queued before the next step, which may overwrite the
+    tensors they read.
     """
 
     def __init__(self, out: SamplerOutput | None, num_logprobs: list[int | None],
@@ -91,8 +92,8 @@ class PendingStep:
                 host.copy_(dev, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
-        else:
-            self._host = tensors
+        else:  # copied now: a tensor may be a buffer that the next step overwrites (the decode graphs' tokens)
+            self._host = [t.clone() for t in tensors]
 
     def is_ready(self) -> bool:
         """True when ``result()`` will not wait for the device."""
@@ -159,13 +160,38 @@ def make_backend(name: str, model_config: ModelConfig, tp_size: int, config: Eng
                                   enable_cascade=cascade)
 
 
+class RowsMemo:
+    """A value derived from one step's sampling rows, kept for the next step. Rows are immutable and reused
+    per request, so when a step's rows are the previous step's row objects in the same order (most decode
+    steps), what was derived from them still holds."""
+
+    MISSING = object()
+
+    def __init__(self) -> None:
+        self._rows: list[SamplingRow] | None = None
+        self._value = None
+
+    def get(self, rows: list[SamplingRow]):
+        """The value put for these very row objects, else ``MISSING``."""
+        previous = self._rows
+        if previous is not None and len(previous) == len(rows) and all(
+                a is b for a, b in zip(previous, rows, strict=True)):
+            return self._value
+        return RowsMemo.MISSING
+
+    def put(self, rows: list[SamplingRow], value):
+        self._rows, self._value = rows, value
+        return value
+
+
 class LocalModelRunner(ModelRunner):
     def __init__(self, config: EngineConfig, model_config: ModelConfig, model_path: Path | None,
                  device: torch.device, dtype: torch.dtype, tp: TPGroup = SINGLE) -> None:
         self.config, self.model_config = config, model_config
         self.device, self.dtype, self.tp = device, dtype, tp
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None  # previous step's device tokens
-        self._last_sampling: tuple[list[SamplingRow], SamplingTensors] | None = None  # rows -> their tensors
+        self._sampling_memo = RowsMemo()  # the last step's rows -> their SamplingTensors
+        self._draw_memo = RowsMemo()  # the last step's rows -> their PlainDraw (None: they need the sampler)
         self.model = build_model(model_config, dtype, device, tp)
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
@@ -263,7 +289,10 @@ class LocalModelRunner(ModelRunner):
         inputs = None if graph else upload(host, self.device, self._last_sampled)
         with torch.inference_mode():
             if graph:
-                logits = self._run_graph(host)  # [num_seqs, vocab]; all of them sample
+                logits, token_ids = self._run_graph(host, sampled)  # [num_seqs, vocab]; all of them sample
+                if token_ids is not None:  # drawn inside the graphs
+                    self._last_sampled = (token_ids, {s.request_id: row for row, s in enumerate(sampled)})
+                    return PendingStep(SamplerOutput(token_ids, None, None), [None] * len(sampled))
             else:
                 input_ids, positions, metadata, rope_seq_lens = inputs
                 ctx = ForwardContext(self.backend.prepare(metadata), self.kv_caches, self.backend, rope_seq_lens)
@@ -278,15 +307,19 @@ class LocalModelRunner(ModelRunner):
                 logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab]
             tensors = self._sampling_tensors([s.sampling for s in sampled], [s.seq_len for s in sampled])
             out = self.sampler(logits, tensors)
-        self._last_sampled = (out.token_ids, {s.request_id: row for row, s in enumerate(sampled)})
+            # with decode graphs, the next graph step gathers its inputs from the graphs' ``sampled`` buffer
+            tokens = self.graphs.store_sampled(out.token_ids) if self.graphs is not None else out.token_ids
+        self._last_sampled = (tokens, {s.request_id: row for row, s in enumerate(sampled)})
         return PendingStep(out, [s.sampling.num_logprobs for s in sampled], prompt)
 
     def _fits_graphs(self, host: HostStep, batch: ScheduledBatch) -> bool:
         return (self.graphs is not None and host.is_decode and host.num_seqs <= self.graphs.max_batch_size
                 and not batch.has_prompt_logprobs)
 
-    def _run_graph(self, host: HostStep) -> torch.Tensor:
-        """Decode through the captured graphs: inputs go straight into their persistent buffers.
+    def _run_graph(self, host: HostStep, sampled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decode through the captured graphs: inputs go straight into their persistent buffers, and rows
+        that need nothing but a temperature are drawn by the graphs too. Returns (logits [num_seqs, vocab],
+        the drawn tokens [num_seqs] or None when the runner's sampler must sample the logits).
 
         One reference for the whole step: a tensor-parallel abort on another thread may release the graphs
         meanwhile (``release_graphs``); then this step raises RuntimeError, the symptom the TP runner maps
@@ -294,10 +327,14 @@ class LocalModelRunner(ModelRunner):
         graphs = self.graphs
         if graphs is None:
             raise RuntimeError("the decode graphs were released during the step (the runner is being stopped)")
-        input_ids, pending, rows = graphs.load(host)
-        if len(host.pending):
-            input_ids[pending] = self._last_sampled[0][rows]
-        return graphs.replay(host.num_seqs, cascade=host.cascade is not None)  # [num_seqs, vocab]
+        rows = [s.sampling for s in sampled]
+        draw = self._draw_memo.get(rows)
+        if draw is RowsMemo.MISSING:
+            draw = self._draw_memo.put(rows, PlainDraw.of(rows, self.model_config.vocab_size))
+        graphs.load(host, draw.columns([s.seq_len for s in sampled]) if draw is not None else None)
+        cascade = host.cascade is not None
+        logits = graphs.replay(host.num_seqs, cascade)  # [num_seqs, vocab]
+        return logits, graphs.draw(host.num_seqs, cascade) if draw is not None else None
 
     def _prompt_logprobs(self, batch: ScheduledBatch, metadata: AttentionMetadata,
                          hidden: torch.Tensor) -> PromptLogprobsOutput | None:
@@ -329,17 +366,12 @@ class LocalModelRunner(ModelRunner):
 
     def _sampling_tensors(self, rows: list[SamplingRow], positions: list[int]) -> SamplingTensors:
         """The step's sampling tensors. Rows come from validated SamplingParams; the token being sampled
-        sits at index seq_len. When the rows are the previous step's row objects in the same order (most
-        decode steps: rows are immutable and reused per request), only the positions are new."""
-        previous = self._last_sampling
-        if previous is not None and len(previous[0]) == len(rows) and all(
-                a is b for a, b in zip(previous[0], rows, strict=True)):
-            tensors = previous[1].at_positions(positions)
-        else:
-            tensors = SamplingTensors.build(rows, self.model_config.vocab_size, self.device, validate=False,
-                                            positions=positions)
-        self._last_sampling = (rows, tensors)
-        return tensors
+        sits at index seq_len. When the rows repeat (``RowsMemo``), only the positions are new."""
+        previous = self._sampling_memo.get(rows)
+        if previous is not RowsMemo.MISSING:
+            return self._sampling_memo.put(rows, previous.at_positions(positions))
+        return self._sampling_memo.put(rows, SamplingTensors.build(
+            rows, self.model_config.vocab_size, self.device, validate=False, positions=positions))
 
     def _prepare(self, batch: ScheduledBatch):
         """Host lists -> device tensors (token ids, positions, attention metadata) in two packed copies."""

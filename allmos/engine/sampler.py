@@ -418,13 +418,69 @@ def _top_k_top_p_threshold(z: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
 def gumbel_argmax_torch(x: torch.Tensor, t: SamplingTensors, threshold: torch.Tensor | None) -> torch.Tensor:
     """Reference draw: argmax(where(z >= thr, z, -inf) + noise_scale * g), z = x * inv_T. [B] int64."""
-    z = x.float() * t.inv_temperature[:, None]  # [B, V]
+    return _gumbel_argmax_torch(x, t.inv_temperature, None if t.all_random else t.noise_scale, threshold,
+                                t.noise_key_lo, t.noise_key_hi)
+
+
+def _gumbel_argmax_torch(x: torch.Tensor, inv_temperature: torch.Tensor, noise_scale: torch.Tensor | None,
+                         threshold: torch.Tensor | None, key_lo: torch.Tensor, key_hi: torch.Tensor) -> torch.Tensor:
+    """``gumbel_argmax_torch`` on raw [B] tensors (noise_scale None: every row draws)."""
+    z = x.float() * inv_temperature[:, None]  # [B, V]
     if threshold is not None:
         z = torch.where(z >= threshold[:, None], z, -math.inf)
-    g = gumbel_noise_torch(t.noise_key_lo, t.noise_key_hi, x.shape[-1])  # [B, V]
-    if not t.all_random:
-        g = g * t.noise_scale[:, None]
+    g = gumbel_noise_torch(key_lo, key_hi, x.shape[-1])  # [B, V]
+    if noise_scale is not None:
+        g = g * noise_scale[:, None]
     return (z + g).argmax(dim=-1)
+
+
+# --------------------------------------------------------------------------- the plain draw
+
+
+@dataclass(frozen=True)
+class PlainDraw:
+    """A batch whose rows need nothing but a temperature and the draw: no penalties, banned ids, filters
+    (top-k / top-p / min-p on a sampling row) or logprobs. Such a batch samples from a fixed set of [B]
+    columns, so the decode graphs run its draw inside a graph (``allmos.engine.cuda_graphs``); its tokens
+    are the ones ``Sampler`` picks for the same rows.
+
+    ``of(rows)`` returns None for any other batch. Built once per set of rows; ``columns`` per step.
+    """
+
+    inv_temperature: np.ndarray  # [B] float32, 1 for greedy rows
+    noise_scale: np.ndarray  # [B] float32, 0 for greedy rows
+    seeds: np.ndarray  # [B] uint64
+
+    @classmethod
+    def of(cls, rows: Sequence[SamplingRow], vocab_size: int) -> PlainDraw | None:
+        if not all(_is_plain(r, vocab_size) for r in rows):
+            return None
+        inv_t, noise = _float_columns(_row_table(list(rows)))[:2]
+        return cls(inv_t, noise, np.fromiter((r.seed for r in rows), dtype=np.uint64, count=len(rows)))
+
+    def columns(self, positions: Sequence[int]) -> list[np.ndarray]:
+        """4 x int32 [B]: the noise keys' low and high halves at ``positions`` (the sampled tokens' indices),
+        then the bits of inv_temperature and noise_scale (float32 viewed as int32)."""
+        keys = noise_keys_np(self.seeds, np.asarray(positions, dtype=np.uint64))
+        lo = (keys & np.uint64(_MASK32)).astype(np.uint32).view(np.int32)
+        hi = (keys >> np.uint64(32)).astype(np.uint32).view(np.int32)
+        return [lo, hi, self.inv_temperature.view(np.int32), self.noise_scale.view(np.int32)]
+
+
+def _is_plain(row: SamplingRow, vocab_size: int) -> bool:
+    if row.num_logprobs is not None or row.banned_token_ids or row.has_output_penalty or row.has_repetition_penalty:
+        return False
+    return row.is_greedy or (not 0 < row.top_k < vocab_size and row.top_p >= 1.0 and row.min_p <= 0.0)
+
+
+def plain_draw(x: torch.Tensor, inv_temperature: torch.Tensor, noise_scale: torch.Tensor, key_lo: torch.Tensor,
+               key_hi: torch.Tensor) -> torch.Tensor:
+    """The draw of a ``PlainDraw`` batch from its device columns: x [B, V] logits, the rest [B]; [B] int64.
+    The Triton kernel on CUDA (when installed), else the torch reference; no host synchronization, so it
+    can be captured in a CUDA graph."""
+    if _HAS_TRITON and x.is_cuda:
+        return triton_gumbel_argmax(x, inv_temperature, noise_scale, None, key_lo, key_hi, all_random=False)
+    return _gumbel_argmax_torch(x, inv_temperature, noise_scale, None, key_lo, key_hi)
 
 
 def raw_logprobs(

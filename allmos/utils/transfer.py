@@ -50,3 +50,38 @@ def pack_aligned(parts: list[np.ndarray], dtype: np.dtype | type) -> tuple[np.nd
 def split_packed(buffer: torch.Tensor, starts: list[int], sizes: list[int]) -> list[torch.Tensor]:
     """The views of ``pack_aligned``'s parts in a (device) copy of its buffer."""
     return [buffer[start:start + size] for start, size in zip(starts, sizes, strict=True)]
+
+
+class StagingRing:
+    """Host buffers for the repeated non-blocking uploads of one destination, reused in turn instead of
+    pinning a fresh copy per upload.
+
+    ``take()`` returns the next slot as a numpy array to fill; ``upload(dst, count)`` queues the copy of its
+    first ``count`` entries into ``dst`` and records an event. A slot is taken again only after the event of
+    its previous upload has passed (normally long ago: ``slots`` uploads back), so no copy reads a slot
+    that is being refilled. On the CPU the slot is ordinary memory and the copy runs at once.
+    """
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device, slots: int = 2) -> None:
+        pinned = device.type == "cuda"
+        self._tensors = [torch.zeros(size, dtype=dtype, pin_memory=pinned) for _ in range(slots)]
+        self._arrays = [t.numpy() for t in self._tensors]
+        self._events = [torch.cuda.Event() if pinned else None for _ in range(slots)]
+        self._recorded = [False] * slots
+        self._next = 0
+
+    def take(self) -> np.ndarray:
+        """The slot to fill next (its previous upload has run)."""
+        i = self._next
+        if self._recorded[i]:
+            self._events[i].synchronize()
+        return self._arrays[i]
+
+    def upload(self, dst: torch.Tensor, count: int) -> None:
+        """Copy the first ``count`` entries of the slot ``take`` returned into ``dst[:count]``, then move on."""
+        i = self._next
+        dst[:count].copy_(self._tensors[i][:count], non_blocking=True)
+        if self._events[i] is not None:
+            self._events[i].record()
+            self._recorded[i] = True
+        self._next = (i + 1) % len(self._tensors)
