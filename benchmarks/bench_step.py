@@ -2,7 +2,8 @@
 the weights and the KV cache once would take at the copy bandwidth measured in the same run.
 
 For each batch: wall time per engine step, the device time of one replay of the step's CUDA graph (replays
-back to back, CUDA events: the GPU's own step time with the gaps between kernels, no host), the summed kernel
+back to back, CUDA events: the GPU's own step time with the gaps between kernels, no host; also with the
+draw graph that samples inside graphs after each replay, where the tree has one), the summed kernel
 time and kernels per step (torch.profiler, CUDA activity: every kernel inside the graph replays, plus the
 sampler and copies; with programmatic dependent launch, kernels overlap and a kernel's time includes its wait
 for the one before, so this sum overstates), the busiest kernels, and a
@@ -42,6 +43,7 @@ class BatchResult:
     ctx: float  # mean context length over the measured steps
     wall_ms: float  # per engine step (host + device, overlapped)
     replay_ms: float  # one replay of the step's CUDA graph, back to back on the device (no host in the loop)
+    draw_ms: float  # the same with the step's draw graph after each replay (nan where the tree has none)
     gpu_ms: float  # device busy time per step (kernels + copies)
     kernels: float  # kernel launches per step (copies and memsets not counted)
     ideal_ms: float  # weights once + each sequence's KV once, at the measured copy bandwidth
@@ -111,20 +113,27 @@ def logits_vs_torch_path(engine, batch: int) -> float:
     return ((new - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def graph_replay_ms(engine, batch: int, reps: int = 200) -> float:
+def graph_replay_ms(engine, batch: int, reps: int = 200, draw: bool = False) -> float:
     """Device time of one replay of the decode graph that holds ``batch`` rows (inputs as the last step
     loaded them), from CUDA events around ``reps`` back-to-back replays: the GPU's own time per step,
-    gaps between kernels included, with no host in the loop (PDL overlap shows here, not in kernel sums)."""
+    gaps between kernels included, with no host in the loop (PDL overlap shows here, not in kernel sums).
+    ``draw``: each replay followed by the size's draw graph (the sampling inside graphs); nan without one."""
     import torch
 
     graphs = engine.runner.graphs
-    graph = graphs.graphs[graphs.size_for(batch), False]
+    key = graphs.size_for(batch), False
+    draw_graph = getattr(graphs, "draw_graphs", {}).get(key)
+    if draw and draw_graph is None:
+        return float("nan")
+    replays = [graphs.graphs[key]] + ([draw_graph] if draw else [])
     for _ in range(10):
-        graph.replay()
+        for graph in replays:
+            graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
-        graph.replay()
+        for graph in replays:
+            graph.replay()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
@@ -165,13 +174,15 @@ def measure(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         wall_ms = 1e3 * (time.perf_counter() - start) / args.steps
         replay_ms = graph_replay_ms(engine, batch)
+        draw_ms = graph_replay_ms(engine, batch, draw=True)
         gpu_ms, kernels, top = kernel_profile(engine, args.profile_steps)
         rel_err = logits_vs_torch_path(engine, batch)
         ctx = args.ctx + WARM_STEPS + (args.steps + args.profile_steps) / 2
         ideal_ms = 1e3 * (weights + batch * ctx * kv_per_token) / bandwidth
-        results.append(BatchResult(batch, ctx, wall_ms, replay_ms, gpu_ms, kernels, ideal_ms, rel_err,
+        results.append(BatchResult(batch, ctx, wall_ms, replay_ms, draw_ms, gpu_ms, kernels, ideal_ms, rel_err,
                                    top[: args.kernels]))
-        print(f"batch {batch}: wall {wall_ms:.3f} ms, graph replay {replay_ms:.3f} ms, GPU {gpu_ms:.3f} ms, "
+        print(f"batch {batch}: wall {wall_ms:.3f} ms, graph replay {replay_ms:.3f} ms (with the draw graph "
+              f"{draw_ms:.3f}), GPU {gpu_ms:.3f} ms, "
               f"{kernels:.0f} kernels/step, ideal {ideal_ms:.3f} ms, logits vs torch path {rel_err:.2e}",
               file=sys.stderr, flush=True)
         for name, us, n in top[: args.kernels]:
@@ -198,12 +209,12 @@ def run_child(args: argparse.Namespace, extra_env: dict[str, str]) -> dict:
 def print_single(run: dict) -> None:
     print(f"{run['device']}, copy bandwidth {run['bandwidth_tb_s']:.2f} TB/s, weights "
           f"{run['weight_bytes'] / 1e9:.2f} GB, env {run['env'] or '{}'}")
-    print("| batch | wall ms/step | tok/s | graph replay ms | kernel ms/step | kernels/step | weights+KV once | "
-          "kernels / ideal | logits err |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| batch | wall ms/step | tok/s | graph replay ms | + draw graph | kernel ms/step | kernels/step | "
+          "weights+KV once | kernels / ideal | logits err |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in run["results"]:
         print(f"| {r['batch']} | {r['wall_ms']:.3f} | {r['batch'] / r['wall_ms'] * 1e3:.0f} | {r['replay_ms']:.3f} | "
-              f"{r['gpu_ms']:.3f} | "
+              f"{r.get('draw_ms', float('nan')):.3f} | {r['gpu_ms']:.3f} | "
               f"{r['kernels']:.0f} | {r['ideal_ms']:.3f} | {r['gpu_ms'] / r['ideal_ms']:.2f}x | "
               f"{r['logits_rel_err']:.1e} |")
 

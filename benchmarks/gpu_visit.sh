@@ -24,7 +24,8 @@
 #                                        the standard workload in both; PREFILL=1 adds bench_prefill in both on
 #                                        GPU 1 after the tests (copy this tree's benchmarks/bench_step.py into
 #                                        the other tree for its graph-replay column; carry the tree there);
-#                                        HOST=1 adds where the host's time goes per step (diag_host_phases.py);
+#                                        HOST=1 adds where the host's time goes per step (diag_host_phases.py,
+#                                        both trees); TP=1 then the tensor-parallel GPU tests on both GPUs;
 #                                        TEST_LIMIT: seconds for the tests (default 400)
 #   bash benchmarks/gpu_visit.sh serve   the serving benchmark at saturation and at RATE requests/s (default
 #                                        20), against the offline engine on the same requests; FastAPI etc.
@@ -32,7 +33,7 @@
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/allmos-out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/smi.txt"; head -3 "$OUT/smi.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | head -3
 start=$(date +%s)
 stage() {  # stage NAME SECONDS CMD...: run with a hard limit, show the log's end
     local name=$1 limit=$2; shift 2
@@ -54,7 +55,10 @@ elif [ "$1" = prefill ]; then
 elif [ "$1" = compare ]; then
     tree=${TREE:-.prev}
     steps="--batch ${BATCHES:-1 2 4 8 64 256} --steps 60 --profile-steps 10"
+    half=$(( $(nproc) / 2 ))  # the tests and the benchmarks on separate cores (host timings stay clean)
+    [ "$half" -ge 4 ] && taskset -cp "$half-$(( 2 * half - 1 ))" $BASHPID > /dev/null
     (export CUDA_VISIBLE_DEVICES=1
+     [ "$half" -ge 4 ] && taskset -cp "0-$(( half - 1 ))" $BASHPID > /dev/null
      TAIL=8 stage gpu_tests ${TEST_LIMIT:-400} python -m pytest -m gpu -q -p no:cacheprovider -rfE ${TESTS:-tests/test_gemv.py \
          tests/test_fused_decode_path.py tests/test_kernels.py tests/test_fused_layers.py \
          tests/test_fused_decode_merge.py tests/test_fused_qk_rope_store.py tests/test_gpu_engine.py}
@@ -69,6 +73,10 @@ elif [ "$1" = compare ]; then
     TAIL=2 stage bench_new 100 python bench.py
     (cd "$tree" && TAIL=2 PYTHONPATH=$PWD stage bench_other 100 python bench.py)
     [ -n "$HOST" ] && TAIL=4 stage host_phases 150 python benchmarks/diag_host_phases.py --batch 1 8 64
+    [ -n "$HOST" ] && (cd "$tree" && TAIL=4 PYTHONPATH=$PWD stage host_phases_other 150 python \
+        benchmarks/diag_host_phases.py --batch 1 8 64)
+    [ -n "$TP" ] && (unset CUDA_VISIBLE_DEVICES; TAIL=6 stage tp_tests 200 python -m pytest -m gpu -q \
+        -p no:cacheprovider -rfE tests/test_tp.py)
     wait
 elif [ "$1" = serve ]; then
     if ls .whl/*.whl > /dev/null 2>&1; then
