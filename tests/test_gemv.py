@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from allmos.kernels.gemv import GemvConfig, candidate_configs, default_gemv_config, gemv, rms_norm_gemv
-from allmos.kernels.gemv_tuning import GemvChoice, GemvTable, fixed_table, tuning_sizes
+from allmos.kernels.gemv_tuning import GemvChoice, GemvTable, fixed_table, row_kernel_config, tuning_sizes
 from allmos.layers.norm import RMSNorm
 
 # CPU tensors need the interpreter (conftest sets it where there is no CUDA)
@@ -95,7 +95,10 @@ def test_rms_norm_gemv_small_shapes(DEVICE, dtype, m, silu_mul, with_residual):
     norm = RMSNorm(k, eps=1e-6)
     norm.weight.data = torch.randn(k)
     norm = norm.to(device=DEVICE, dtype=dtype)
-    for i, config in enumerate(configs_for(m)[:3] + [GemvConfig(1, 8, 32, 4, 1)]):  # the last: rows one by one
+    # the row kernel with the norm inside (the whole row in one tile: 64 of 64, 64 of 128), and past one tile
+    # (the norm kernel with rows one by one)
+    row_configs = [GemvConfig(1, 4, 64, 4, 1), GemvConfig(1, 4, 128, 4, 1), GemvConfig(1, 8, 32, 4, 1)]
+    for i, config in enumerate(configs_for(m)[:3] + row_configs):
         x, w, b = operands(m, 2 * n if silu_mul else n, k, dtype, DEVICE, bias=i == 1, seed=10 + i)
         r = torch.randn(m, k).to(device=DEVICE, dtype=dtype) if with_residual else None
         out, res_out = poisoned((m, n), dtype, DEVICE), poisoned((m, k), dtype, DEVICE)
@@ -163,8 +166,10 @@ def test_gemv_model_shapes(DEVICE, dtype, n, k, norm, silu_mul):
     norm_weight = torch.randn(k).to(device=DEVICE, dtype=dtype)
     ref_norm = RMSNorm(k, eps=1e-6).to(DEVICE)
     ref_norm.weight.data = norm_weight
-    for m in (1, 2, 16, 48, 96, 256):
+    for m in (1, 2, 4, 16, 48, 96, 256):
         configs = configs_for(m) if dtype == torch.bfloat16 else [default_gemv_config(m)]
+        if m <= 4:  # the default decode tile of 1-4 rows (norm inside where the site has one)
+            configs = [row_kernel_config(k)] + configs
         for i, config in enumerate(configs):
             bias = i == 0 and n <= 4096  # q/k/v and gate/up carry biases in some families
             x, w, b = operands(m, 2 * n if silu_mul else n, k, dtype, DEVICE, bias=bias, seed=100 * m + i)

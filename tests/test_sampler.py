@@ -446,10 +446,17 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     logits = torch.randn(len(rows), vocab, dtype=torch.bfloat16)
     logits[3, 2300] = 30.0  # winners in later chunks
     logits[4, 1500] = 4.0
+    logits[0, 2300] = logits[0, 100] = 50.0  # a greedy tie across chunks: the first index wins
     t = build(rows, vocab)
     fused, reference = draws(logits, t, chunk_size=1024, block_size=512)
     assert torch.equal(fused, reference), (fused, reference)
-    assert fused[3] == 2300 and fused[0] == logits[0].float().argmax()
+    assert fused[3] == 2300 and fused[0] == logits[0].float().argmax() == 100
+    out = torch.full((len(rows),), -1, dtype=torch.int64)
+    x = Sampler()._processed_logits(logits, t)
+    thr = filter_threshold(x.float() * t.inv_temperature[:, None], t)
+    into = sampler.triton_gumbel_argmax(x, t.inv_temperature, t.noise_scale, thr, t.noise_key_lo, t.noise_key_hi,
+                                        all_random=False, chunk_size=512, block_size=256, out=out)
+    assert into is out and torch.equal(out, fused), (out, fused)
 
     plain = [SamplingRow(temperature=0.8, seed=s, position=3 * s) for s in range(4)]
     plain_logits = torch.randn(4, vocab)
@@ -539,19 +546,21 @@ def _plain_draw_tokens(logits: torch.Tensor, rows: list[SamplingRow], positions:
     """``plain_draw`` fed the way the decode graphs feed it: the int32 columns of ``PlainDraw.columns``."""
     draw = PlainDraw.of(rows, logits.shape[1])
     lo, hi, inv_t, noise = (torch.from_numpy(c).to(logits.device) for c in draw.columns(positions))
-    return plain_draw(logits, inv_t.view(torch.float32), noise.view(torch.float32), lo, hi)
+    out = torch.full((len(rows),), -1, dtype=torch.int64, device=logits.device)
+    assert plain_draw(logits, inv_t.view(torch.float32), noise.view(torch.float32), lo, hi, out) is out
+    return out
 
 
-def _plain_rows(rng: random.Random, n: int) -> list[SamplingRow]:
+def _plain_rows(rng: random.Random, n: int, vocab: int) -> list[SamplingRow]:
     """Greedy and temperature-only rows; filters that are off by value (top_k >= vocab, top_k 0, top_p 1)."""
-    return [SamplingRow(temperature=rng.choice([0.0, 0.6, 1.0, 1.7]), top_k=rng.choice([-1, 0, 10_000]),
+    return [SamplingRow(temperature=rng.choice([0.0, 0.6, 1.0, 1.7]), top_k=rng.choice([-1, 0, vocab, vocab + 7]),
                         top_p=1.0, seed=rng.randrange(2**63)) for _ in range(n)]
 
 
 @pytest.mark.parametrize("all_random", [False, True])
 def test_plain_draw_picks_the_samplers_tokens(all_random):
     rng = random.Random(11)
-    rows = _plain_rows(rng, 9)
+    rows = _plain_rows(rng, 9, 300)
     if all_random:
         rows = [dataclasses.replace(r, temperature=0.9) for r in rows]
     positions = [rng.randrange(5000) for _ in rows]
@@ -580,7 +589,7 @@ def test_plain_draw_refuses_rows_that_need_the_sampler(change):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_plain_draw_matches_the_sampler_on_gpu():
     rng, cuda, vocab = random.Random(5), torch.device("cuda"), 151936
-    rows = _plain_rows(rng, 48)
+    rows = _plain_rows(rng, 48, vocab)
     positions = [rng.randrange(4000) for _ in rows]
     logits = torch.randn(len(rows), vocab, device=cuda, dtype=torch.bfloat16) * 3
     expected = Sampler()(logits, SamplingTensors.build(rows, vocab, cuda, positions=positions)).token_ids

@@ -65,6 +65,8 @@ _UNIFORM_SCALE = 2.0**-24
 # Triton draw kernel tiling: a fixed chunk per program (independent of the batch).
 _DRAW_CHUNK = 8192
 _DRAW_BLOCK = 1024
+_SMALL_BATCH_DRAW_CHUNK = 1024  # the plain draw of up to _SMALL_BATCH_ROWS rows (the result does not change)
+_SMALL_BATCH_ROWS = 16
 
 
 # --------------------------------------------------------------------------- hash
@@ -474,13 +476,16 @@ def _is_plain(row: SamplingRow, vocab_size: int) -> bool:
 
 
 def plain_draw(x: torch.Tensor, inv_temperature: torch.Tensor, noise_scale: torch.Tensor, key_lo: torch.Tensor,
-               key_hi: torch.Tensor) -> torch.Tensor:
-    """The draw of a ``PlainDraw`` batch from its device columns: x [B, V] logits, the rest [B]; [B] int64.
-    The Triton kernel on CUDA (when installed), else the torch reference; no host synchronization, so it
-    can be captured in a CUDA graph."""
+               key_hi: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The draw of a ``PlainDraw`` batch from its device columns into ``out``: x [B, V] logits, the rest [B];
+    out [B] int64. The Triton kernels on CUDA (when installed; chunks of ``_SMALL_BATCH_DRAW_CHUNK`` logits up
+    to ``_SMALL_BATCH_ROWS`` rows, so a small batch still spreads over the GPU), else the torch reference; no
+    host synchronization, so it can be captured in a CUDA graph."""
     if _HAS_TRITON and x.is_cuda:
-        return triton_gumbel_argmax(x, inv_temperature, noise_scale, None, key_lo, key_hi, all_random=False)
-    return _gumbel_argmax_torch(x, inv_temperature, noise_scale, None, key_lo, key_hi)
+        chunk = _SMALL_BATCH_DRAW_CHUNK if x.shape[0] <= _SMALL_BATCH_ROWS else _DRAW_CHUNK
+        return triton_gumbel_argmax(x, inv_temperature, noise_scale, None, key_lo, key_hi, all_random=False,
+                                    chunk_size=chunk, out=out)
+    return out.copy_(_gumbel_argmax_torch(x, inv_temperature, noise_scale, None, key_lo, key_hi))
 
 
 def raw_logprobs(

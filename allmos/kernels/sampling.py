@@ -72,16 +72,30 @@ def _gumbel_argmax_kernel(
     tl.store(best_idx_ptr + row * num_chunks + chunk, first)
 
 
+@triton.jit
+def _first_max_kernel(best_val_ptr, best_idx_ptr, out_ptr, num_chunks, BLOCK_C: tl.constexpr):
+    """Per row: the index kept by the first chunk holding the row's maximum (int64 into ``out``)."""
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK_C)
+    ok = c < num_chunks
+    vals = tl.load(best_val_ptr + row * num_chunks + c, mask=ok, other=float("-inf"))
+    idx = tl.load(best_idx_ptr + row * num_chunks + c, mask=ok, other=0)
+    top = tl.max(vals, axis=0)
+    first = tl.min(tl.where(ok & (vals == top), c, BLOCK_C), axis=0)
+    tl.store(out_ptr + row, tl.sum(tl.where(c == first, idx, 0), axis=0).to(tl.int64))
+
+
 def gumbel_argmax(
     x: torch.Tensor, inv_temperature: torch.Tensor, noise_scale: torch.Tensor, threshold: torch.Tensor | None,
     key_lo: torch.Tensor, key_hi: torch.Tensor, *, all_random: bool,
-    chunk_size: int = DRAW_CHUNK, block_size: int = DRAW_BLOCK,
+    chunk_size: int = DRAW_CHUNK, block_size: int = DRAW_BLOCK, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One read of x: [B, V] logits (any float dtype); inv_temperature, noise_scale, threshold: [B] float32
-    (threshold None: no filter); key_lo, key_hi: [B] int32 (uint32 bits of the noise key). Returns [B] int64.
+    (threshold None: no filter); key_lo, key_hi: [B] int32 (uint32 bits of the noise key). Returns [B] int64
+    (``out`` when given: a contiguous [B] int64 tensor).
 
-    Each program reduces ``chunk_size`` logits of one row; partial results combine to the first maximum
-    of the row, the same index torch.argmax returns, whatever the chunk size.
+    Each program reduces ``chunk_size`` logits of one row; a second kernel combines a row's partial results
+    to the first maximum of the row, the same index torch.argmax returns, whatever the chunk size.
     """
     batch, vocab = x.shape
     if x.stride(-1) != 1:
@@ -98,5 +112,11 @@ def gumbel_argmax(
             x, x.stride(0), inv_temperature, noise_scale, threshold, key_lo, key_hi, best_val, best_idx, vocab,
             num_chunks, CHUNK=chunk_size, BLOCK=block_size, ALL_RANDOM=all_random, num_warps=4,
         )
-    chunk = best_val.argmax(dim=-1, keepdim=True)  # [B, 1], first chunk on ties
-    return best_idx.gather(1, chunk).squeeze(1).long()
+    if out is None:
+        out = torch.empty(batch, dtype=torch.int64, device=x.device)
+    elif out.shape != (batch,) or out.dtype != torch.int64 or out.stride(0) != 1:
+        raise ValueError(f"out must be a contiguous [{batch}] int64 tensor, got {tuple(out.shape)} {out.dtype}")
+    if batch:
+        _first_max_kernel[(batch,)](best_val, best_idx, out, num_chunks,
+                                    BLOCK_C=max(16, triton.next_power_of_2(num_chunks)), num_warps=1)
+    return out
