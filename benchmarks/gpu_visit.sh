@@ -25,7 +25,7 @@
 #                                        GPU 1 after the tests (copy this tree's benchmarks/bench_step.py into
 #                                        the other tree for its graph-replay column; carry the tree there);
 #                                        HOST=1 adds where the host's time goes per step (diag_host_phases.py,
-#                                        both trees); TP=1 then the tensor-parallel GPU tests on both GPUs;
+#                                        both trees); TP=1 first runs the tensor-parallel GPU tests on both GPUs;
 #                                        TEST_LIMIT: seconds for the tests (default 400)
 #   bash benchmarks/gpu_visit.sh serve   the serving benchmark at saturation and at RATE requests/s (default
 #                                        20), against the offline engine on the same requests; FastAPI etc.
@@ -55,6 +55,7 @@ elif [ "$1" = prefill ]; then
 elif [ "$1" = compare ]; then
     tree=${TREE:-.prev}
     steps="--batch ${BATCHES:-1 2 4 8 64 256} --steps 60 --profile-steps 10"
+    [ -n "$TP" ] && TAIL=6 stage tp_tests 200 python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_tp.py
     half=$(( $(nproc) / 2 ))  # the tests and the benchmarks on separate cores (host timings stay clean)
     [ "$half" -ge 4 ] && taskset -cp "$half-$(( 2 * half - 1 ))" $BASHPID > /dev/null
     (export CUDA_VISIBLE_DEVICES=1
@@ -75,8 +76,6 @@ elif [ "$1" = compare ]; then
     [ -n "$HOST" ] && TAIL=4 stage host_phases 150 python benchmarks/diag_host_phases.py --batch 1 8 64
     [ -n "$HOST" ] && (cd "$tree" && TAIL=4 PYTHONPATH=$PWD stage host_phases_other 150 python \
         benchmarks/diag_host_phases.py --batch 1 8 64)
-    [ -n "$TP" ] && (unset CUDA_VISIBLE_DEVICES; TAIL=6 stage tp_tests 200 python -m pytest -m gpu -q \
-        -p no:cacheprovider -rfE tests/test_tp.py)
     wait
 elif [ "$1" = serve ]; then
     if ls .whl/*.whl > /dev/null 2>&1; then
