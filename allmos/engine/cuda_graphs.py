@@ -14,8 +14,7 @@ step's groups); a step whose inputs carry cascade groups replays the cascade gra
 
 On CUDA, before capturing, ``use_default_decode_kernels`` switches on the decode kernels that measured faster
 on an H200: the decoder's fused q/k-norm + RoPE + K/V store (prefill uses it too from then on) and the Triton
-row GEMV for batches of up to 4 rows, with the RMSNorm before q/k/v and gate/up inside it; other batch sizes
-keep cuBLAS. With ``ALLMOS_DECODE_KERNELS=1`` the tuned decode
+row GEMV for batches of up to 4 rows; other batch sizes keep cuBLAS. With ``ALLMOS_DECODE_KERNELS=1`` the tuned decode
 kernels replace that choice (``enable_decode_kernels``): small-batch Triton GEMVs chosen per captured size
 from timings on this device, with the norm fused in, and split decode attention that merges its splits in the
 same launch. That path is off by default: on an H200 it cut the kernels per step (348 -> 208 at batch 1) but

@@ -110,14 +110,12 @@ def row_kernel_config(k: int) -> GemvConfig:
 
 def row_kernel_tables(sites: dict[str, tuple[GemvSignature, list]]) -> dict[str, GemvTable]:
     """Default tables for a CUDA model without start-up tuning: the decoder projections of batches up to 4
-    rows through ``row_kernel_config``, the RMSNorm before q/k/v and gate/up inside those GEMVs (the row kernel
-    holds the whole row: each program recomputes its norm, one program writes the residual sum) and
-    SiLU-and-mul in the gate/up GEMV; larger batches and the LM head on cuBLAS. Sites whose weights are not
-    16-bit floats are left out."""
+    rows through ``row_kernel_config`` (the norm stays a separate kernel; SiLU-and-mul joins the gate/up
+    GEMV), larger batches and the LM head on cuBLAS. Sites whose weights are not 16-bit floats are left out.
+    (The norm inside the row kernel measured no faster at one row and slower at 2 and 4 rows on an H200:
+    docs/benchmarks.md.)"""
     sizes = ROW_KERNEL_BATCH_SIZES
-    config = {k: row_kernel_config(k) for k in {sig.k for sig, _ in sites.values()}}
-    return {role: GemvTable(sizes, tuple(GemvChoice(config[sig.k], fuse_norm=sig.norm and sig.k <= config[sig.k].block_k)
-                                         for _ in sizes))
+    return {role: GemvTable(sizes, tuple(GemvChoice(row_kernel_config(sig.k)) for _ in sizes))
             for role, (sig, _) in sites.items() if role in ROW_KERNEL_ROLES and sig.dtype in (torch.bfloat16,
                                                                                                torch.float16)}
 
