@@ -94,13 +94,16 @@ def _signed32(value: int) -> int:
     return _to_int32(value & _MASK32)
 
 
-def _fmix32_torch(x: torch.Tensor) -> torch.Tensor:
-    """murmur3 fmix32 on int32 tensors holding uint32 bits (multiplies wrap)."""
-    x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * _signed32(_FMIX32_M1)
-    x = x ^ ((x >> 13) & 0x7FFFF)
-    x = x * _signed32(_FMIX32_M2)
-    return x ^ ((x >> 16) & 0xFFFF)
+def _fmix32_torch_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """murmur3 fmix32 in place on an int32 tensor holding uint32 bits (multiplies wrap; a logical right shift
+    is the arithmetic one masked); ``tmp`` is scratch of x's shape. In place: on the CPU the allocations of
+    an out-of-place chain cost as much as the arithmetic."""
+    for shift, multiplier in ((16, _FMIX32_M1), (13, _FMIX32_M2), (16, None)):
+        torch.bitwise_right_shift(x, shift, out=tmp)
+        x.bitwise_xor_(tmp.bitwise_and_((1 << (32 - shift)) - 1))
+        if multiplier is not None:
+            x.mul_(_signed32(multiplier))
+    return x
 
 
 def uniform_bits_torch(key_lo: torch.Tensor, key_hi: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -109,16 +112,17 @@ def uniform_bits_torch(key_lo: torch.Tensor, key_hi: torch.Tensor, vocab_size: i
     key_lo, key_hi: int32 [B], the low/high halves of each row's `noise_key`.
     """
     idx = torch.arange(vocab_size, dtype=torch.int32, device=key_lo.device)  # [V]
-    x = idx * _signed32(_GOLDEN32) + key_lo[:, None]  # [B, V]
-    x = _fmix32_torch(x)
-    x = _fmix32_torch(x ^ key_hi[:, None])
-    return (x >> (32 - _UNIFORM_BITS)) & ((1 << _UNIFORM_BITS) - 1)
+    x = idx.mul_(_signed32(_GOLDEN32)) + key_lo[:, None]  # [B, V]
+    tmp = torch.empty_like(x)
+    _fmix32_torch_(x, tmp)
+    _fmix32_torch_(x.bitwise_xor_(key_hi[:, None]), tmp)
+    return x.bitwise_right_shift_(32 - _UNIFORM_BITS).bitwise_and_((1 << _UNIFORM_BITS) - 1)
 
 
 def gumbel_noise_torch(key_lo: torch.Tensor, key_hi: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Standard Gumbel noise -log(-log(u)) from the counter hash: float32 [B, V]."""
     bits = uniform_bits_torch(key_lo, key_hi, vocab_size)  # [B, V]
-    u = (bits * 2 + 1).to(torch.float32) * _UNIFORM_SCALE
+    u = bits.mul_(2).add_(1).to(torch.float32).mul_(_UNIFORM_SCALE)
     return u.log_().neg_().log_().neg_()
 
 
@@ -430,10 +434,10 @@ def _gumbel_argmax_torch(x: torch.Tensor, inv_temperature: torch.Tensor, noise_s
     z = x.float() * inv_temperature[:, None]  # [B, V]
     if threshold is not None:
         z = torch.where(z >= threshold[:, None], z, -math.inf)
-    g = gumbel_noise_torch(key_lo, key_hi, x.shape[-1])  # [B, V]
+    g = gumbel_noise_torch(key_lo, key_hi, x.shape[-1])  # [B, V], ours: updated in place
     if noise_scale is not None:
-        g = g * noise_scale[:, None]
-    return (z + g).argmax(dim=-1)
+        g.mul_(noise_scale[:, None])
+    return g.add_(z).argmax(dim=-1)  # z + g: the sum is commutative, bit for bit
 
 
 # --------------------------------------------------------------------------- the plain draw
