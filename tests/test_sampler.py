@@ -594,3 +594,16 @@ def test_plain_draw_matches_the_sampler_on_gpu():
     logits = torch.randn(len(rows), vocab, device=cuda, dtype=torch.bfloat16) * 3
     expected = Sampler()(logits, SamplingTensors.build(rows, vocab, cuda, positions=positions)).token_ids
     assert torch.equal(_plain_draw_tokens(logits, rows, positions), expected)
+
+
+def test_sorted_descending_equals_torch_sort():
+    """The CPU sort behind top-p (numpy's) gives torch's sorted values: ties, signed zeros, infinities."""
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(5, 3000, generator=gen).round(decimals=1)  # many ties
+    z[0, :10] = 0.0
+    z[0, 10:20] = -0.0
+    z[1, 5] = math.inf
+    z[2, :100] = -math.inf
+    ranked = sampler_module.sorted_descending(z)
+    assert ranked.is_contiguous() and ranked.dtype == z.dtype
+    assert torch.equal(ranked, z.sort(dim=-1, descending=True).values)

