@@ -49,7 +49,8 @@ def _count_calls(graphs: DecodeGraphs, name: str) -> list[int]:
 
 @pytest.mark.parametrize("num_prompts", [1, 5, 11])
 @pytest.mark.parametrize("params", [PLAIN[0], PLAIN[1], PLAIN, NEEDS_SAMPLER[0], NEEDS_SAMPLER[1],
-                                    [PLAIN[1], NEEDS_SAMPLER[0]]], ids=lambda p: "mixed" if isinstance(p, list) else None)
+                                    [PLAIN[1], NEEDS_SAMPLER[0]]],
+                         ids=lambda p: "mixed" if isinstance(p, list) else None)
 def test_graph_input_path_matches_ordinary_path(engines, num_prompts, params):
     """Greedy and temperature-only batches are drawn inside the graphs; batches with a row that needs the
     sampler (top-p, logprobs) are sampled by it from the graphs' logits. Same tokens either way (a list of

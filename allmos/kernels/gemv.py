@@ -10,9 +10,10 @@ Two inner products, chosen by ``BLOCK_M`` (a compile-time constant):
   rows (``ROW_KERNEL_MAX_ROWS``); no tensor cores, no shared-memory staging, any power-of-two ``BLOCK_N``.
   Without a fused norm, or with one when the whole K fits one tile, this is its own kernel
   (``_row_gemv_kernel``): it loads its weight tile first and then takes the rows of x one by one against it
-  (with the whole K in one tile, each weight byte is read once for all rows). On Hopper it is launched with programmatic dependent launch (PDL), so that weight
-  read starts while the kernel before it finishes; ``gdc_wait`` then holds the program until that kernel's
-  writes (x among them) are visible (``allmos.kernels.pdl``).
+  (with the whole K in one tile, each weight byte is read once for all rows). On Hopper it is launched with
+  programmatic dependent launch (PDL), so that weight read starts while the kernel before it finishes;
+  ``gdc_wait`` then holds the program until that kernel's writes (x among them) are visible
+  (``allmos.kernels.pdl``).
 - ``BLOCK_M >= 16``: ``tl.dot`` with the input rows padded to ``BLOCK_M`` (masked loads give zeros); the
   wasted MMA work costs nothing in a memory-bound kernel, and the pipelined loads keep many weight bytes
   in flight.
