@@ -413,12 +413,12 @@ def _top_k_top_p_threshold(z: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Smallest kept z after top-k then top-p (exclusive cumulative prob < p): [B]."""
     vocab = z.shape[-1]
     ranked = sorted_descending(z)  # [B, V]
-    rank = torch.arange(vocab, device=z.device)  # [V]
-    in_top_k = rank[None, :] < t.top_k[:, None]  # [B, V]
-    probs = ranked.masked_fill(~in_top_k, -math.inf).softmax(dim=-1)  # [B, V]
-    mass_before = probs.cumsum(dim=-1) - probs  # [B, V]
-    in_top_p = (mass_before < t.top_p[:, None]) | (t.top_p[:, None] >= 1.0)
-    num_kept = (in_top_k & in_top_p).sum(dim=-1, keepdim=True).clamp(min=1)  # [B, 1]
+    beyond_k = torch.arange(vocab, device=z.device)[None, :] >= t.top_k[:, None]  # [B, V]
+    probs = ranked.masked_fill(beyond_k, -math.inf).softmax(dim=-1)  # [B, V]
+    mass_before = probs.cumsum(dim=-1).sub_(probs)  # [B, V]
+    # in place from here on (fresh [B, V] tensors cost as much as the arithmetic on the CPU)
+    kept = (mass_before < t.top_p[:, None]).logical_or_(t.top_p[:, None] >= 1.0).logical_and_(beyond_k.logical_not_())
+    num_kept = kept.sum(dim=-1, keepdim=True).clamp(min=1)  # [B, 1]
     return ranked.gather(1, num_kept - 1).squeeze(1)
 
 
