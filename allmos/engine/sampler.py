@@ -355,8 +355,10 @@ class SamplerOutput:
 
 
 def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """Repetition, then frequency, then presence penalty (vLLM): new float32 [B, V]."""
-    x = logits.float()  # [B, V]
+    """Repetition, then frequency, then presence penalty (vLLM): new float32 [B, V]. Built in place on its own
+    copy (fresh [B, V] tensors cost as much as the arithmetic on the CPU); dividing or multiplying by 1 leaves
+    an untouched entry as it was, so the values are those of the per-entry formulas."""
+    x = logits.to(torch.float32, copy=True)  # [B, V]
     batch, vocab = x.shape
     counts = torch.zeros(batch * vocab, dtype=torch.float32, device=x.device)  # [B * V]
     ones = torch.ones_like(t.output_token_ids, dtype=torch.float32)
@@ -369,11 +371,12 @@ def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         seen.scatter_(0, t.prompt_rows * vocab + t.prompt_token_ids, True)
         seen = seen.view(batch, vocab)
         r = t.repetition_penalty[:, None]  # [B, 1]
-        x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
+        positive = x > 0  # [B, V]
+        x.div_(torch.where(seen & positive, r, 1.0)).mul_(torch.where(seen & ~positive, r, 1.0))
     if t.any_frequency:
-        x = x - t.frequency_penalty[:, None] * counts
+        x.sub_(counts.mul_(t.frequency_penalty[:, None]))
     if t.any_presence:
-        x = x - t.presence_penalty[:, None] * in_output.float()
+        x.sub_(in_output.float().mul_(t.presence_penalty[:, None]))
     return x
 
 
