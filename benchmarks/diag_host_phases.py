@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import functools
 import io
 import json
 import pstats
@@ -24,40 +23,24 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
-TINY_QWEN3 = {
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 512, "hidden_size": 64,
-    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "head_dim": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-    "tie_word_embeddings": True, "torch_dtype": "float32", "hidden_act": "silu",
-}
+from bench_host_step import TINY_QWEN3, Timer  # this folder's host-step benchmark: its tiny model and timer
 
 
 class Phases:
-    """Accumulated seconds per named part; ``patch(obj, attr, name)`` wraps ``obj.attr``."""
+    """Accumulated seconds per named part (one ``bench_host_step.Timer`` each); ``patch(obj, attr, name)``
+    wraps ``obj.attr``."""
 
     def __init__(self) -> None:
-        self.totals: dict[str, float] = defaultdict(float)
+        self.timers: dict[str, Timer] = {}
 
     def patch(self, obj, attr: str, name: str) -> None:
-        fn = getattr(obj, attr)
-        totals = self.totals
-
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                totals[name] += time.perf_counter() - start
-        setattr(obj, attr, wrapper)
+        timer = self.timers.setdefault(name, Timer())
+        setattr(obj, attr, timer.wrap(getattr(obj, attr)))
 
     def take(self) -> dict[str, float]:
-        values = dict(self.totals)
-        self.totals.clear()
-        return values
+        return {name: timer.take() for name, timer in self.timers.items()}
 
 
 def build_engine(tiny: bool, max_num_seqs: int):
