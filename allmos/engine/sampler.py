@@ -202,9 +202,8 @@ class SamplingTensors:
         top_k, seeds_dev = _to_device_rows([_top_k_column(table, vocab_size), seeds.astype(np.int64)], device)
         pos = table[:, 7] if positions is None else positions
         positions_dev, key_lo, key_hi = _position_tensors(seeds, np.asarray(pos, dtype=np.int64), device)
-        greedy = table[:, 0] < GREEDY_TEMPERATURE_EPS
-        random = ~greedy
-        active_top_k = random & (table[:, 6] > 0) & (table[:, 6] < vocab_size)
+        random = table[:, 0] >= GREEDY_TEMPERATURE_EPS
+        active_top_k, active_top_p, active_min_p = _active_filters(table, vocab_size)
         any_presence, any_frequency = bool((table[:, 3] != 0).any()), bool((table[:, 4] != 0).any())
         any_repetition = bool((table[:, 5] != 1).any())
         empty = torch.empty(0, dtype=torch.int64, device=device)
@@ -237,8 +236,8 @@ class SamplingTensors:
             all_greedy=not random.any(),
             all_random=bool(random.all()),
             any_top_k=bool(active_top_k.any()),
-            any_top_p=bool((random & (table[:, 1] < 1.0)).any()),
-            any_min_p=bool((random & (table[:, 2] > 0.0)).any()),
+            any_top_p=bool(active_top_p.any()),
+            any_min_p=bool(active_min_p.any()),
             any_presence=any_presence,
             any_frequency=any_frequency,
             any_repetition=any_repetition,
@@ -297,6 +296,13 @@ def _row_table(rows: list[SamplingRow]) -> np.ndarray:
     (positions below 2**53 survive float64 exactly; seeds, up to 2**63, are read separately)."""
     return np.array([(r.temperature, r.top_p, r.min_p, r.presence_penalty, r.frequency_penalty,
                       r.repetition_penalty, r.top_k, r.position) for r in rows], dtype=np.float64).reshape(-1, 8)
+
+
+def _active_filters(table: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """bool [B] each: the rows whose top-k, top-p and min-p filters are on (a greedy row's never are)."""
+    random = table[:, 0] >= GREEDY_TEMPERATURE_EPS
+    return (random & (table[:, 6] > 0) & (table[:, 6] < vocab_size), random & (table[:, 1] < 1.0),
+            random & (table[:, 2] > 0.0))
 
 
 def _float_columns(table: np.ndarray) -> list[np.ndarray]:
@@ -471,24 +477,21 @@ class PlainDraw:
 
     @classmethod
     def of(cls, rows: Sequence[SamplingRow], vocab_size: int) -> PlainDraw | None:
-        if not all(_is_plain(r, vocab_size) for r in rows):
+        if any(r.num_logprobs is not None or r.banned_token_ids or r.has_output_penalty or r.has_repetition_penalty
+               for r in rows):
             return None
-        inv_t, noise = _float_columns(_row_table(list(rows)))[:2]
+        table = _row_table(list(rows))
+        if any(active.any() for active in _active_filters(table, vocab_size)):
+            return None
+        inv_t, noise = _float_columns(table)[:2]
         return cls(inv_t, noise, np.fromiter((r.seed for r in rows), dtype=np.uint64, count=len(rows)))
 
     def columns(self, positions: Sequence[int]) -> list[np.ndarray]:
         """4 x int32 [B]: the noise keys' low and high halves at ``positions`` (the sampled tokens' indices),
         then the bits of inv_temperature and noise_scale (float32 viewed as int32)."""
         keys = noise_keys_np(self.seeds, np.asarray(positions, dtype=np.uint64))
-        lo = (keys & np.uint64(_MASK32)).astype(np.uint32).view(np.int32)
-        hi = (keys >> np.uint64(32)).astype(np.uint32).view(np.int32)
+        lo, hi = (half.astype(np.int32) for half in _key_halves(keys))
         return [lo, hi, self.inv_temperature.view(np.int32), self.noise_scale.view(np.int32)]
-
-
-def _is_plain(row: SamplingRow, vocab_size: int) -> bool:
-    if row.num_logprobs is not None or row.banned_token_ids or row.has_output_penalty or row.has_repetition_penalty:
-        return False
-    return row.is_greedy or (not 0 < row.top_k < vocab_size and row.top_p >= 1.0 and row.min_p <= 0.0)
 
 
 def plain_draw(x: torch.Tensor, inv_temperature: torch.Tensor, noise_scale: torch.Tensor, key_lo: torch.Tensor,
