@@ -66,22 +66,23 @@ class StagingRing:
         pinned = device.type == "cuda"
         self._tensors = [torch.zeros(size, dtype=dtype, pin_memory=pinned) for _ in range(slots)]
         self._arrays = [t.numpy() for t in self._tensors]
-        self._events = [torch.cuda.Event() if pinned else None for _ in range(slots)]
-        self._recorded = [False] * slots
+        self._pinned = pinned
+        self._events: list[torch.cuda.Event | None] = [None] * slots  # of each slot's last upload
         self._next = 0
 
     def take(self) -> np.ndarray:
         """The slot to fill next (its previous upload has run)."""
-        i = self._next
-        if self._recorded[i]:
-            self._events[i].synchronize()
-        return self._arrays[i]
+        event = self._events[self._next]
+        if event is not None:
+            event.synchronize()
+        return self._arrays[self._next]
 
     def upload(self, dst: torch.Tensor, count: int) -> None:
         """Copy the first ``count`` entries of the slot ``take`` returned into ``dst[:count]``, then move on."""
         i = self._next
         dst[:count].copy_(self._tensors[i][:count], non_blocking=True)
-        if self._events[i] is not None:
+        if self._pinned:
+            if self._events[i] is None:
+                self._events[i] = torch.cuda.Event()
             self._events[i].record()
-            self._recorded[i] = True
         self._next = (i + 1) % len(self._tensors)
