@@ -282,6 +282,7 @@ class LocalModelRunner(ModelRunner):
             return PendingStep(None, [])
         host = self._host_step(batch)
         sampled = batch.sampled_seqs
+        rows, sample_positions = [s.sampling for s in sampled], [s.seq_len for s in sampled]  # token at seq_len
         prompt = None
         # uploaded outside inference mode, as the compiled CPU forward's warm-up does (its guards see the same
         # kind of tensors)
@@ -289,9 +290,10 @@ class LocalModelRunner(ModelRunner):
         inputs = None if graph else upload(host, self.device, self._last_sampled)
         with torch.inference_mode():
             if graph:
-                logits, token_ids = self._run_graph(host, sampled)  # [num_seqs, vocab]; all of them sample
+                # logits [num_seqs, vocab] (every row samples); tokens when the graphs drew them
+                logits, token_ids = self._run_graph(host, rows, sample_positions)
                 if token_ids is not None:  # drawn inside the graphs
-                    self._last_sampled = (token_ids, {s.request_id: row for row, s in enumerate(sampled)})
+                    self._last_sampled = _last_sampled(token_ids, sampled)
                     return PendingStep(SamplerOutput(token_ids, None, None), [None] * len(sampled))
             else:
                 input_ids, positions, metadata, rope_seq_lens = inputs
@@ -303,20 +305,20 @@ class LocalModelRunner(ModelRunner):
                 if not sampled:
                     self._last_sampled = None
                     return PendingStep(None, [], prompt)
-                rows = _sample_rows(batch, metadata, self.device)  # [num_sampled]
-                logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab]
-            tensors = self._sampling_tensors([s.sampling for s in sampled], [s.seq_len for s in sampled])
-            out = self.sampler(logits, tensors)
+                last = _sample_rows(batch, metadata, self.device)  # [num_sampled]
+                logits = self.model.compute_logits(hidden[last])  # [num_sampled, vocab]
+            out = self.sampler(logits, self._sampling_tensors(rows, sample_positions))
             # with decode graphs, the next graph step gathers its inputs from the graphs' ``sampled`` buffer
             tokens = self.graphs.store_sampled(out.token_ids) if self.graphs is not None else out.token_ids
-        self._last_sampled = (tokens, {s.request_id: row for row, s in enumerate(sampled)})
-        return PendingStep(out, [s.sampling.num_logprobs for s in sampled], prompt)
+        self._last_sampled = _last_sampled(tokens, sampled)
+        return PendingStep(out, [row.num_logprobs for row in rows], prompt)
 
     def _fits_graphs(self, host: HostStep, batch: ScheduledBatch) -> bool:
         return (self.graphs is not None and host.is_decode and host.num_seqs <= self.graphs.max_batch_size
                 and not batch.has_prompt_logprobs)
 
-    def _run_graph(self, host: HostStep, sampled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _run_graph(self, host: HostStep, rows: list[SamplingRow],
+                   positions: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decode through the captured graphs: inputs go straight into their persistent buffers, and rows
         that need nothing but a temperature are drawn by the graphs too. Returns (logits [num_seqs, vocab],
         the drawn tokens [num_seqs] or None when the runner's sampler must sample the logits).
@@ -327,11 +329,10 @@ class LocalModelRunner(ModelRunner):
         graphs = self.graphs
         if graphs is None:
             raise RuntimeError("the decode graphs were released during the step (the runner is being stopped)")
-        rows = [s.sampling for s in sampled]
         draw = self._draw_memo.get(rows)
         if draw is RowsMemo.MISSING:
             draw = self._draw_memo.put(rows, PlainDraw.of(rows, self.model_config.vocab_size))
-        graphs.load(host, draw.columns([s.seq_len for s in sampled]) if draw is not None else None)
+        graphs.load(host, draw.columns(positions) if draw is not None else None)
         cascade = host.cascade is not None
         logits = graphs.replay(host.num_seqs, cascade)  # [num_seqs, vocab]
         return logits, graphs.draw(host.num_seqs, cascade) if draw is not None else None
@@ -365,8 +366,8 @@ class LocalModelRunner(ModelRunner):
         return PromptLogprobsOutput(values, ids, ranks, chunks)
 
     def _sampling_tensors(self, rows: list[SamplingRow], positions: list[int]) -> SamplingTensors:
-        """The step's sampling tensors. Rows come from validated SamplingParams; the token being sampled
-        sits at index seq_len. When the rows repeat (``RowsMemo``), only the positions are new."""
+        """The step's sampling tensors. Rows come from validated SamplingParams; ``positions`` are the sampled
+        tokens' indices. When the rows repeat (``RowsMemo``), only the positions are new."""
         previous = self._sampling_memo.get(rows)
         if previous is not RowsMemo.MISSING:
             return self._sampling_memo.put(rows, previous.at_positions(positions))
@@ -398,6 +399,12 @@ def run_scratch_forward(runner: LocalModelRunner, seq_lens: list[int], forward: 
         hidden = forward(input_ids, positions)  # [num_tokens, hidden]
         if logits:
             runner.model.compute_logits(hidden[:len(seq_lens)])
+
+
+def _last_sampled(token_ids: torch.Tensor, sampled: list[ScheduledSeq]) -> tuple[torch.Tensor, dict[str, int]]:
+    """A step's tokens on the device ([num_sampled]) and each sequence's row in them, for the next step's
+    inputs that are these samples."""
+    return token_ids, {s.request_id: row for row, s in enumerate(sampled)}
 
 
 def _sample_rows(batch: ScheduledBatch, metadata: AttentionMetadata, device: torch.device) -> torch.Tensor:
