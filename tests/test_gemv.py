@@ -95,8 +95,7 @@ def test_rms_norm_gemv_small_shapes(DEVICE, dtype, m, silu_mul, with_residual):
     norm = RMSNorm(k, eps=1e-6)
     norm.weight.data = torch.randn(k)
     norm = norm.to(device=DEVICE, dtype=dtype)
-    # the row kernel with the norm inside (the whole row in one tile: 64 of 64, 64 of 128), and past one tile
-    # (the norm kernel with rows one by one)
+    # one-row-at-a-time tiles with the norm: the whole row in one tile (64 of 64, 64 of 128) and past one tile
     row_configs = [GemvConfig(1, 4, 64, 4, 1), GemvConfig(1, 4, 128, 4, 1), GemvConfig(1, 8, 32, 4, 1)]
     for i, config in enumerate(configs_for(m)[:3] + row_configs):
         x, w, b = operands(m, 2 * n if silu_mul else n, k, dtype, DEVICE, bias=i == 1, seed=10 + i)

@@ -8,12 +8,11 @@ exist. Accumulation is float32.
 Two inner products, chosen by ``BLOCK_M`` (a compile-time constant):
 - ``BLOCK_M == 1``: a row reduction, ``sum(W_tile * x_row)`` over a ``[BLOCK_N, BLOCK_K]`` tile, for a few
   rows (``ROW_KERNEL_MAX_ROWS``); no tensor cores, no shared-memory staging, any power-of-two ``BLOCK_N``.
-  Without a fused norm, or with one when the whole K fits one tile, this is its own kernel
-  (``_row_gemv_kernel``): it loads its weight tile first and then takes the rows of x one by one against it
-  (with the whole K in one tile, each weight byte is read once for all rows). On Hopper it is launched with
-  programmatic dependent launch (PDL), so that weight read starts while the kernel before it finishes;
-  ``gdc_wait`` then holds the program until that kernel's writes (x among them) are visible
-  (``allmos.kernels.pdl``).
+  Without a fused norm this is its own kernel (``_row_gemv_kernel``): it loads its weight tile first and
+  then takes the rows of x one by one against it (with the whole K in one tile, each weight byte is read
+  once for all rows). On Hopper it is launched with programmatic dependent launch (PDL), so that weight
+  read starts while the kernel before it finishes; ``gdc_wait`` then holds the program until that kernel's
+  writes (x among them) are visible (``allmos.kernels.pdl``).
 - ``BLOCK_M >= 16``: ``tl.dot`` with the input rows padded to ``BLOCK_M`` (masked loads give zeros); the
   wasted MMA work costs nothing in a memory-bound kernel, and the pipelined loads keep many weight bytes
   in flight.
@@ -187,34 +186,11 @@ def _row_dot(w_rows, x_ptr, ks, w_mask, K):
 
 
 @triton.jit
-def _row_input(x_row, res_row, nw_ptr, res_out_row, ks, K, eps, res_k, HAS_NORM: tl.constexpr,
-               HAS_RESIDUAL: tl.constexpr):
-    """One input row over the first K tile, as float32 [BLOCK_K]: x, or (``HAS_NORM``, the whole row in the
-    tile) RMSNorm(x + residual) rounded as the reference (``_normed_input``); with a residual, the sum
-    x + residual (in the activation dtype) goes to ``res_out_row[:res_k]`` (K in one program, 0 elsewhere)."""
-    k_ok = ks < K
-    x = tl.load(x_row + ks, mask=k_ok, other=0.0)
-    if HAS_NORM:
-        dtype = x.dtype
-        if HAS_RESIDUAL:
-            r = tl.load(res_row + ks, mask=k_ok, other=0.0)
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
-            tl.store(res_out_row + ks, x, mask=ks < res_k)
-        xf = x.to(tl.float32)
-        inv_rms = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
-        nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        x = ((xf * inv_rms).to(dtype).to(tl.float32) * nw).to(dtype)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _row_times_tile(w, wu, w_rows, up_rows, x_row, y_row, b_ptr, cols, col_ok, ks, N, K, res_row, nw_ptr,
-                    res_out_row, eps, res_k, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
-                    HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One input row (normed with ``HAS_NORM``, see ``_row_input``) against the program's weights: the first K
-    tile ``w`` / ``wu`` held in registers, the rest of K (past ``BLOCK_K``; never with a norm) read here;
-    stores ``y_row[cols]``."""
-    x = _row_input(x_row, res_row, nw_ptr, res_out_row, ks, K, eps, res_k, HAS_NORM, HAS_RESIDUAL)
+def _row_times_tile(w, wu, w_rows, up_rows, x_row, y_row, b_ptr, cols, col_ok, ks, N, K, HAS_BIAS: tl.constexpr,
+                    SILU_MUL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One input row against the program's weights: the first K tile ``w`` / ``wu`` held in registers, the
+    rest of K (past ``BLOCK_K``) read here; stores ``y_row[cols]``."""
+    x = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)  # [BLOCK_K]
     acc = tl.sum(w.to(tl.float32) * x[None, :], axis=1)  # [BLOCK_N]
     if SILU_MUL:
         acc_up = tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
@@ -231,18 +207,15 @@ def _row_times_tile(w, wu, w_rows, up_rows, x_row, y_row, b_ptr, cols, col_ok, k
 
 
 @triton.jit(do_not_specialize=["M"])
-def _row_gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, M, N, K, eps, stride_xm, stride_rm,
-                     stride_rom, stride_wn, stride_ym, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     ONE_ROW: tl.constexpr, PDL: tl.constexpr):
+def _row_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
+                     SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_ROW: tl.constexpr,
+                     PDL: tl.constexpr):
     """y[m, cols] = W[cols, :] @ x[m, :] (then SiLU-and-mul) for the program's ``BLOCK_N`` output features, one
     input row after the other. The first K tile of the weights is loaded before anything else and reused by
     every row (with K <= BLOCK_K, the whole weight slice: each weight byte is read once for all M rows; past
     BLOCK_K the rest is read per row). With ``PDL`` the program lets the next launch start and waits for the
     previous kernel right after issuing that first load (nothing is read from or written to activations
-    before the wait). ``ONE_ROW`` (M == 1) compiles without the row loop (measured faster at one row).
-    ``HAS_NORM`` (K <= BLOCK_K): each row is RMSNorm(x + residual) first, every program computing the norm of
-    the row itself; program 0 writes the residual sum."""
+    before the wait). ``ONE_ROW`` (M == 1) compiles without the row loop (measured faster at one row)."""
     cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N] output features
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
@@ -254,32 +227,23 @@ def _row_gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, M
         wu = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
     else:
         wu = w
-    res_k = tl.where(tl.program_id(0) == 0, K, 0)  # program 0 writes the residual sum
     pdl_enter(PDL)
     if ONE_ROW:
-        _row_times_tile(w, wu, w_rows, up_rows, x_ptr, y_ptr, b_ptr, cols, col_ok, ks, N, K, res_ptr, nw_ptr,
-                        res_out_ptr, eps, res_k, HAS_BIAS, SILU_MUL, HAS_NORM, HAS_RESIDUAL, BLOCK_K)
+        _row_times_tile(w, wu, w_rows, up_rows, x_ptr, y_ptr, b_ptr, cols, col_ok, ks, N, K, HAS_BIAS, SILU_MUL,
+                        BLOCK_K)
     else:
         for m in range(M):
             _row_times_tile(w, wu, w_rows, up_rows, x_ptr + m * stride_xm, y_ptr + m * stride_ym, b_ptr, cols,
-                            col_ok, ks, N, K, res_ptr + m * stride_rm, nw_ptr, res_out_ptr + m * stride_rom, eps,
-                            res_k, HAS_BIAS, SILU_MUL, HAS_NORM, HAS_RESIDUAL, BLOCK_K)
+                            col_ok, ks, N, K, HAS_BIAS, SILU_MUL, BLOCK_K)
 
 
-def _launch_row(x, residual, norm_weight, eps, weight, bias, y, res_out, n: int, config: GemvConfig,
-                silu_mul: bool) -> None:
-    """The row kernel (``_row_gemv_kernel``) over all M rows of x [M, K] into y [M, N] (with a norm weight:
-    of RMSNorm(x + residual), the sum into res_out)."""
+def _launch_row(x, weight, bias, y, n: int, config: GemvConfig, silu_mul: bool) -> None:
+    """The row kernel (``_row_gemv_kernel``) over all M rows of x [M, K] into y [M, N]."""
     m, k = x.shape
-    has_norm, has_res = norm_weight is not None, residual is not None
-    res = residual if has_res else x
-    res_out = res_out if res_out is not None else y
     _row_gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, res, norm_weight if has_norm else weight, weight, bias if bias is not None else weight, y, res_out,
-        m, n, k, eps, x.stride(0), res.stride(0), res_out.stride(0), weight.stride(0), y.stride(0),
-        HAS_NORM=has_norm, HAS_RESIDUAL=has_res, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, ONE_ROW=m == 1, num_warps=config.num_warps,
-        num_stages=config.num_stages, **pdl_kwargs(x.device))
+        x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        ONE_ROW=m == 1, num_warps=config.num_warps, num_stages=config.num_stages, **pdl_kwargs(x.device))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -321,8 +285,8 @@ def _launch(x, residual, norm_weight, eps, weight, bias, config: GemvConfig, sil
     if m == 0 or n == 0:
         return y
     has_norm, has_res = norm_weight is not None, residual is not None
-    if config.block_m == 1 and (not has_norm or k <= config.block_k):
-        _launch_row(x, residual, norm_weight, eps, weight, bias, y, res_out, n, config, silu_mul)
+    if config.block_m == 1 and not has_norm:
+        _launch_row(x, weight, bias, y, n, config, silu_mul)
         return y
     res = residual if has_res else x
     res_out = res_out if res_out is not None else y
