@@ -85,8 +85,66 @@ def run_one(args: argparse.Namespace, cascade: bool) -> dict:
         outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
     generated = sum(len(c.token_ids) for out in outputs for c in out.outputs)
-    return {"cascade": cascade, "seconds": seconds, "output_tokens": generated, "tokens_per_s": generated / seconds,
-            "decode_steps": steps["decode"], "cascade_steps": steps["cascade"]}
+    result = {"cascade": cascade, "seconds": seconds, "output_tokens": generated, "tokens_per_s": generated / seconds,
+              "decode_steps": steps["decode"], "cascade_steps": steps["cascade"]}
+    if args.profile:
+        prompts = shared_prefix_workload(args.num_requests, args.prefix_len, tuple(args.suffix_len), args.seed,
+                                         args.warm_rounds + 1)[1]
+        result["profile"] = profile_round(llm, prompts, args.profile)
+    return result
+
+
+def profile_round(llm, prompts: list[list[int]], output_len: int, top: int = 16) -> str:
+    """Where one more round goes: host time adding the requests, wall time of the prefill and the decode
+    steps (a step counts as prefill while any request is still prefilling), and the GPU kernels by total
+    time (torch.profiler; the CPU's own ops without CUDA)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from allmos import SamplingParams
+
+    engine, cuda = llm.engine, llm.engine.runner.device.type == "cuda"
+    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=output_len)
+    wall = {"add": 0.0, "prefill": 0.0, "decode": 0.0}
+    count = {"prefill": 0, "decode": 0}
+    add_request, step = engine.add_request, engine.step
+
+    def timed_add(*a, **k):
+        start = time.perf_counter()
+        try:
+            return add_request(*a, **k)
+        finally:
+            wall["add"] += time.perf_counter() - start
+
+    def timed_step(*a, **k):
+        kind = "prefill" if engine.get_stats().num_prefilling else "decode"
+        start = time.perf_counter()
+        try:
+            return step(*a, **k)
+        finally:
+            wall[kind] += time.perf_counter() - start
+            count[kind] += 1
+
+    engine.add_request, engine.step = timed_add, timed_step
+    try:
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            if cuda:
+                torch.cuda.synchronize()
+            total = time.perf_counter() - start
+    finally:
+        engine.add_request, engine.step = add_request, step
+    spent = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = [e for e in prof.key_averages() if spent(e) > 0]
+    busy = sum(spent(e) for e in events) / 1e3
+    lines = [f"profiled round, {len(prompts)} requests x {output_len} output tokens: wall {total * 1e3:.0f} ms; "
+             f"adding requests {wall['add'] * 1e3:.0f} ms; {count['prefill']} prefill steps {wall['prefill'] * 1e3:.0f}"
+             f" ms; {count['decode']} decode steps {wall['decode'] * 1e3:.0f} ms; "
+             f"{'GPU kernels' if cuda else 'CPU ops'} {busy:.0f} ms in all"]
+    for e in sorted(events, key=lambda e: -spent(e))[:top]:
+        lines.append(f"  {spent(e) / 1e3:8.2f} ms {100 * spent(e) / 1e3 / busy:5.1f}% {e.count:6d}x  {e.key[:90]}")
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -143,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="untimed rounds of the whole workload (other suffixes) before the timed one")
     p.add_argument("--cascade", nargs="+", choices=["on", "off"], default=["on", "off"])
     p.add_argument("--tiny", action="store_true", help="a tiny random model on the CPU (Triton interpreter)")
+    p.add_argument("--profile", type=int, default=0, metavar="OUTPUT_LEN",
+                   help="after the timed run, profile one more round (other suffixes) of OUTPUT_LEN tokens each")
     p.add_argument("--child-timeout", type=float, default=None, help="seconds allowed for each mode's process")
     p.add_argument("--single", choices=["on", "off"], default=None, help=argparse.SUPPRESS)  # child: one mode
     return p
@@ -153,7 +213,7 @@ def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
            "--num-requests", str(args.num_requests), "--prefix-len", str(args.prefix_len),
            "--suffix-len", *map(str, args.suffix_len), "--output-len", str(args.output_len),
            "--max-model-len", str(args.max_model_len), "--seed", str(args.seed),
-           "--warm-rounds", str(args.warm_rounds)]
+           "--warm-rounds", str(args.warm_rounds), "--profile", str(args.profile)]
     return cmd + (["--tiny"] if args.tiny else [])
 
 
@@ -193,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"cascade {mode}: {result['output_tokens']} tokens in {result['seconds']:.2f} s = "
               f"{result['tokens_per_s']:,.0f} tok/s; {result['cascade_steps']} of {result['decode_steps']} decode "
               "steps with cascade groups", flush=True)
+        if "profile" in result:
+            print(result["profile"], flush=True)
     if len(rows) == 2:
         print(f"cascade on / off: {rows['on']['tokens_per_s'] / rows['off']['tokens_per_s']:.2f}x")
 
