@@ -54,6 +54,11 @@ PREFILL_SWEEP = [
     for c in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 4, 2), (128, 128, 8, 1), (64, 128, 4, 2),
               (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 3), (256, 64, 8, 2), (256, 32, 8, 3),
               (128, 64, 4, 3)]
+] + [
+    PrefillConfig(m, n, w, st, tma=True, warp_specialize=ws)
+    for m, n, w, st, ws in [(128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 64, 8, 3, False),
+                            (128, 64, 8, 2, False), (128, 128, 4, 2, False), (64, 128, 4, 2, False),
+                            (128, 128, 8, 2, True), (128, 64, 8, 3, True), (128, 128, 4, 2, True)]
 ]
 
 
@@ -168,20 +173,26 @@ def decode_sweep(copy_bw: float, fp8: bool = False) -> None:
         del inputs
 
 
-def prefill_flops(q_lens: list[int], shapes: Shapes) -> float:
-    """Causal attention FLOPs (QK^T and PV, 2 flops per multiply-add) of fresh prompts."""
-    return sum(4 * shapes.num_heads * shapes.head_dim * n * (n + 1) / 2 for n in q_lens)
+def prefill_flops(q_lens: list[int], shapes: Shapes, seq_lens: list[int] | None = None) -> float:
+    """Causal attention FLOPs (QK^T and PV, 2 flops per multiply-add) of ``q_lens`` new tokens at the end
+    of ``seq_lens``-token contexts (default: fresh prompts)."""
+    seq_lens = q_lens if seq_lens is None else seq_lens
+    return sum(4 * shapes.num_heads * shapes.head_dim * (q * (s - q) + q * (q + 1) / 2)
+               for q, s in zip(q_lens, seq_lens, strict=True))
 
 
-def time_prefill(num_seqs: int, seq_len: int, shapes: Shapes, config: PrefillConfig | None = None) -> float:
+def time_prefill(num_seqs: int, seq_len: int, shapes: Shapes, config: PrefillConfig | None = None,
+                 q_len: int | None = None) -> float:
+    """Median ms of prefilling the last ``q_len`` (default: all) tokens of ``num_seqs`` sequences."""
+    q_len = seq_len if q_len is None else q_len
     inputs = make_paged(num_seqs, seq_len, shapes)
-    num_tokens = num_seqs * seq_len
+    num_tokens = num_seqs * q_len
     query = torch.randn(num_tokens, shapes.num_heads, shapes.head_dim, device="cuda", dtype=shapes.dtype)
-    qsl = torch.arange(0, num_seqs + 1, device="cuda", dtype=torch.int32) * seq_len
+    qsl = torch.arange(0, num_seqs + 1, device="cuda", dtype=torch.int32) * q_len
     out = torch.empty_like(query)
     scale = shapes.head_dim**-0.5
     return median_ms(lambda: paged_prefill_attention(
-        query, inputs.k_cache, inputs.v_cache, qsl, inputs.seq_lens, inputs.block_tables, scale, seq_len,
+        query, inputs.k_cache, inputs.v_cache, qsl, inputs.seq_lens, inputs.block_tables, scale, q_len,
         out=out, config=config))
 
 
@@ -194,21 +205,25 @@ def time_sdpa(num_seqs: int, seq_len: int, shapes: Shapes) -> float:
 
 
 def prefill_table(shapes: Shapes, sweep: bool) -> None:
-    widths = (12, 28, 8, 8)
+    widths = (22, 32, 8, 8)
     print("\n## Prefill attention, 16k new tokens (causal TFLOP/s)")
     print(row("seqs x len", "kernel", "time ms", "TFLOP/s", widths=widths))
-    for num_seqs, seq_len in [(1, 16384), (4, 4096), (16, 1024)]:
-        layout = f"{num_seqs} x {seq_len}"
-        flops = prefill_flops([seq_len] * num_seqs, shapes)
+    # (sequences, context, new tokens): fresh prompts, then 224 new tokens after a 2,816-token cached prefix
+    for num_seqs, seq_len, q_len in [(1, 16384, 16384), (4, 4096, 4096), (16, 1024, 1024), (64, 3040, 224)]:
+        layout = f"{num_seqs} x {seq_len}" + (f" ({q_len} new)" if q_len < seq_len else "")
+        flops = prefill_flops([q_len] * num_seqs, shapes, [seq_len] * num_seqs)
         for cfg in [None] + (PREFILL_SWEEP if sweep else []):
             name = "allmos default" if cfg is None else (
-                f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}")
+                f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+                + (" tma" if cfg.tma else "") + (" ws" if cfg.warp_specialize else ""))
             try:
-                ms = time_prefill(num_seqs, seq_len, shapes, cfg)
+                ms = time_prefill(num_seqs, seq_len, shapes, cfg, q_len)
             except Exception as exc:
                 print(row(layout, name, widths=widths[:2]) + f"  failed: {exc!r:.60}")
                 continue
             print(row(layout, name, f"{ms:.3f}", f"{flops / (ms * 1e-3) / 1e12:.1f}", widths=widths))
+        if q_len < seq_len:
+            continue  # SDPA below is causal over fresh prompts only
         ms = time_sdpa(num_seqs, seq_len, shapes)
         tflops = flops / (ms * 1e-3) / 1e12
         print(row(layout, "torch sdpa (contiguous)", f"{ms:.3f}", f"{tflops:.1f}", widths=widths))

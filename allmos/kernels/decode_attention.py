@@ -156,6 +156,15 @@ def attend_kv_tile(
         k = tl.load(k_cache_ptr + ptrs)
         v = tl.load(v_cache_ptr + ptrs)
     k, v = k.to(q.dtype), v.to(q.dtype)  # fp8 caches (unscaled; see the module docstring); else no-ops
+    return online_softmax_step(q, k, v, acc, m_i, l_i, score_mask, scale_log2, MASKED, DOT_PRECISION)
+
+
+@triton.jit
+def online_softmax_step(
+    q, k, v, acc, m_i, l_i, score_mask, scale_log2, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The online-softmax update of ``attend_kv_tile`` for a loaded tile: q [M, D], k and v [N, D] in the
+    dots' dtype, score_mask [M, N] (used when ``MASKED``). Returns (acc, m_i, l_i)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N]
     if MASKED:
         s = tl.where(score_mask, s, float("-inf"))
