@@ -75,16 +75,19 @@ def profile_kernels(llm, length: int, tokens: int, top: int = 18) -> None:
     batch = prompts_of(length, max(1, tokens // length), 99, llm.engine.runner.model.config.vocab_size)
     cuda = llm.engine.runner.device.type == "cuda"
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
         llm.generate(batch, params, use_tqdm=False)
         if cuda:
             torch.cuda.synchronize()
+        wall = time.perf_counter() - start
 
     def spent(e) -> float:  # microseconds on the device (CPU: the op's own time)
         return e.device_time_total if cuda else e.self_cpu_time_total
 
     events = [e for e in prof.key_averages() if spent(e) > 0]
     total = sum(spent(e) for e in events)
-    print(f"\n{'GPU kernels' if cuda else 'CPU ops'}, {len(batch)} prompts of {length}: {total / 1e3:.1f} ms in all")
+    print(f"\n{'GPU kernels' if cuda else 'CPU ops'}, {len(batch)} prompts of {length}: {total / 1e3:.1f} ms in all, "
+          f"wall {wall * 1e3:.1f} ms (profiled)")
     for e in sorted(events, key=lambda e: -spent(e))[:top]:
         print(f"  {spent(e) / 1e3:8.2f} ms {100 * spent(e) / total:5.1f}% {e.count:6d}x  {e.key[:90]}")
 
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=65536, help="prompt tokens per length")
     ap.add_argument("--max-num-batched-tokens", type=int, nargs="+", default=[None])
     ap.add_argument("--device", default=None)
-    ap.add_argument("--profile", action="store_true", help="kernel table of the longest prompts (last engine)")
+    ap.add_argument("--profile", type=int, nargs="*", default=None, metavar="LEN",
+                    help="kernel tables of these prompt lengths (none given: the longest), last engine")
     a = ap.parse_args(argv)
     from allmos import LLM
 
@@ -122,8 +126,9 @@ def main(argv: list[str] | None = None) -> None:
             tflops = prefill_flops(config, [length] * count) / seconds / 1e12
             print(f"| {chunk or 'default'} | {length} | {count} | {seconds:.3f} | {length * count / seconds:,.0f} | "
                   f"{tflops:.3g} | {100 * tflops / rate:.1f}% |", flush=True)
-        if a.profile and chunk == a.max_num_batched_tokens[-1]:
-            profile_kernels(llm, max(a.lens), a.tokens)
+        if a.profile is not None and chunk == a.max_num_batched_tokens[-1]:
+            for length in a.profile or [max(a.lens)]:
+                profile_kernels(llm, length, a.tokens)
         llm.shutdown()
         del llm  # the next engine sizes its KV cache from the memory this one frees
         gc.collect()
