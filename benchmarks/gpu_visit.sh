@@ -27,6 +27,11 @@
 #                                        HOST=1 adds where the host's time goes per step (diag_host_phases.py,
 #                                        both trees); TP=1 first runs the tensor-parallel GPU tests on both GPUs;
 #                                        TEST_LIMIT: seconds for the tests (default 400)
+#   bash benchmarks/gpu_visit.sh attn    (2 GPUs) attention work, this tree against ${TREE:-.prev}/: GPU 1 runs the
+#                                        attention and engine GPU tests, then the attention kernels (prefill tile
+#                                        sweep, decode over bf16 and fp8 caches); GPU 0 prompt tok/s of long
+#                                        prompts, the shared-prefix benchmark (128 and 512 output tokens), the
+#                                        decode step cost and the standard workload, each in both trees
 #   bash benchmarks/gpu_visit.sh serve   the serving benchmark at saturation and at RATE requests/s (default
 #                                        20), against the offline engine on the same requests; FastAPI etc.
 #                                        come from wheels in .whl/ when the machine lacks them
@@ -76,6 +81,27 @@ elif [ "$1" = compare ]; then
     [ -n "$HOST" ] && TAIL=4 stage host_phases 150 python benchmarks/diag_host_phases.py --batch 1 8 64
     [ -n "$HOST" ] && (cd "$tree" && TAIL=4 PYTHONPATH=$PWD stage host_phases_other 150 python \
         benchmarks/diag_host_phases.py --batch 1 8 64)
+    wait
+elif [ "$1" = attn ]; then
+    tree=${TREE:-.prev}
+    half=$(( $(nproc) / 2 ))
+    [ "$half" -ge 4 ] && taskset -cp "$half-$(( 2 * half - 1 ))" $BASHPID > /dev/null
+    (export CUDA_VISIBLE_DEVICES=1
+     [ "$half" -ge 4 ] && taskset -cp "0-$(( half - 1 ))" $BASHPID > /dev/null
+     TAIL=6 stage gpu_tests ${TEST_LIMIT:-300} python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_kernels.py \
+         tests/test_cascade_attention.py tests/test_fp8_kv_cache.py tests/test_fused_decode_merge.py \
+         tests/test_cascade_engine.py tests/test_gpu_engine.py
+     TAIL=4 stage bench_kernels 240 python benchmarks/bench_kernels.py --sweep-prefill --fp8) &
+    export CUDA_VISIBLE_DEVICES=0
+    TAIL=5 stage bench_prefill 120 python benchmarks/bench_prefill.py --lens 2000 4000 8000
+    (cd "$tree" && TAIL=5 PYTHONPATH=$PWD stage bench_prefill_other 100 python benchmarks/bench_prefill.py \
+        --lens 2000 4000 8000)
+    TAIL=4 stage shared_prefix 200 bash -c "for n in 128 512; do python benchmarks/bench_shared_prefix.py \
+        --cascade on --output-len \$n --warm-rounds 1; done"
+    TAIL=6 stage bench_step 240 bash -c "python benchmarks/bench_step.py --batch 1 8 256 --steps 60 \
+        --profile-steps 10; cd $tree && PYTHONPATH=\$PWD python benchmarks/bench_step.py --batch 1 8 256 --steps 60 \
+        --profile-steps 10"
+    TAIL=4 stage workload 200 bash -c "python bench.py; cd $tree && PYTHONPATH=\$PWD python bench.py"
     wait
 elif [ "$1" = serve ]; then
     if ls .whl/*.whl > /dev/null 2>&1; then

@@ -164,15 +164,17 @@ def online_softmax_step(
     q, k, v, acc, m_i, l_i, score_mask, scale_log2, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The online-softmax update of ``attend_kv_tile`` for a loaded tile: q [M, D], k and v [N, D] in the
-    dots' dtype, score_mask [M, N] (used when ``MASKED``). Returns (acc, m_i, l_i)."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N]
+    dots' dtype, score_mask [M, N] (used when ``MASKED``). Returns (acc, m_i, l_i); ``m_i`` is in scaled
+    (base-2) units. The scale enters through the row maximum and one fused multiply-add per score, and the
+    PV dot accumulates into the rescaled ``acc`` (no separate add of a second [M, D] tile)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [M, N], unscaled
     if MASKED:
         s = tl.where(score_mask, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * scale_log2 - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
