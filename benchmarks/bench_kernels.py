@@ -54,11 +54,6 @@ PREFILL_SWEEP = [
     for c in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 4, 2), (128, 128, 8, 1), (64, 128, 4, 2),
               (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 3), (256, 64, 8, 2), (256, 32, 8, 3),
               (128, 64, 4, 3)]
-] + [
-    PrefillConfig(m, n, w, st, tma=True, warp_specialize=ws)
-    for m, n, w, st, ws in [(128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 64, 8, 3, False),
-                            (128, 64, 8, 2, False), (128, 128, 4, 2, False), (64, 128, 4, 2, False),
-                            (128, 128, 8, 2, True), (128, 64, 8, 3, True), (128, 128, 4, 2, True)]
 ]
 
 
@@ -214,8 +209,7 @@ def prefill_table(shapes: Shapes, sweep: bool) -> None:
         flops = prefill_flops([q_len] * num_seqs, shapes, [seq_len] * num_seqs)
         for cfg in [None] + (PREFILL_SWEEP if sweep else []):
             name = "allmos default" if cfg is None else (
-                f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
-                + (" tma" if cfg.tma else "") + (" ws" if cfg.warp_specialize else ""))
+                f"m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}")
             try:
                 ms = time_prefill(num_seqs, seq_len, shapes, cfg, q_len)
             except Exception as exc:

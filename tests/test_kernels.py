@@ -40,11 +40,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from allmos.attention.torch_ref import paged_attention_ref, store_kv_cache_ref  # noqa: E402
 from allmos.kernels.decode_attention import DecodeWorkspace, choose_num_splits, paged_decode_attention  # noqa: E402
-from allmos.kernels.prefill_attention import (  # noqa: E402
-    PREFILL_CANDIDATES,
-    PrefillConfig,
-    paged_prefill_attention,
-)
+from allmos.kernels.prefill_attention import paged_prefill_attention  # noqa: E402
 from allmos.kernels.store_kv import store_kv_cache  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -142,15 +138,14 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
     return {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
 
 
-def run_prefill(case: PagedCase, num_heads: int, dtype: torch.dtype, seed: int,
-                config: PrefillConfig | None = None) -> None:
+def run_prefill(case: PagedCase, num_heads: int, dtype: torch.dtype, seed: int) -> None:
     head_dim = case.k_cache.shape[3]
     query = random_query(sum(case.q_lens), num_heads, head_dim, dtype, seed)
     scale = head_dim ** -0.5
     out = torch.full_like(query, float("nan"))
     qsl, seq_lens = case.tensors()
     paged_prefill_attention(query, case.k_cache, case.v_cache, qsl, seq_lens, case.block_tables,
-                            scale, max(case.q_lens), out=out, config=config)
+                                    scale, max(case.q_lens), out=out)
     torch.testing.assert_close(out, reference(query, case, scale), **tolerance(dtype))
 
 
@@ -203,25 +198,6 @@ PREFILL_SMALL = [
 def test_prefill_small(block_size, num_kv_heads, group, seq_lens, q_lens) -> None:
     case = make_case(seq_lens, q_lens, num_kv_heads, 64, block_size, torch.float32, seed=len(q_lens) + group)
     run_prefill(case, num_kv_heads * group, torch.float32, seed=block_size)
-
-
-SMALL_TMA = PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1, tma=True)
-
-
-@tier1
-@pytest.mark.parametrize("block_size,num_kv_heads,group,seq_lens,q_lens", PREFILL_SMALL)
-def test_prefill_small_tma(block_size, num_kv_heads, group, seq_lens, q_lens) -> None:
-    """K/V tiles through tensor descriptors: the diagonal tile's slots past the last key are NaN in these
-    caches, so a value row that is not zeroed there shows."""
-    case = make_case(seq_lens, q_lens, num_kv_heads, 64, block_size, torch.float32, seed=len(q_lens) + group)
-    run_prefill(case, num_kv_heads * group, torch.float32, seed=block_size, config=SMALL_TMA)
-
-
-@tier1
-def test_prefill_tma_config_must_fit_the_page() -> None:
-    case = make_case([40], [40], 2, 64, 16, torch.float32, seed=0)
-    with pytest.raises(ValueError, match="block_n"):
-        run_prefill(case, 2, torch.float32, seed=0, config=PrefillConfig(32, 32, 4, 1, tma=True))
 
 
 DECODE_SMALL = [
@@ -294,27 +270,11 @@ GPU_DECODE_LENS = [1, 2, 15, 16, 17, 255, 256, 257, 1000, 2048, 4095, 4096]
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("config", [None, PREFILL_CANDIDATES[0]], ids=["default", "pointer-loads"])
 @pytest.mark.parametrize("block_size,num_kv_heads,group,head_dim,dtype", GPU_SHAPES)
-def test_prefill_gpu(block_size, num_kv_heads, group, head_dim, dtype, config) -> None:
-    """The default (tensor-descriptor tiles where the card and cache allow) and the pointer-load kernel."""
-    if config is not None and dtype == torch.float32:
-        pytest.skip("16-bit tiles only")
+def test_prefill_gpu(block_size, num_kv_heads, group, head_dim, dtype) -> None:
     seq_lens, q_lens = GPU_PREFILL_LENS
     case = make_case(seq_lens, q_lens, num_kv_heads, head_dim, block_size, dtype, seed=group)
-    run_prefill(case, num_kv_heads * group, dtype, seed=head_dim, config=config)
-
-
-@pytest.mark.gpu
-@requires_cuda
-@pytest.mark.parametrize("warp_specialize", [False, True])
-def test_prefill_gpu_tma(warp_specialize) -> None:
-    """Tensor-descriptor tiles of 128 and 64 keys, with and without warp specialization."""
-    seq_lens, q_lens = GPU_PREFILL_LENS
-    case = make_case(seq_lens, q_lens, 8, 128, 256, torch.bfloat16, seed=3)
-    for block_n in (128, 64):
-        config = PrefillConfig(128, block_n, 8, 2, tma=True, warp_specialize=warp_specialize)
-        run_prefill(case, 16, torch.bfloat16, seed=block_n, config=config)
+    run_prefill(case, num_kv_heads * group, dtype, seed=head_dim)
 
 
 @pytest.mark.gpu

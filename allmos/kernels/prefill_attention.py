@@ -13,11 +13,6 @@ Invariants (cache layout and causal offset: see ``allmos.attention.metadata``):
   programs past a sequence's query length exit at once. Query tiles run last-first (the longest first).
 - An fp8 cache is read as in the decode kernel: tiles converted to the query dtype, ``k_scale`` folded into
   the score scale and ``v_scale`` into the output (``KV_FP8``).
-- With ``PrefillConfig.tma`` (Hopper and newer, 16-bit caches, ``block_n`` dividing the page size) K/V tiles
-  come through tensor descriptors over the cache seen as ``[num_blocks * block_size, num_kv_heads *
-  head_dim]``: a tile never crosses a page, so one block-table entry and one bulk copy fetch it. Such a
-  copy has no per-key mask, so on the causal diagonal the values of keys past the last one seen are
-  zeroed before the PV dot (their slots may hold anything, NaN included).
 """
 
 from __future__ import annotations
@@ -27,7 +22,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from allmos.attention.torch_ref import KVScales
 from allmos.kernels.decode_attention import (
@@ -39,7 +33,6 @@ from allmos.kernels.decode_attention import (
     kv_tile_offsets,
     make_output,
     max_shared_memory,
-    online_softmax_step,
     query_for_dots,
 )
 from allmos.kernels.store_kv import check_kv_scales, kv_scale_args
@@ -53,8 +46,6 @@ class PrefillConfig:
     block_n: int  # key tokens per tile
     num_warps: int
     num_stages: int
-    tma: bool = False  # K/V tiles through tensor descriptors (see the module docstring)
-    warp_specialize: bool = False  # let Triton split the unmasked key loop into producer/consumer warps
 
 
 @triton.jit
@@ -88,43 +79,14 @@ def _attend_causal(q, q_pos, row_valid, table, kv_end, num_full, k_cache_ptr, v_
 
 
 @triton.jit
-def _attend_causal_tma(q, q_pos, table, kv_end, num_full, k_desc, v_desc, column, scale_log2,
-                       BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                       BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    """``_attend_causal`` with K/V tiles read through tensor descriptors (``BLOCK_N`` divides
-    ``BLOCK_SIZE``, so a tile is one page's rows ``[page * BLOCK_SIZE + start % BLOCK_SIZE, + BLOCK_N)``)."""
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for tile in tl.range(0, num_full, warp_specialize=WARP_SPECIALIZE):
-        start = tile * BLOCK_N
-        row = tl.load(table + start // BLOCK_SIZE) * BLOCK_SIZE + start % BLOCK_SIZE
-        k = k_desc.load([row, column])  # [BLOCK_N, HEAD_DIM]
-        v = v_desc.load([row, column])
-        acc, m_i, l_i = online_softmax_step(q, k, v, acc, m_i, l_i, None, scale_log2, False, DOT_PRECISION)
-    for tile in range(num_full, tl.cdiv(kv_end, BLOCK_N)):
-        start = tile * BLOCK_N
-        key_pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-        kv_valid = key_pos < kv_end
-        causal = (key_pos[None, :] <= q_pos[:, None]) & kv_valid[None, :]  # [BLOCK_M, BLOCK_N]
-        row = tl.load(table + start // BLOCK_SIZE) * BLOCK_SIZE + start % BLOCK_SIZE
-        k = k_desc.load([row, column])
-        v = tl.where(kv_valid[:, None], v_desc.load([row, column]), 0.0)  # slots past kv_end: anything
-        acc, m_i, l_i = online_softmax_step(q, k, v, acc, m_i, l_i, causal, scale_log2, True, DOT_PRECISION)
-    return acc, l_i
-
-
-@triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
     k_scale_ptr, v_scale_ptr, scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, Q_FP16: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    KV_FP8: tl.constexpr, Q_FP16: tl.constexpr,
 ):
-    """One program: ``BLOCK_Q`` query tokens x the GQA group of one KV head (see the module docstring).
-    With ``TMA`` the cache arguments are tensor descriptors of the 2-D cache view."""
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -155,14 +117,9 @@ def _prefill_kernel(
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     head_offset = kv_head * stride_ch
 
-    if TMA:
-        acc, l_i = _attend_causal_tma(q, q_pos, table, kv_end, num_full, k_cache_ptr, v_cache_ptr,
-                                      kv_head * HEAD_DIM, scale_log2, BLOCK_M, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                      DOT_PRECISION, WARP_SPECIALIZE)
-    else:
-        acc, l_i = _attend_causal(q, q_pos, row_valid, table, kv_end, num_full, k_cache_ptr, v_cache_ptr,
-                                  head_offset, dims, scale_log2, stride_cb, stride_ct,
-                                  BLOCK_M, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
+    acc, l_i = _attend_causal(q, q_pos, row_valid, table, kv_end, num_full, k_cache_ptr, v_cache_ptr,
+                              head_offset, dims, scale_log2, stride_cb, stride_ct,
+                              BLOCK_M, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     if KV_FP8:
         o = o * tl.load(v_scale_ptr)
@@ -182,11 +139,6 @@ PREFILL_CANDIDATES = (
     PrefillConfig(block_m=32, block_n=32, num_warps=4, num_stages=1),
 )
 SMALL_TILES_FROM = 4  # index of the first candidate for float32 / head_dim > 128
-# Preferred first when K/V tiles can come through tensor descriptors (``uses_tma``).
-TMA_CANDIDATES = (
-    PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, tma=True),
-    PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2, tma=True),
-)
 
 
 def prefill_shared_memory(config: PrefillConfig, head_dim: int, element_size: int) -> int:
@@ -194,43 +146,14 @@ def prefill_shared_memory(config: PrefillConfig, head_dim: int, element_size: in
     return (config.block_m + 2 * config.num_stages * config.block_n) * head_dim * element_size
 
 
-def default_prefill_config(head_dim: int, dtype: torch.dtype, shared_memory: int,
-                           block_size: int | None = None) -> PrefillConfig:
-    """The first of ``TMA_CANDIDATES`` (when ``block_size`` is given: the cache allows descriptors) and then
-    ``PREFILL_CANDIDATES`` that fits ``shared_memory`` bytes (with a margin) and the page size."""
+def default_prefill_config(head_dim: int, dtype: torch.dtype, shared_memory: int) -> PrefillConfig:
+    """The first of ``PREFILL_CANDIDATES`` that fits ``shared_memory`` bytes (with a margin)."""
     element_size = dtype.itemsize
     first = SMALL_TILES_FROM if dtype == torch.float32 or head_dim > 128 else 0
-    tma = TMA_CANDIDATES if block_size is not None and first == 0 else ()
-    for config in tma + PREFILL_CANDIDATES[first:]:
-        fits = prefill_shared_memory(config, head_dim, element_size) + SHARED_MEMORY_MARGIN <= shared_memory
-        if fits and (not config.tma or block_size % config.block_n == 0):
+    for config in PREFILL_CANDIDATES[first:]:
+        if prefill_shared_memory(config, head_dim, element_size) + SHARED_MEMORY_MARGIN <= shared_memory:
             return config
     return PREFILL_CANDIDATES[-1]
-
-
-def uses_tma(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether K/V tiles can come through tensor descriptors by default: a contiguous 16-bit cache in the
-    query's dtype on a CUDA device with the bulk tensor copy engine (compute capability 9 and up)."""
-    return (k_cache.is_cuda and torch.cuda.get_device_capability(k_cache.device)[0] >= 9
-            and query.dtype == k_cache.dtype == v_cache.dtype and k_cache.dtype in (torch.bfloat16, torch.float16)
-            and k_cache.is_contiguous() and v_cache.is_contiguous())
-
-
-def _cache_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
-    """A descriptor of ``cache`` [num_blocks, block_size, num_kv_heads, head_dim] seen as rows of tokens,
-    ``[num_blocks * block_size, num_kv_heads * head_dim]``, in ``[block_n, head_dim]`` tiles."""
-    num_blocks, block_size, num_kv_heads, head_dim = cache.shape
-    return TensorDescriptor.from_tensor(cache.view(num_blocks * block_size, num_kv_heads * head_dim),
-                                        [block_n, head_dim])
-
-
-def _check_tma_config(config: PrefillConfig, query: torch.Tensor, k_cache: torch.Tensor) -> None:
-    block_size = k_cache.shape[1]
-    if block_size % config.block_n:
-        raise ValueError(f"a tma prefill config needs block_n ({config.block_n}) to divide the cache's "
-                         f"block_size ({block_size})")
-    if k_cache.dtype != query.dtype or not k_cache.is_contiguous():
-        raise ValueError("a tma prefill config needs a contiguous cache in the query's dtype")
 
 
 def _check_prefill_args(
@@ -277,25 +200,19 @@ def paged_prefill_attention(
     if num_seqs == 0 or max_query_len == 0 or query.shape[0] == 0:
         return out
     k_scale, v_scale, _, kv_fp8 = kv_scale_args(k_cache, kv_scales)
-    tma_ok = uses_tma(query, k_cache, v_cache)
-    cfg = config or default_prefill_config(head_dim, query.dtype, max_shared_memory(query.device),
-                                           block_size if tma_ok else None)
-    k_arg, v_arg = k_cache, v_cache
-    if cfg.tma:
-        _check_tma_config(cfg, query, k_cache)
-        k_arg, v_arg = _cache_descriptor(k_cache, cfg.block_n), _cache_descriptor(v_cache, cfg.block_n)
+    cfg = config or default_prefill_config(head_dim, query.dtype, max_shared_memory(query.device))
     group = num_heads // num_kv_heads
     group_p2 = triton.next_power_of_2(group)
     block_q = max(1, cfg.block_m // group_p2)
     grid = (triton.cdiv(max_query_len, block_q), num_kv_heads, num_seqs)
     _prefill_kernel[grid](
-        query, k_arg, v_arg, out, query_start_loc, seq_lens, block_tables,
+        query, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
         k_scale, v_scale, scale * 1.4426950408889634,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_q * group_p2, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
         DOT_PRECISION=dot_precision(query.dtype), KV_FP8=kv_fp8, Q_FP16=fp16_dots(query, kv_fp8),
-        TMA=cfg.tma, WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
