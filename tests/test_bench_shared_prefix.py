@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,15 @@ def test_command_line(capsys):
     out = capsys.readouterr().out
     assert "4 requests: 40-token shared prefix" in out
     assert "cascade off: 12 tokens in" in out and "0 of 2 decode steps with cascade groups" in out
+
+
+@needs_interpreter
+def test_profile_round_splits_the_wall_time():
+    """``--profile``: one more round, timed by phase (each engine step counted once, as prefill or decode;
+    the last decode step may only collect the previous one's tokens)."""
+    bench = load_bench()
+    result = bench.run_one(bench.build_parser().parse_args([*TINY_ARGS, "--profile", "2"]), cascade=False)
+    first = result["profile"].splitlines()[0]
+    assert first.startswith("profiled round, 4 requests x 2 output tokens:")
+    assert "1 prefill steps" in first and "CPU ops" in first
+    assert re.search(r"; [12] decode steps \d+ ms;", first), first
