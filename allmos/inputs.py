@@ -23,7 +23,8 @@ _FORMS = ("a str, a list of token ids, {'prompt': str} or {'prompt_token_ids': [
 
 @dataclass(frozen=True)
 class ParsedPrompt:
-    """Exactly one of ``text`` and ``token_ids`` is set."""
+    """Exactly one of ``text`` and ``token_ids`` is set; ``token_ids`` are plain ``int`` (the parser converts
+    or refuses anything else)."""
 
     text: str | None
     token_ids: list[int] | None
@@ -73,7 +74,7 @@ def _parse_dict(prompt: dict) -> ParsedPrompt:
 
 
 def _token_ids(values: list | tuple, name: str) -> list[int]:
-    if all(type(t) is int for t in values):  # the common case, checked at a fraction of the cost below
+    if set(map(type, values)) == {int}:  # the common case, checked at a fraction of the cost below
         return list(values)
     for i, t in enumerate(values):
         if not _is_token_id(t):
