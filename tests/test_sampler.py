@@ -607,3 +607,41 @@ def test_sorted_descending_equals_torch_sort():
     ranked = sampler_module.sorted_descending(z)
     assert ranked.is_contiguous() and ranked.dtype == z.dtype
     assert torch.equal(ranked, z.sort(dim=-1, descending=True).values)
+
+
+# --------------------------------------------------------------------------- top-p over a top-k selection
+
+
+def test_top_p_ranks_a_top_k_selection_only_when_every_top_p_row_has_one():
+    vocab = 500
+    with_k = [SamplingRow(temperature=0.8, top_k=20, top_p=0.9), SamplingRow(temperature=0.8, top_k=7),
+              SamplingRow(temperature=0.0, top_p=0.5), SamplingRow(temperature=1.0)]
+    assert _build(with_k, vocab).top_p_width == 20  # the greedy row's top-p is off
+    assert _build(with_k + [SamplingRow(temperature=1.0, top_p=0.9)], vocab).top_p_width == vocab
+    big_k = [SamplingRow(temperature=1.0, top_k=sampler_module.TOP_P_TOPK_WIDTH + 1, top_p=0.9)]
+    assert _build(big_k, 5000).top_p_width == 5000
+
+
+def test_top_p_threshold_over_a_top_k_selection_equals_the_sorted_vocabulary():
+    """The same kept tokens as ranking the whole sorted row, for mixes of top-k / top-p / min-p rows, rows with
+    no filter and greedy rows (200 random batches, ties included)."""
+    rng = random.Random(7)
+    vocab = 300
+    for trial in range(200):
+        rows = []
+        for _ in range(rng.randint(1, 6)):
+            top_k = rng.choice([-1, 1, 5, 20, 64])
+            top_p = 1.0 if top_k == -1 else rng.choice([1.0, 0.95, 0.5])  # top-p only beside a top-k
+            rows.append(SamplingRow(temperature=rng.choice([0.0, 0.5, 1.0, 1.7]), top_k=top_k, top_p=top_p,
+                                    min_p=rng.choice([0.0, 0.05]), seed=trial))
+        t = _build(rows, vocab)
+        assert t.top_p_width < vocab or not t.any_top_k
+        gen = torch.Generator().manual_seed(trial)
+        logits = torch.randn(len(rows), vocab, generator=gen)
+        if trial % 4 == 0:
+            logits = logits.round()  # many ties
+        z = logits * t.inv_temperature[:, None]
+        fast = sampler_module.filter_threshold(z, t)
+        full = sampler_module.filter_threshold(z, dataclasses.replace(t, top_p_width=vocab))
+        # a row that keeps everything may read -inf or its smallest value; the kept tokens are what counts
+        assert torch.equal(z >= fast[:, None], z >= full[:, None]), (trial, rows)

@@ -67,6 +67,7 @@ _DRAW_CHUNK = 8192
 _DRAW_BLOCK = 1024
 _SMALL_BATCH_DRAW_CHUNK = 1024  # the plain draw of up to _SMALL_BATCH_ROWS rows (the result does not change)
 _SMALL_BATCH_ROWS = 16
+TOP_P_TOPK_WIDTH = 1024  # the largest top-k under which top-p ranks a top-k selection instead of a sort
 
 
 # --------------------------------------------------------------------------- hash
@@ -161,6 +162,7 @@ class SamplingTensors:
     num_logprobs_cpu: list[int | None]
     max_num_logprobs: int | None  # None when no row asks for logprobs
     max_top_k: int  # largest active top_k (vocab_size when none)
+    top_p_width: int  # ranked values the top-p threshold needs (see _top_p_width)
     all_greedy: bool
     all_random: bool
     any_top_k: bool
@@ -221,6 +223,7 @@ class SamplingTensors:
                 rows, lambda r: r.banned_token_ids, vocab_size, "banned_token_ids", device)
         num_logprobs = [r.num_logprobs for r in rows]
         requested = [k for k in num_logprobs if k is not None]
+        max_top_k = int(table[active_top_k, 6].max()) if active_top_k.any() else vocab_size
         return cls(
             vocab_size=vocab_size,
             inv_temperature=floats[0], noise_scale=floats[1], top_p=floats[2], min_p=floats[3],
@@ -232,7 +235,8 @@ class SamplingTensors:
             seeds_host=seeds,
             num_logprobs_cpu=num_logprobs,
             max_num_logprobs=max(requested) if requested else None,
-            max_top_k=int(table[active_top_k, 6].max()) if active_top_k.any() else vocab_size,
+            max_top_k=max_top_k,
+            top_p_width=_top_p_width(active_top_k, active_top_p, max_top_k, vocab_size),
             all_greedy=not random.any(),
             all_random=bool(random.all()),
             any_top_k=bool(active_top_k.any()),
@@ -303,6 +307,15 @@ def _active_filters(table: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.
     random = table[:, 0] >= GREEDY_TEMPERATURE_EPS
     return (random & (table[:, 6] > 0) & (table[:, 6] < vocab_size), random & (table[:, 1] < 1.0),
             random & (table[:, 2] > 0.0))
+
+
+def _top_p_width(active_top_k: np.ndarray, active_top_p: np.ndarray, max_top_k: int, vocab_size: int) -> int:
+    """How many of each row's largest scaled logits the top-p threshold ranks: ``max_top_k`` when every
+    top-p row also has a top-k of at most ``TOP_P_TOPK_WIDTH`` (Qwen3's defaults: top_k 20, top_p 0.95), so
+    a top-k selection replaces sorting the vocabulary; else the whole vocabulary."""
+    if max_top_k <= TOP_P_TOPK_WIDTH and not (active_top_p & ~active_top_k).any():
+        return max_top_k
+    return vocab_size
 
 
 def _float_columns(table: np.ndarray) -> list[np.ndarray]:
@@ -419,16 +432,23 @@ def _top_k_threshold(z: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
 
 def _top_k_top_p_threshold(z: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """Smallest kept z after top-k then top-p (exclusive cumulative prob < p): [B]."""
-    vocab = z.shape[-1]
-    ranked = sorted_descending(z)  # [B, V]
-    beyond_k = torch.arange(vocab, device=z.device)[None, :] >= t.top_k[:, None]  # [B, V]
-    probs = ranked.masked_fill(beyond_k, -math.inf).softmax(dim=-1)  # [B, V]
-    mass_before = probs.cumsum(dim=-1).sub_(probs)  # [B, V]
+    """Smallest kept z after top-k then top-p (exclusive cumulative prob < p): [B].
+
+    Ranks the ``t.top_p_width`` largest values of each row (W below): the whole sorted row, or, when every
+    top-p row also has a small top-k, a top-k selection (the same leading values); rows with neither
+    filter then keep everything (-inf)."""
+    width = t.top_p_width
+    ranked = z.topk(width, dim=-1).values if width < z.shape[-1] else sorted_descending(z)  # [B, W]
+    beyond_k = torch.arange(width, device=z.device)[None, :] >= t.top_k[:, None]  # [B, W]
+    probs = ranked.masked_fill(beyond_k, -math.inf).softmax(dim=-1)  # [B, W]
+    mass_before = probs.cumsum(dim=-1).sub_(probs)  # [B, W]
     # in place from here on (fresh [B, V] tensors cost as much as the arithmetic on the CPU)
     kept = (mass_before < t.top_p[:, None]).logical_or_(t.top_p[:, None] >= 1.0).logical_and_(beyond_k.logical_not_())
     num_kept = kept.sum(dim=-1, keepdim=True).clamp(min=1)  # [B, 1]
-    return ranked.gather(1, num_kept - 1).squeeze(1)
+    threshold = ranked.gather(1, num_kept - 1).squeeze(1)  # [B]
+    if width < z.shape[-1]:
+        threshold = torch.where(t.top_k < t.vocab_size, threshold, -math.inf)
+    return threshold
 
 
 def sorted_descending(z: torch.Tensor) -> torch.Tensor:
