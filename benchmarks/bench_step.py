@@ -18,6 +18,7 @@ off by default), and prints both side by side with their ratio. Random Qwen3-0.6
 Usage (GPU machine, repo root):
     PYTHONPATH=$PWD python benchmarks/bench_step.py --compare-env ALLMOS_DECODE_KERNELS=1
     PYTHONPATH=$PWD python benchmarks/bench_step.py --batch 1 8 --kernels 20     # this process only
+    PYTHONPATH=$PWD python benchmarks/bench_step.py --batch 1 8 --top-k 20 --top-p 0.95   # filtered sampling
 """
 
 from __future__ import annotations
@@ -51,14 +52,14 @@ class BatchResult:
     top: list[tuple[str, float, float]] = field(default_factory=list)  # (kernel, us/step, launches/step)
 
 
-def add_requests(engine, batch: int, ctx: int) -> list[str]:
+def add_requests(engine, batch: int, ctx: int, filters: dict | None = None) -> list[str]:
     """``batch`` requests of ``ctx`` random prompt tokens that outlive the measurement (they are aborted after
     it): every measured step decodes exactly ``batch`` sequences, also the last ones, which the logits check
-    re-runs at that size. Returns the request ids."""
+    re-runs at that size. ``filters``: top_k / top_p for the sampling params. Returns the request ids."""
     from allmos import SamplingParams
 
     rng = random.Random(batch)
-    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=2048)
+    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=2048, **(filters or {}))
     return [engine.add_request(f"b{batch}-{i}", [rng.randrange(10000) for _ in range(ctx)], params)
             for i in range(batch)]
 
@@ -113,16 +114,18 @@ def logits_vs_torch_path(engine, batch: int) -> float:
     return ((new - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def graph_replay_ms(engine, batch: int, reps: int = 200, draw: bool = False) -> float:
+def graph_replay_ms(engine, batch: int, reps: int = 200, draw: bool = False, filtered: bool = False) -> float:
     """Device time of one replay of the decode graph that holds ``batch`` rows (inputs as the last step
     loaded them), from CUDA events around ``reps`` back-to-back replays: the GPU's own time per step,
     gaps between kernels included, with no host in the loop (PDL overlap shows here, not in kernel sums).
-    ``draw``: each replay followed by the size's draw graph (the sampling inside graphs); nan without one."""
+    ``draw``: each replay followed by the size's draw graph (the sampling inside graphs; ``filtered``: the
+    one with top-k / top-p, where the tree has it); nan without one."""
     import torch
 
     graphs = engine.runner.graphs
     key = graphs.size_for(batch), False
-    draw_graph = getattr(graphs, "draw_graphs", {}).get(key)
+    draws = getattr(graphs, "draw_graphs", {})
+    draw_graph = draws.get((*key, filtered), draws.get(key))  # (size, cascade, filtered); older trees: no filtered
     if draw and draw_graph is None:
         return float("nan")
     replays = [graphs.graphs[key]] + ([draw_graph] if draw else [])
@@ -163,7 +166,8 @@ def measure(args: argparse.Namespace) -> dict:
     bandwidth = measure_copy_bandwidth() * 1e12
     results = []
     for batch in args.batch:
-        request_ids = add_requests(engine, batch, args.ctx)
+        filters = {k: v for k, v in (("top_k", args.top_k), ("top_p", args.top_p)) if v is not None}
+        request_ids = add_requests(engine, batch, args.ctx, filters)
         finish_prefill(engine)
         for _ in range(WARM_STEPS):
             engine.step()
@@ -174,7 +178,7 @@ def measure(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         wall_ms = 1e3 * (time.perf_counter() - start) / args.steps
         replay_ms = graph_replay_ms(engine, batch)
-        draw_ms = graph_replay_ms(engine, batch, draw=True)
+        draw_ms = graph_replay_ms(engine, batch, draw=True, filtered=bool(filters))
         gpu_ms, kernels, top = kernel_profile(engine, args.profile_steps)
         rel_err = logits_vs_torch_path(engine, batch)
         ctx = args.ctx + WARM_STEPS + (args.steps + args.profile_steps) / 2
@@ -199,6 +203,8 @@ def run_child(args: argparse.Namespace, extra_env: dict[str, str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--batch", *map(str, args.batch), "--ctx",
            str(args.ctx), "--steps", str(args.steps), "--profile-steps", str(args.profile_steps),
            "--kernels", str(args.kernels)]
+    cmd += [*(["--top-k", str(args.top_k)] if args.top_k is not None else []),
+            *(["--top-p", str(args.top_p)] if args.top_p is not None else [])]
     proc = subprocess.run(cmd, env={**os.environ, **extra_env}, stdout=subprocess.PIPE, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
@@ -241,6 +247,8 @@ def main() -> None:
     ap.add_argument("--kernels", type=int, default=14, help="busiest kernels listed per batch (stderr)")
     ap.add_argument("--compare-env", default=None, metavar="VAR=VALUE",
                     help="also run with VAR=VALUE (e.g. ALLMOS_DECODE_KERNELS=1) in a second process")
+    ap.add_argument("--top-k", type=int, default=None, help="sampling top_k of every request (default: off)")
+    ap.add_argument("--top-p", type=float, default=None, help="sampling top_p of every request (default: off)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")

@@ -22,13 +22,14 @@ import torch
 
 from allmos.engine import sampler as sampler_module
 from allmos.engine.sampler import (
-    PlainDraw,
+    GraphDraw,
     Sampler,
     SamplingRow,
     SamplingTensors,
     apply_penalties,
+    graph_draw,
+    graph_threshold,
     noise_key,
-    plain_draw,
     uniform_bits_torch,
 )
 
@@ -539,15 +540,21 @@ def test_at_positions_equals_a_fresh_build():
     assert not torch.equal(moved.noise_key_lo, first.noise_key_lo)
 
 
-# --------------------------------------------------------------------------- the plain draw (decode graphs)
+# --------------------------------------------------------------------------- the draw inside the decode graphs
 
 
-def _plain_draw_tokens(logits: torch.Tensor, rows: list[SamplingRow], positions: list[int]) -> torch.Tensor:
-    """``plain_draw`` fed the way the decode graphs feed it: the int32 columns of ``PlainDraw.columns``."""
-    draw = PlainDraw.of(rows, logits.shape[1])
-    lo, hi, inv_t, noise = (torch.from_numpy(c).to(logits.device) for c in draw.columns(positions))
+def _graph_draw_tokens(logits: torch.Tensor, rows: list[SamplingRow], positions: list[int]) -> torch.Tensor:
+    """``graph_draw`` fed the way the decode graphs feed it: the int32 columns of ``GraphDraw.columns``, with
+    ``graph_threshold`` first when a filter is on."""
+    draw = GraphDraw.of(rows, logits.shape[1])
+    lo, hi, inv_t, noise, top_k, top_p, min_p = (torch.from_numpy(c).to(logits.device)
+                                                 for c in draw.columns(positions))
+    inv_t, noise = inv_t.view(torch.float32), noise.view(torch.float32)
+    threshold = None
+    if draw.filtered:
+        threshold = graph_threshold(logits, inv_t, top_k, top_p.view(torch.float32), min_p.view(torch.float32))
     out = torch.full((len(rows),), -1, dtype=torch.int64, device=logits.device)
-    assert plain_draw(logits, inv_t.view(torch.float32), noise.view(torch.float32), lo, hi, out) is out
+    assert graph_draw(logits, inv_t, noise, lo, hi, out, threshold) is out
     return out
 
 
@@ -555,6 +562,19 @@ def _plain_rows(rng: random.Random, n: int, vocab: int) -> list[SamplingRow]:
     """Greedy and temperature-only rows; filters that are off by value (top_k >= vocab, top_k 0, top_p 1)."""
     return [SamplingRow(temperature=rng.choice([0.0, 0.6, 1.0, 1.7]), top_k=rng.choice([-1, 0, vocab, vocab + 7]),
                         top_p=1.0, seed=rng.randrange(2**63)) for _ in range(n)]
+
+
+def _filtered_rows(rng: random.Random, n: int, vocab: int) -> list[SamplingRow]:
+    """Rows the graphs' filtered draw takes: top-k up to GRAPH_TOP_K, top-p beside a top-k, min-p, and
+    greedy and plain rows among them."""
+    rows = []
+    for _ in range(n):
+        top_k = rng.choice([-1, 1, 2, 20, 50, sampler_module.GRAPH_TOP_K])
+        top_k = top_k if top_k < vocab else -1  # a top-k at or past the vocabulary is off
+        rows.append(SamplingRow(temperature=rng.choice([0.0, 0.6, 1.0, 1.7]), top_k=top_k,
+                                top_p=1.0 if top_k == -1 else rng.choice([1.0, 0.95, 0.6]),
+                                min_p=rng.choice([0.0, 0.0, 0.1]), seed=rng.randrange(2**63)))
+    return rows
 
 
 @pytest.mark.parametrize("all_random", [False, True])
@@ -566,34 +586,60 @@ def test_plain_draw_picks_the_samplers_tokens(all_random):
     positions = [rng.randrange(5000) for _ in rows]
     logits = torch.randn(len(rows), 300, dtype=torch.bfloat16) * 4
     expected = Sampler(use_triton=False)(logits, SamplingTensors.build(rows, 300, CPU, positions=positions))
-    assert torch.equal(_plain_draw_tokens(logits, rows, positions), expected.token_ids)
+    assert not GraphDraw.of(rows, 300).filtered
+    assert torch.equal(_graph_draw_tokens(logits, rows, positions), expected.token_ids)
     greedy = [dataclasses.replace(r, temperature=0.0) for r in rows]  # an all-greedy batch: plain argmax
-    assert torch.equal(_plain_draw_tokens(logits, greedy, positions), logits.argmax(dim=-1))
+    assert torch.equal(_graph_draw_tokens(logits, greedy, positions), logits.argmax(dim=-1))
 
 
-@pytest.mark.parametrize("change", [
-    dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1), dict(num_logprobs=0), dict(presence_penalty=0.5),
-    dict(frequency_penalty=-0.5), dict(repetition_penalty=1.2), dict(banned_token_ids=(3,)),
+@pytest.mark.parametrize("vocab", [40, 300])
+def test_filtered_graph_draw_picks_the_samplers_tokens(vocab):
+    """60 random batches of filtered rows (ties in every fourth): the tokens of the sampler, which ranks the
+    same fixed width for such batches (``SamplingTensors.top_p_width``); a vocabulary below that width
+    ranks the whole sorted row in both."""
+    rng = random.Random(vocab)
+    for trial in range(60):
+        rows = _filtered_rows(rng, rng.randint(1, 9), vocab)
+        positions = [rng.randrange(5000) for _ in rows]
+        logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(trial)) * 3
+        if trial % 4 == 0:
+            logits = logits.round()
+        expected = Sampler(use_triton=False)(logits, SamplingTensors.build(rows, vocab, CPU, positions=positions))
+        assert torch.equal(_graph_draw_tokens(logits, rows, positions), expected.token_ids), (trial, rows)
+
+
+@pytest.mark.parametrize("change,taken", [
+    (dict(top_k=5), True), (dict(top_k=5, top_p=0.9), True), (dict(min_p=0.1), True),
+    (dict(top_k=sampler_module.GRAPH_TOP_K + 1), False), (dict(top_p=0.9), False), (dict(num_logprobs=0), False),
+    (dict(presence_penalty=0.5), False), (dict(frequency_penalty=-0.5), False),
+    (dict(repetition_penalty=1.2), False), (dict(banned_token_ids=(3,)), False),
 ])
-def test_plain_draw_refuses_rows_that_need_the_sampler(change):
+def test_graph_draw_takes_filters_a_fixed_ranking_covers(change, taken):
     rows = [SamplingRow(temperature=0.7, seed=1), dataclasses.replace(SamplingRow(temperature=0.7, seed=2), **change)]
-    assert PlainDraw.of(rows[:1], 100) is not None
-    assert PlainDraw.of(rows, 100) is None
+    assert not GraphDraw.of(rows[:1], 100).filtered
+    draw = GraphDraw.of(rows, 100)
+    assert (draw is not None) == taken and (draw is None or draw.filtered)
     greedy = dataclasses.replace(rows[1], temperature=0.0)
     filters_only = {"top_k", "top_p", "min_p"}
     # a greedy row ignores filters (the sampler does too), not penalties, banned ids or logprobs
-    assert (PlainDraw.of([greedy], 100) is not None) == (set(change) <= filters_only)
+    greedy_draw = GraphDraw.of([greedy], 100)
+    assert (greedy_draw is not None) == (set(change) <= filters_only)
+    assert greedy_draw is None or not greedy_draw.filtered
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_plain_draw_matches_the_sampler_on_gpu():
+@pytest.mark.parametrize("filtered", [False, True])
+def test_graph_draw_matches_the_sampler_on_gpu(filtered):
     rng, cuda, vocab = random.Random(5), torch.device("cuda"), 151936
-    rows = _plain_rows(rng, 48, vocab)
+    rows = (_filtered_rows if filtered else _plain_rows)(rng, 48, vocab)
     positions = [rng.randrange(4000) for _ in rows]
     logits = torch.randn(len(rows), vocab, device=cuda, dtype=torch.bfloat16) * 3
     expected = Sampler()(logits, SamplingTensors.build(rows, vocab, cuda, positions=positions)).token_ids
-    assert torch.equal(_plain_draw_tokens(logits, rows, positions), expected)
+    assert torch.equal(_graph_draw_tokens(logits, rows, positions), expected)
+    for n in (1, 3, 16):  # small batches: other chunk sizes in the draw, other shapes in the ranking
+        expected = Sampler()(logits[:n], SamplingTensors.build(rows[:n], vocab, cuda, positions=positions[:n]))
+        assert torch.equal(_graph_draw_tokens(logits[:n], rows[:n], positions[:n]), expected.token_ids)
 
 
 def test_sorted_descending_equals_torch_sort():
@@ -616,7 +662,9 @@ def test_top_p_ranks_a_top_k_selection_only_when_every_top_p_row_has_one():
     vocab = 500
     with_k = [SamplingRow(temperature=0.8, top_k=20, top_p=0.9), SamplingRow(temperature=0.8, top_k=7),
               SamplingRow(temperature=0.0, top_p=0.5), SamplingRow(temperature=1.0)]
-    assert _build(with_k, vocab).top_p_width == 20  # the greedy row's top-p is off
+    assert _build(with_k, vocab).top_p_width == sampler_module.GRAPH_TOP_K  # the greedy row's top-p is off
+    assert _build([SamplingRow(temperature=1.0, top_k=100, top_p=0.5)], vocab).top_p_width == 128  # a power of 2
+    assert _build(with_k, 40).top_p_width == 40  # no narrower than the vocabulary: the sorted row
     assert _build(with_k + [SamplingRow(temperature=1.0, top_p=0.9)], vocab).top_p_width == vocab
     big_k = [SamplingRow(temperature=1.0, top_k=sampler_module.TOP_P_TOPK_WIDTH + 1, top_p=0.9)]
     assert _build(big_k, 5000).top_p_width == 5000

@@ -34,7 +34,7 @@ from allmos.attention.backend import AttentionBackend
 from allmos.attention.cascade import MIN_GROUP_SIZE, CascadeArrays, tile_capacity
 from allmos.attention.context import ForwardContext, forward_context
 from allmos.attention.metadata import AttentionMetadata
-from allmos.engine.sampler import plain_draw
+from allmos.engine.sampler import graph_draw, graph_threshold
 from allmos.engine.step_inputs import HostStep
 from allmos.utils.transfer import StagingRing, pack_aligned
 
@@ -42,6 +42,11 @@ logger = logging.getLogger("allmos")
 
 MAX_CAPTURE_SIZE = 512
 DECODE_KERNELS_ENV = "ALLMOS_DECODE_KERNELS"
+FILTERED_DRAW_MAX_BATCH = 16  # sizes up to this one also capture a filtered draw (larger batches wait on the GPU)
+# the int32 buffer's parts: seq_lens, cascade prefix blocks, members, the draw columns, then tiles and tables
+_DRAW_COLUMNS = 7
+_TILES = 3 + _DRAW_COLUMNS
+_TABLES = _TILES + 1
 
 
 def decode_kernels_enabled() -> bool:
@@ -101,16 +106,18 @@ class DecodeGraphs:
     Inputs reach a graph in two host-to-device copies straight into its buffers (``load``), laid out by
     ``_layout(bs)``: one int64 buffer holds ``input_ids | positions | slot_mapping | input_index``, one int32
     buffer holds ``seq_lens | cascade prefix blocks | cascade members | draw columns (noise key low / high,
-    inv_temperature, noise_scale) | cascade tiles | block_tables``. Rows ``n..bs`` are padding written by the
-    host (slot -1, seq_len 0, no cascade group); the block-table rows past ``n`` are not sent (a row of
-    seq_len 0 reads none). No device-to-device copy separates the upload from the replay.
+    inv_temperature, noise_scale, top_k, top_p, min_p) | cascade tiles | block_tables``. Rows ``n..bs`` are
+    padding written by the host (slot -1, seq_len 0, no cascade group); the block-table rows past ``n`` are
+    not sent (a row of seq_len 0 reads none). No device-to-device copy separates the upload from the replay.
 
     The previous step's sampled tokens live in ``sampled`` (the int64 buffer's tail; the runner stores there
     the tokens of every step it samples outside these graphs): a graph starts by gathering each row's input
     from the int64 buffer at ``input_index``, which points at the row's own ``input_ids`` entry or at its
-    token in ``sampled``. Each forward graph has a draw graph (``draw``): the plain draw of
-    ``sampler.PlainDraw`` over its logits, writing the tokens into ``sampled``; a step whose rows need more
-    (penalties, filters, logprobs) samples the logits with the runner's sampler instead.
+    token in ``sampled``. Each forward graph has a draw graph (``draw``): the plain draw of a
+    ``sampler.GraphDraw`` batch over its logits, writing the tokens into ``sampled``; up to
+    ``FILTERED_DRAW_MAX_BATCH`` rows a second one (``draw(filtered=True)``) first applies the rows' top-k,
+    top-p and min-p. A step whose rows need more (penalties, logprobs, a larger top-k, top-p without top-k,
+    or filters in a larger batch) samples the logits with the runner's sampler instead.
     """
 
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend, kv_caches, max_num_seqs: int,
@@ -131,7 +138,7 @@ class DecodeGraphs:
         self._row_index = np.arange(max_bs, dtype=np.int64)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # by (batch size, cascade)
-        self.draw_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.draw_graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}  # by (size, cascade, filtered)
         self.outputs: dict[tuple[int, bool], torch.Tensor] = {}  # logits [bs, vocab] of each forward graph
         self.max_seq_len = max_blocks_per_seq * kv_caches[0][0].shape[1]
         self.capture = capture
@@ -170,17 +177,16 @@ class DecodeGraphs:
         """The views of the persistent buffers that the graph of size ``bs`` reads."""
         i64, i32 = self.layouts[bs]
         ids, pos, slots, index = (self.i64[start:start + bs] for start in i64)
-        seq_lens, prefix_blocks, members, lo, hi, inv_t, noise = (self.i32[start:start + bs] for start in i32[:7])
+        seq_lens, prefix_blocks, members, *draw = (self.i32[start:start + bs] for start in i32[:_TILES])
         capacity = _tile_capacity(bs, self.tile_members)
-        tiles = self.i32[i32[7]:i32[7] + capacity * 3].view(capacity, 3)
-        tables = self.i32[i32[8]:i32[8] + bs * self.max_blocks_per_seq].view(bs, self.max_blocks_per_seq)
-        return GraphInputs(ids, pos, slots, index, seq_lens, tables, prefix_blocks, members, tiles,
-                           (lo, hi, inv_t, noise))
+        tiles = self.i32[i32[_TILES]:i32[_TILES] + capacity * 3].view(capacity, 3)
+        tables = self.i32[i32[_TABLES]:i32[_TABLES] + bs * self.max_blocks_per_seq].view(bs, self.max_blocks_per_seq)
+        return GraphInputs(ids, pos, slots, index, seq_lens, tables, prefix_blocks, members, tiles, tuple(draw))
 
     def load(self, host: HostStep, draw_columns: list[np.ndarray] | None = None) -> None:
         """Copy one decode step's host inputs into the buffers of its size: ``host`` (its inputs that are
-        previous samples point into ``sampled``) and, for ``draw``, the 4 int32 ``[n]`` columns of
-        ``PlainDraw.columns`` (zeros when None)."""
+        previous samples point into ``sampled``) and, for ``draw``, the 7 int32 ``[n]`` columns of
+        ``GraphDraw.columns`` (zeros when None)."""
         n, bs = host.num_seqs, self.size_for(host.num_seqs)
         width, used = self.max_blocks_per_seq, host.block_tables.shape[1]
         if used > width:
@@ -196,13 +202,13 @@ class DecodeGraphs:
         b = self._stage32.take()
         _put(b, s32[0], host.seq_lens, bs, 0)
         self._put_cascade(b, s32, host.cascade, bs)
-        for start, column in zip(s32[3:7], draw_columns or [()] * 4, strict=True):
+        for start, column in zip(s32[3:_TILES], draw_columns or [()] * _DRAW_COLUMNS, strict=True):
             _put(b, start, column, bs, 0)
-        tables = b[s32[8]:s32[8] + n * width].reshape(n, width)
+        tables = b[s32[_TABLES]:s32[_TABLES] + n * width].reshape(n, width)
         tables[:, :used] = host.block_tables
         tables[:, used:] = 0
         self._stage64.upload(self.i64, s64[3] + bs)
-        self._stage32.upload(self.i32, s32[8] + n * width)
+        self._stage32.upload(self.i32, s32[_TABLES] + n * width)
 
     def store_sampled(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Keep the tokens of a step sampled outside the draw graphs ([m] int64) where the next graph step
@@ -217,7 +223,7 @@ class DecodeGraphs:
         if arrays is not None and self.tile_members is None:
             raise RuntimeError("cascade groups reached decode graphs captured without cascade")
         parts = (arrays.prefix_blocks, arrays.members, arrays.tiles.ravel()) if arrays is not None else ((), (), ())
-        for start, values, size in zip((s32[1], s32[2], s32[7]), parts, (bs, bs, capacity * 3), strict=True):
+        for start, values, size in zip((s32[1], s32[2], s32[_TILES]), parts, (bs, bs, capacity * 3), strict=True):
             _put(b, start, values, size, 0)
 
     def _metadata(self, bs: int, views: GraphInputs, cascade: bool) -> AttentionMetadata:
@@ -243,10 +249,17 @@ class DecodeGraphs:
             hidden = self.model(input_ids, views.positions)  # [bs, hidden]
         return self.model.compute_logits(hidden)  # [bs, vocab]
 
-    def _draw(self, bs: int, cascade: bool) -> None:
-        lo, hi, inv_t, noise = self.inputs[bs].draw_columns
-        plain_draw(self.outputs[bs, cascade], inv_t.view(torch.float32), noise.view(torch.float32), lo, hi,
-                   out=self.sampled[:bs])
+    def _draw(self, bs: int, cascade: bool, filtered: bool) -> None:
+        lo, hi, inv_t, noise, top_k, top_p, min_p = self.inputs[bs].draw_columns
+        logits, inv_t, noise = self.outputs[bs, cascade], inv_t.view(torch.float32), noise.view(torch.float32)
+        threshold = None
+        if filtered:
+            threshold = graph_threshold(logits, inv_t, top_k, top_p.view(torch.float32), min_p.view(torch.float32))
+        graph_draw(logits, inv_t, noise, lo, hi, out=self.sampled[:bs], threshold=threshold)
+
+    def draws_filtered(self, num_seqs: int) -> bool:
+        """Whether the size that holds ``num_seqs`` rows has a filtered draw."""
+        return self.size_for(num_seqs) <= FILTERED_DRAW_MAX_BATCH
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -254,15 +267,20 @@ class DecodeGraphs:
         for bs, cascade in self._variants():
             self._write_padding(bs)
             self.outputs[bs, cascade] = self._forward(bs, cascade)  # warm-up: compiles kernels outside the capture
-            self._draw(bs, cascade)
+            filters = (False, True) if bs <= FILTERED_DRAW_MAX_BATCH else (False,)
+            for filtered in filters:
+                self._draw(bs, cascade, filtered)
             torch.cuda.synchronize()
-            graph, draw_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.outputs[bs, cascade] = self._forward(bs, cascade)
             pool = graph.pool() if pool is None else pool
-            with torch.cuda.graph(draw_graph, pool=pool):
-                self._draw(bs, cascade)
-            self.graphs[bs, cascade], self.draw_graphs[bs, cascade] = graph, draw_graph
+            self.graphs[bs, cascade] = graph
+            for filtered in filters:
+                draw_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(draw_graph, pool=pool):
+                    self._draw(bs, cascade, filtered)
+                self.draw_graphs[bs, cascade, filtered] = draw_graph
         torch.cuda.synchronize()
 
     def replay(self, num_seqs: int, cascade: bool = False) -> torch.Tensor:
@@ -275,14 +293,17 @@ class DecodeGraphs:
             self.graphs[bs, cascade].replay()
         return self.outputs[bs, cascade][:num_seqs]
 
-    def draw(self, num_seqs: int, cascade: bool = False) -> torch.Tensor:
-        """After ``replay`` of the same size: the plain draw over its logits with the columns ``load`` wrote;
-        returns the tokens ``[num_seqs]`` int64, a view of ``sampled``."""
+    def draw(self, num_seqs: int, cascade: bool = False, filtered: bool = False) -> torch.Tensor:
+        """After ``replay`` of the same size: the draw over its logits with the columns ``load`` wrote (with
+        ``filtered``, the rows' top-k / top-p / min-p first: ``draws_filtered`` must hold); returns the tokens
+        ``[num_seqs]`` int64, a view of ``sampled``."""
         bs = self.size_for(num_seqs)
+        if filtered and not self.draws_filtered(num_seqs):
+            raise ValueError(f"no filtered draw for {num_seqs} rows (up to {FILTERED_DRAW_MAX_BATCH})")
         if not self.capture:
-            self._draw(bs, cascade)
+            self._draw(bs, cascade, filtered)
         else:
-            self.draw_graphs[bs, cascade].replay()
+            self.draw_graphs[bs, cascade, filtered].replay()
         return self.sampled[:num_seqs]
 
 
@@ -299,7 +320,7 @@ class GraphInputs:
     cascade_prefix_blocks: torch.Tensor  # [bs] int32
     cascade_members: torch.Tensor  # [bs] int32
     cascade_tiles: torch.Tensor  # [tile capacity of bs, 3] int32 (0 rows without cascade)
-    draw_columns: tuple[torch.Tensor, ...]  # 4 x [bs] int32: noise key low, high, inv_temperature, noise_scale bits
+    draw_columns: tuple[torch.Tensor, ...]  # 7 x [bs] int32: GraphDraw.columns (noise keys, float bits, top_k)
 
 
 def _tile_capacity(bs: int, tile_members: int | None) -> int:
@@ -308,7 +329,7 @@ def _tile_capacity(bs: int, tile_members: int | None) -> int:
 
 def _i32_parts(bs: int, max_blocks: int, tile_members: int | None) -> list[np.ndarray]:
     capacity = _tile_capacity(bs, tile_members)
-    return [np.zeros(bs, np.int32)] * 7 + [np.zeros(capacity * 3, np.int32), np.zeros(bs * max_blocks, np.int32)]
+    return [np.zeros(bs, np.int32)] * _TILES + [np.zeros(capacity * 3, np.int32), np.zeros(bs * max_blocks, np.int32)]
 
 
 def _layout(bs: int, max_blocks: int, tile_members: int | None) -> tuple[list[int], list[int]]:

@@ -28,7 +28,7 @@ from allmos.engine.cpu_compile import compile_cpu_forward
 from allmos.engine.cuda_graphs import DecodeGraphs
 from allmos.engine.kv_cache import KVCacheSpec, cpu_num_blocks, gpu_num_blocks
 from allmos.engine.kv_calibration import calibrate_kv_cache
-from allmos.engine.sampler import PlainDraw, Sampler, SamplerOutput, SamplingRow, SamplingTensors, raw_logprobs
+from allmos.engine.sampler import GraphDraw, Sampler, SamplerOutput, SamplingRow, SamplingTensors, raw_logprobs
 from allmos.engine.step_inputs import HostStep, host_step, upload
 from allmos.layers.quantization import quantize_model
 from allmos.layers.tp import SINGLE, TPGroup
@@ -191,7 +191,7 @@ class LocalModelRunner(ModelRunner):
         self.device, self.dtype, self.tp = device, dtype, tp
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None  # previous step's device tokens
         self._sampling_memo = RowsMemo()  # the last step's rows -> their SamplingTensors
-        self._draw_memo = RowsMemo()  # the last step's rows -> their PlainDraw (None: they need the sampler)
+        self._draw_memo = RowsMemo()  # the last step's rows -> their GraphDraw (None: they need the sampler)
         self.model = build_model(model_config, dtype, device, tp)
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
@@ -319,9 +319,10 @@ class LocalModelRunner(ModelRunner):
 
     def _run_graph(self, host: HostStep, rows: list[SamplingRow],
                    positions: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Decode through the captured graphs: inputs go straight into their persistent buffers, and rows
-        that need nothing but a temperature are drawn by the graphs too. Returns (logits [num_seqs, vocab],
-        the drawn tokens [num_seqs] or None when the runner's sampler must sample the logits).
+        """Decode through the captured graphs: inputs go straight into their persistent buffers, and a
+        ``GraphDraw`` batch is drawn by the graphs too (with filters only up to ``FILTERED_DRAW_MAX_BATCH``
+        rows). Returns (logits [num_seqs, vocab], the drawn tokens [num_seqs] or None when the runner's
+        sampler must sample the logits).
 
         One reference for the whole step: a tensor-parallel abort on another thread may release the graphs
         meanwhile (``release_graphs``); then this step raises RuntimeError, the symptom the TP runner maps
@@ -331,11 +332,13 @@ class LocalModelRunner(ModelRunner):
             raise RuntimeError("the decode graphs were released during the step (the runner is being stopped)")
         draw = self._draw_memo.get(rows)
         if draw is RowsMemo.MISSING:
-            draw = self._draw_memo.put(rows, PlainDraw.of(rows, self.model_config.vocab_size))
+            draw = self._draw_memo.put(rows, GraphDraw.of(rows, self.model_config.vocab_size))
+        if draw is not None and draw.filtered and not graphs.draws_filtered(host.num_seqs):
+            draw = None
         graphs.load(host, draw.columns(positions) if draw is not None else None)
         cascade = host.cascade is not None
         logits = graphs.replay(host.num_seqs, cascade)  # [num_seqs, vocab]
-        return logits, graphs.draw(host.num_seqs, cascade) if draw is not None else None
+        return logits, graphs.draw(host.num_seqs, cascade, draw.filtered) if draw is not None else None
 
     def _prompt_logprobs(self, batch: ScheduledBatch, metadata: AttentionMetadata,
                          hidden: torch.Tensor) -> PromptLogprobsOutput | None:

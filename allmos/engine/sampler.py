@@ -68,6 +68,7 @@ _DRAW_BLOCK = 1024
 _SMALL_BATCH_DRAW_CHUNK = 1024  # the plain draw of up to _SMALL_BATCH_ROWS rows (the result does not change)
 _SMALL_BATCH_ROWS = 16
 TOP_P_TOPK_WIDTH = 1024  # the largest top-k under which top-p ranks a top-k selection instead of a sort
+GRAPH_TOP_K = 64  # the largest top-k the decode graphs' filtered draw takes; also the least width top-p ranks
 
 
 # --------------------------------------------------------------------------- hash
@@ -310,11 +311,13 @@ def _active_filters(table: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.
 
 
 def _top_p_width(active_top_k: np.ndarray, active_top_p: np.ndarray, max_top_k: int, vocab_size: int) -> int:
-    """How many of each row's largest scaled logits the top-p threshold ranks: ``max_top_k`` when every
-    top-p row also has a top-k of at most ``TOP_P_TOPK_WIDTH`` (Qwen3's defaults: top_k 20, top_p 0.95), so
-    a top-k selection replaces sorting the vocabulary; else the whole vocabulary."""
+    """How many of each row's largest scaled logits the top-p threshold ranks. When every top-p row also has
+    a top-k of at most ``TOP_P_TOPK_WIDTH`` (Qwen3's defaults: top_k 20, top_p 0.95), a top-k selection
+    replaces sorting the vocabulary: ``max_top_k`` rounded up to a power of two, at least ``GRAPH_TOP_K``
+    (so a batch ranks exactly what the decode graphs' filtered draw ranks, and its sums add up alike);
+    else, or when that reaches the vocabulary, the whole vocabulary."""
     if max_top_k <= TOP_P_TOPK_WIDTH and not (active_top_p & ~active_top_k).any():
-        return max_top_k
+        return min(vocab_size, max(GRAPH_TOP_K, 1 << (max_top_k - 1).bit_length()))
     return vocab_size
 
 
@@ -432,22 +435,26 @@ def _top_k_threshold(z: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
 
 def _top_k_top_p_threshold(z: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """Smallest kept z after top-k then top-p (exclusive cumulative prob < p): [B].
+    """Smallest kept z after top-k then top-p (exclusive cumulative prob < p): [B]."""
+    return ranked_threshold(z, t.top_k, t.top_p, t.top_p_width)
 
-    Ranks the ``t.top_p_width`` largest values of each row (W below): the whole sorted row, or, when every
-    top-p row also has a small top-k, a top-k selection (the same leading values); rows with neither
-    filter then keep everything (-inf)."""
-    width = t.top_p_width
-    ranked = z.topk(width, dim=-1).values if width < z.shape[-1] else sorted_descending(z)  # [B, W]
-    beyond_k = torch.arange(width, device=z.device)[None, :] >= t.top_k[:, None]  # [B, W]
+
+def ranked_threshold(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, width: int) -> torch.Tensor:
+    """Top-k then top-p thresholds of z [B, V] from each row's ``width`` largest values (W below): the whole
+    sorted row, or, when every top-p row has a top-k of at most ``width``, a top-k selection (the same
+    leading values; rows with neither filter then keep everything: -inf). top_k [B] (V when off), top_p
+    [B] (1 when off). [B] float32; no host synchronization."""
+    vocab = z.shape[-1]
+    ranked = z.topk(width, dim=-1).values if width < vocab else sorted_descending(z)  # [B, W]
+    beyond_k = torch.arange(width, device=z.device)[None, :] >= top_k[:, None]  # [B, W]
     probs = ranked.masked_fill(beyond_k, -math.inf).softmax(dim=-1)  # [B, W]
     mass_before = probs.cumsum(dim=-1).sub_(probs)  # [B, W]
     # in place from here on (fresh [B, V] tensors cost as much as the arithmetic on the CPU)
-    kept = (mass_before < t.top_p[:, None]).logical_or_(t.top_p[:, None] >= 1.0).logical_and_(beyond_k.logical_not_())
+    kept = (mass_before < top_p[:, None]).logical_or_(top_p[:, None] >= 1.0).logical_and_(beyond_k.logical_not_())
     num_kept = kept.sum(dim=-1, keepdim=True).clamp(min=1)  # [B, 1]
     threshold = ranked.gather(1, num_kept - 1).squeeze(1)  # [B]
-    if width < z.shape[-1]:
-        threshold = torch.where(t.top_k < t.vocab_size, threshold, -math.inf)
+    if width < vocab:
+        threshold = torch.where(top_k < vocab, threshold, -math.inf)
     return threshold
 
 
@@ -478,53 +485,74 @@ def _gumbel_argmax_torch(x: torch.Tensor, inv_temperature: torch.Tensor, noise_s
     return g.add_(z).argmax(dim=-1)  # z + g: the sum is commutative, bit for bit
 
 
-# --------------------------------------------------------------------------- the plain draw
+# --------------------------------------------------------------------------- the draw inside the decode graphs
 
 
 @dataclass(frozen=True)
-class PlainDraw:
-    """A batch whose rows need nothing but a temperature and the draw: no penalties, banned ids, filters
-    (top-k / top-p / min-p on a sampling row) or logprobs. Such a batch samples from a fixed set of [B]
-    columns, so the decode graphs run its draw inside a graph (``allmos.engine.cuda_graphs``); its tokens
-    are the ones ``Sampler`` picks for the same rows.
+class GraphDraw:
+    """A batch the decode graphs can sample by themselves (``allmos.engine.cuda_graphs``): rows that need no
+    penalties, banned ids or logprobs, and whose filters a fixed-width ranking covers (every top-k at most
+    ``GRAPH_TOP_K``, top-p only beside a top-k; min-p any). It samples from fixed [B] columns; its tokens are
+    the ones ``Sampler`` picks for the same rows. ``filtered``: some row's top-k, top-p or min-p is on (the
+    graphs run their filtered draw; else the plain one: a temperature and the random draw).
 
     ``of(rows)`` returns None for any other batch. Built once per set of rows; ``columns`` per step.
     """
 
     inv_temperature: np.ndarray  # [B] float32, 1 for greedy rows
     noise_scale: np.ndarray  # [B] float32, 0 for greedy rows
+    top_k: np.ndarray  # [B] int32, the vocabulary size when off
+    top_p: np.ndarray  # [B] float32, 1 when off
+    min_p: np.ndarray  # [B] float32, 0 when off
     seeds: np.ndarray  # [B] uint64
+    filtered: bool
 
     @classmethod
-    def of(cls, rows: Sequence[SamplingRow], vocab_size: int) -> PlainDraw | None:
+    def of(cls, rows: Sequence[SamplingRow], vocab_size: int) -> GraphDraw | None:
         if any(r.num_logprobs is not None or r.banned_token_ids or r.has_output_penalty or r.has_repetition_penalty
                for r in rows):
             return None
         table = _row_table(list(rows))
-        if any(active.any() for active in _active_filters(table, vocab_size)):
+        active_top_k, active_top_p, active_min_p = _active_filters(table, vocab_size)
+        if (table[active_top_k, 6] > GRAPH_TOP_K).any() or (active_top_p & ~active_top_k).any():
             return None
-        inv_t, noise = _float_columns(table)[:2]
-        return cls(inv_t, noise, np.fromiter((r.seed for r in rows), dtype=np.uint64, count=len(rows)))
+        inv_t, noise, top_p, min_p = _float_columns(table)[:4]
+        seeds = np.fromiter((r.seed for r in rows), dtype=np.uint64, count=len(rows))
+        filtered = bool(active_top_k.any() or active_top_p.any() or active_min_p.any())
+        return cls(inv_t, noise, _top_k_column(table, vocab_size).astype(np.int32), top_p, min_p, seeds, filtered)
 
     def columns(self, positions: Sequence[int]) -> list[np.ndarray]:
-        """4 x int32 [B]: the noise keys' low and high halves at ``positions`` (the sampled tokens' indices),
-        then the bits of inv_temperature and noise_scale (float32 viewed as int32)."""
+        """7 x int32 [B]: the noise keys' low and high halves at ``positions`` (the sampled tokens' indices),
+        the bits of inv_temperature and noise_scale (float32 viewed as int32), top_k, and the bits of top_p
+        and min_p."""
         keys = noise_keys_np(self.seeds, np.asarray(positions, dtype=np.uint64))
         lo, hi = (half.astype(np.int32) for half in _key_halves(keys))
-        return [lo, hi, self.inv_temperature.view(np.int32), self.noise_scale.view(np.int32)]
+        return [lo, hi, self.inv_temperature.view(np.int32), self.noise_scale.view(np.int32), self.top_k,
+                self.top_p.view(np.int32), self.min_p.view(np.int32)]
 
 
-def plain_draw(x: torch.Tensor, inv_temperature: torch.Tensor, noise_scale: torch.Tensor, key_lo: torch.Tensor,
-               key_hi: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The draw of a ``PlainDraw`` batch from its device columns into ``out``: x [B, V] logits, the rest [B];
-    out [B] int64. The Triton kernels on CUDA (when installed; chunks of ``_SMALL_BATCH_DRAW_CHUNK`` logits up
-    to ``_SMALL_BATCH_ROWS`` rows, so a small batch still spreads over the GPU), else the torch reference; no
-    host synchronization, so it can be captured in a CUDA graph."""
+def graph_draw(x: torch.Tensor, inv_temperature: torch.Tensor, noise_scale: torch.Tensor, key_lo: torch.Tensor,
+               key_hi: torch.Tensor, out: torch.Tensor, threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """The draw of a ``GraphDraw`` batch from its device columns into ``out``: x [B, V] logits, the rest [B]
+    (``threshold``: ``graph_threshold``'s, None when no filter is on); out [B] int64. The Triton kernels on
+    CUDA (when installed; chunks of ``_SMALL_BATCH_DRAW_CHUNK`` logits up to ``_SMALL_BATCH_ROWS`` rows, so a
+    small batch still spreads over the GPU), else the torch reference; no host synchronization, so it can be
+    captured in a CUDA graph."""
     if _HAS_TRITON and x.is_cuda:
         chunk = _SMALL_BATCH_DRAW_CHUNK if x.shape[0] <= _SMALL_BATCH_ROWS else _DRAW_CHUNK
-        return triton_gumbel_argmax(x, inv_temperature, noise_scale, None, key_lo, key_hi, all_random=False,
+        return triton_gumbel_argmax(x, inv_temperature, noise_scale, threshold, key_lo, key_hi, all_random=False,
                                     chunk_size=chunk, out=out)
-    return out.copy_(_gumbel_argmax_torch(x, inv_temperature, noise_scale, None, key_lo, key_hi))
+    return out.copy_(_gumbel_argmax_torch(x, inv_temperature, noise_scale, threshold, key_lo, key_hi))
+
+
+def graph_threshold(x: torch.Tensor, inv_temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                    min_p: torch.Tensor) -> torch.Tensor:
+    """``filter_threshold`` of a filtered ``GraphDraw`` batch from its columns (x [B, V] logits, the rest
+    [B]; top_k int32): the same values the ``Sampler`` computes for those rows, from a ranking of fixed
+    width (``GRAPH_TOP_K``, as ``SamplingTensors.top_p_width`` gives such a batch). [B] float32."""
+    z = x.float() * inv_temperature[:, None]  # [B, V]
+    threshold = ranked_threshold(z, top_k.long(), top_p, min(GRAPH_TOP_K, z.shape[-1]))
+    return torch.maximum(threshold, z.amax(dim=-1) + torch.log(min_p))
 
 
 def raw_logprobs(
