@@ -250,12 +250,7 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)  # [bs, vocab]
 
     def _draw(self, bs: int, cascade: bool, filtered: bool) -> None:
-        lo, hi, inv_t, noise, top_k, top_p, min_p = self.inputs[bs].draw_columns
-        logits, inv_t, noise = self.outputs[bs, cascade], inv_t.view(torch.float32), noise.view(torch.float32)
-        threshold = None
-        if filtered:
-            threshold = graph_threshold(logits, inv_t, top_k, top_p.view(torch.float32), min_p.view(torch.float32))
-        graph_draw(logits, inv_t, noise, lo, hi, out=self.sampled[:bs], threshold=threshold)
+        _draw_from_columns(self.outputs[bs, cascade], self.inputs[bs].draw_columns, self.sampled[:bs], filtered)
 
     def draws_filtered(self, num_seqs: int) -> bool:
         """Whether the size that holds ``num_seqs`` rows has a filtered draw."""
@@ -321,6 +316,18 @@ class GraphInputs:
     cascade_members: torch.Tensor  # [bs] int32
     cascade_tiles: torch.Tensor  # [tile capacity of bs, 3] int32 (0 rows without cascade)
     draw_columns: tuple[torch.Tensor, ...]  # 7 x [bs] int32: GraphDraw.columns (noise keys, float bits, top_k)
+
+
+def _draw_from_columns(logits: torch.Tensor, columns: tuple[torch.Tensor, ...], out: torch.Tensor,
+                       filtered: bool) -> None:
+    """The draw of ``logits`` [bs, vocab] from the 7 int32 draw columns into ``out`` [bs] int64 (``filtered``:
+    the rows' top-k / top-p / min-p threshold first)."""
+    lo, hi, inv_t, noise, top_k, top_p, min_p = columns
+    inv_t, noise = inv_t.view(torch.float32), noise.view(torch.float32)
+    threshold = None
+    if filtered:
+        threshold = graph_threshold(logits, inv_t, top_k, top_p.view(torch.float32), min_p.view(torch.float32))
+    graph_draw(logits, inv_t, noise, lo, hi, out=out, threshold=threshold)
 
 
 def _tile_capacity(bs: int, tile_members: int | None) -> int:

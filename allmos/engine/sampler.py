@@ -224,7 +224,7 @@ class SamplingTensors:
                 rows, lambda r: r.banned_token_ids, vocab_size, "banned_token_ids", device)
         num_logprobs = [r.num_logprobs for r in rows]
         requested = [k for k in num_logprobs if k is not None]
-        max_top_k = int(table[active_top_k, 6].max()) if active_top_k.any() else vocab_size
+        max_top_k, top_p_width = _top_k_widths(table, active_top_k, active_top_p, vocab_size)
         return cls(
             vocab_size=vocab_size,
             inv_temperature=floats[0], noise_scale=floats[1], top_p=floats[2], min_p=floats[3],
@@ -236,8 +236,7 @@ class SamplingTensors:
             seeds_host=seeds,
             num_logprobs_cpu=num_logprobs,
             max_num_logprobs=max(requested) if requested else None,
-            max_top_k=max_top_k,
-            top_p_width=_top_p_width(active_top_k, active_top_p, max_top_k, vocab_size),
+            max_top_k=max_top_k, top_p_width=top_p_width,
             all_greedy=not random.any(),
             all_random=bool(random.all()),
             any_top_k=bool(active_top_k.any()),
@@ -308,6 +307,13 @@ def _active_filters(table: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.
     random = table[:, 0] >= GREEDY_TEMPERATURE_EPS
     return (random & (table[:, 6] > 0) & (table[:, 6] < vocab_size), random & (table[:, 1] < 1.0),
             random & (table[:, 2] > 0.0))
+
+
+def _top_k_widths(table: np.ndarray, active_top_k: np.ndarray, active_top_p: np.ndarray,
+                  vocab_size: int) -> tuple[int, int]:
+    """(the largest active top-k, or the vocabulary size when none; ``_top_p_width``)."""
+    max_top_k = int(table[active_top_k, 6].max()) if active_top_k.any() else vocab_size
+    return max_top_k, _top_p_width(active_top_k, active_top_p, max_top_k, vocab_size)
 
 
 def _top_p_width(active_top_k: np.ndarray, active_top_p: np.ndarray, max_top_k: int, vocab_size: int) -> int:
