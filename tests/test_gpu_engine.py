@@ -101,20 +101,24 @@ def test_dummy_load_and_token_prompts(tmp_path):
 def test_graph_draws_match_eager_sampling(gpu_model_dir):
     """Seeded sampling through the captured draw graphs (plain and filtered: Qwen3's top_k 20 + top_p 0.95,
     min-p) gives the eager engine's tokens, in batches small enough for the filtered draw graphs and larger."""
-    kw = dict(dtype="bfloat16", kvcache_block_size=16, max_model_len=2048, max_num_seqs=64)
+    kw = dict(dtype="bfloat16", kvcache_block_size=16, max_model_len=2048, max_num_seqs=64, num_kvcache_blocks=1024)
     graph = LLM(str(gpu_model_dir), **kw)
-    eager = LLM(str(gpu_model_dir), enforce_eager=True, num_kvcache_blocks=1024, **kw)
+    eager = LLM(str(gpu_model_dir), enforce_eager=True, **kw)
     draws = []
     graphs = graph.engine.runner.graphs
-    original = graphs.draw
-    graphs.draw = lambda n, cascade=False, filtered=False: draws.append((n, filtered)) or original(n, cascade, filtered)
+    draw = type(graphs).draw
+    graphs.draw = lambda n, cascade=False, filtered=False: draws.append((n, filtered)) or draw(graphs, n, cascade,
+                                                                                                 filtered)
     settings = [dict(temperature=0.8), dict(temperature=0.6, top_k=20, top_p=0.95), dict(temperature=1.0, min_p=0.1)]
-    for n in (5, 21):
-        ps = prompts(n=n, seed=n)
-        for i, setting in enumerate(settings):
-            params = [SamplingParams(**setting, seed=100 * i + j, max_tokens=MAX_NEW, ignore_eos=True)
-                      for j in range(n)]
-            a = [o.token_ids for o in graph.generate(ps, params, use_tqdm=False)]
-            b = [o.token_ids for o in eager.generate(ps, params, use_tqdm=False)]
-            assert a == b, (n, setting)
+    try:
+        for n in (5, 21):
+            ps = prompts(n=n, seed=n)
+            for i, setting in enumerate(settings):
+                params = [SamplingParams(**setting, seed=100 * i + j, max_tokens=MAX_NEW, ignore_eos=True)
+                          for j in range(n)]
+                a = [o.token_ids for o in graph.generate(ps, params, use_tqdm=False)]
+                b = [o.token_ids for o in eager.generate(ps, params, use_tqdm=False)]
+                assert a == b, (n, setting)
+    finally:
+        del graphs.draw  # the wrapper refers to the graphs: without this the engine outlives the test
     assert any(filtered for _, filtered in draws) and any(not filtered for _, filtered in draws)
