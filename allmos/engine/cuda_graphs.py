@@ -42,7 +42,9 @@ logger = logging.getLogger("allmos")
 
 MAX_CAPTURE_SIZE = 512
 DECODE_KERNELS_ENV = "ALLMOS_DECODE_KERNELS"
-FILTERED_DRAW_MAX_BATCH = 16  # sizes up to this one also capture a filtered draw (larger batches wait on the GPU)
+# sizes up to this one also capture a filtered draw; its float32 [bs, vocab] temporaries stay in the graph
+# pool (under 10 MB each at 16 rows of a 151,936 vocabulary), and larger batches sample eagerly
+FILTERED_DRAW_MAX_BATCH = 16
 # the int32 buffer's parts: seq_lens, cascade prefix blocks, members, the draw columns, then tiles and tables
 _DRAW_COLUMNS = 7
 _TILES = 3 + _DRAW_COLUMNS
