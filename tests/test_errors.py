@@ -29,6 +29,9 @@ def assert_still_works(llm):
     ([1] * 200, "maximum context length is 128"),
     ([5, 512], "outside the vocabulary"),
     ([5, -1], "outside the vocabulary"),
+    ([5, 2**70], "outside the vocabulary"),  # past 64 bits: the fast range check refuses it too
+    ([5, 6.0], "integer token ids, got float 6.0 at index 1"),
+    ([5, True], "integer token ids, got bool True at index 1"),
 ])
 def test_bad_prompts(llm, prompt, match):
     with pytest.raises(ValueError, match=match):
