@@ -132,6 +132,39 @@ def measure_copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> float
 
 
 @dataclass
+class OpTime:
+    """One operator name's total in a profile: device time of a GPU kernel, or a CPU op's own time."""
+
+    name: str
+    ms: float
+    count: int
+
+
+def profiled_generate(llm, prompts, params) -> tuple[float, list[OpTime]]:
+    """``llm.generate(prompts, params)`` under torch.profiler: (wall seconds, operators busiest first). On
+    CUDA the GPU kernels by device time (the wall waits for the device), on the CPU the ops' own time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = llm.engine.runner.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    times = [OpTime(e.key, (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3, e.count)
+             for e in prof.key_averages()]
+    return wall, sorted((t for t in times if t.ms > 0), key=lambda t: -t.ms)
+
+
+def op_table(ops: list[OpTime], top: int) -> list[str]:
+    """The ``top`` busiest operators of ``profiled_generate``, a line each with its share of the total."""
+    total = sum(t.ms for t in ops) or 1.0
+    return [f"  {t.ms:8.2f} ms {100 * t.ms / total:5.1f}% {t.count:6d}x  {t.name[:90]}" for t in ops[:top]]
+
+
+@dataclass
 class BenchResult:
     """One timed ``generate``: its wall time and the tokens it actually produced and read."""
 

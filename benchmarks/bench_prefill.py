@@ -67,29 +67,16 @@ def time_prefill(llm, lens: list[int], tokens: int) -> list[tuple[int, int, floa
 
 def profile_kernels(llm, length: int, tokens: int, top: int = 18) -> None:
     """The GPU kernels of prefilling ``tokens // length`` fresh prompts, by total time (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
     from allmos import SamplingParams
+    from allmos.benchmark import op_table, profiled_generate
 
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     batch = prompts_of(length, max(1, tokens // length), 99, llm.engine.runner.model.config.vocab_size)
-    cuda = llm.engine.runner.device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        llm.generate(batch, params, use_tqdm=False)
-        if cuda:
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-
-    def spent(e) -> float:  # microseconds on the device (CPU: the op's own time)
-        return e.device_time_total if cuda else e.self_cpu_time_total
-
-    events = [e for e in prof.key_averages() if spent(e) > 0]
-    total = sum(spent(e) for e in events)
-    print(f"\n{'GPU kernels' if cuda else 'CPU ops'}, {len(batch)} prompts of {length}: {total / 1e3:.1f} ms in all, "
+    wall, ops = profiled_generate(llm, batch, params)
+    kind = "GPU kernels" if llm.engine.runner.device.type == "cuda" else "CPU ops"
+    print(f"\n{kind}, {len(batch)} prompts of {length}: {sum(t.ms for t in ops):.1f} ms in all, "
           f"wall {wall * 1e3:.1f} ms (profiled)")
-    for e in sorted(events, key=lambda e: -spent(e))[:top]:
-        print(f"  {spent(e) / 1e3:8.2f} ms {100 * spent(e) / total:5.1f}% {e.count:6d}x  {e.key[:90]}")
+    print("\n".join(op_table(ops, top)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -98,12 +98,10 @@ def profile_round(llm, prompts: list[list[int]], output_len: int, top: int = 16)
     """Where one more round goes: host time adding the requests, wall time of the prefill and the decode
     steps (a step counts as prefill while any request is still prefilling), and the GPU kernels by total
     time (torch.profiler; the CPU's own ops without CUDA)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
     from allmos import SamplingParams
+    from allmos.benchmark import op_table, profiled_generate
 
-    engine, cuda = llm.engine, llm.engine.runner.device.type == "cuda"
+    engine = llm.engine
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=output_len)
     wall = {"add": 0.0, "prefill": 0.0, "decode": 0.0}
     count = {"prefill": 0, "decode": 0}
@@ -127,24 +125,15 @@ def profile_round(llm, prompts: list[list[int]], output_len: int, top: int = 16)
 
     engine.add_request, engine.step = timed_add, timed_step
     try:
-        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            llm.generate(prompts, params, use_tqdm=False)
-            if cuda:
-                torch.cuda.synchronize()
-            total = time.perf_counter() - start
+        total, ops = profiled_generate(llm, prompts, params)
     finally:
         engine.add_request, engine.step = add_request, step
-    spent = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    events = [e for e in prof.key_averages() if spent(e) > 0]
-    busy = sum(spent(e) for e in events) / 1e3
+    kind = "GPU kernels" if engine.runner.device.type == "cuda" else "CPU ops"
     lines = [f"profiled round, {len(prompts)} requests x {output_len} output tokens: wall {total * 1e3:.0f} ms; "
              f"adding requests {wall['add'] * 1e3:.0f} ms; {count['prefill']} prefill steps {wall['prefill'] * 1e3:.0f}"
              f" ms; {count['decode']} decode steps {wall['decode'] * 1e3:.0f} ms; "
-             f"{'GPU kernels' if cuda else 'CPU ops'} {busy:.0f} ms in all"]
-    for e in sorted(events, key=lambda e: -spent(e))[:top]:
-        lines.append(f"  {spent(e) / 1e3:8.2f} ms {100 * spent(e) / 1e3 / busy:5.1f}% {e.count:6d}x  {e.key[:90]}")
-    return "\n".join(lines)
+             f"{kind} {sum(t.ms for t in ops):.0f} ms in all"]
+    return "\n".join(lines + op_table(ops, top))
 
 
 @contextlib.contextmanager

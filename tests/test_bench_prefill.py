@@ -29,9 +29,13 @@ def test_tiny_cpu_run_prints_one_row_per_length(qwen3_dir, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     bench.main([str(qwen3_dir), "--lens", "20", "40", "--tokens", "80", "--device", "cpu",
-                "--max-num-batched-tokens", "64"])
+                "--max-num-batched-tokens", "64", "--profile", "20"])
     out = capsys.readouterr().out
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 64 |")]
     assert [(int(r[1]), int(r[2])) for r in rows] == [(20, 4), (40, 2)]
     assert all(float(r[4].replace(",", "")) > 0 and float(r[5]) > 0 and r[6].strip().endswith("%") for r in rows)
     assert "matrix rate measured in this run" in out
+    table = out[out.index("CPU ops, 4 prompts of 20:"):].splitlines()
+    assert "wall" in table[0] and len(table) > 3  # the profile's ops, a line each (busiest first)
+    shares = [float(line.split("ms")[1].split("%")[0]) for line in table[1:] if line.startswith("  ") and "%" in line]
+    assert shares and shares == sorted(shares, reverse=True)
