@@ -163,7 +163,7 @@ class SamplingTensors:
     num_logprobs_cpu: list[int | None]
     max_num_logprobs: int | None  # None when no row asks for logprobs
     max_top_k: int  # largest active top_k (vocab_size when none)
-    top_p_width: int  # ranked values the top-p threshold needs (see _top_p_width)
+    top_p_width: int  # ranked values the top-p threshold needs (see _top_k_widths)
     all_greedy: bool
     all_random: bool
     any_top_k: bool
@@ -311,20 +311,16 @@ def _active_filters(table: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.
 
 def _top_k_widths(table: np.ndarray, active_top_k: np.ndarray, active_top_p: np.ndarray,
                   vocab_size: int) -> tuple[int, int]:
-    """(the largest active top-k, or the vocabulary size when none; ``_top_p_width``)."""
+    """(the largest active top-k, or the vocabulary size when none; how many of each row's largest scaled
+    logits the top-p threshold ranks). When every top-p row also has a top-k of at most ``TOP_P_TOPK_WIDTH``
+    (Qwen3's defaults: top_k 20, top_p 0.95), a top-k selection replaces sorting the vocabulary: the largest
+    top-k rounded up to a power of two, at least ``GRAPH_TOP_K`` (so a batch ranks exactly what the decode
+    graphs' filtered draw ranks, and its sums add up alike); else, or when that reaches the vocabulary, the
+    whole vocabulary."""
     max_top_k = int(table[active_top_k, 6].max()) if active_top_k.any() else vocab_size
-    return max_top_k, _top_p_width(active_top_k, active_top_p, max_top_k, vocab_size)
-
-
-def _top_p_width(active_top_k: np.ndarray, active_top_p: np.ndarray, max_top_k: int, vocab_size: int) -> int:
-    """How many of each row's largest scaled logits the top-p threshold ranks. When every top-p row also has
-    a top-k of at most ``TOP_P_TOPK_WIDTH`` (Qwen3's defaults: top_k 20, top_p 0.95), a top-k selection
-    replaces sorting the vocabulary: ``max_top_k`` rounded up to a power of two, at least ``GRAPH_TOP_K``
-    (so a batch ranks exactly what the decode graphs' filtered draw ranks, and its sums add up alike);
-    else, or when that reaches the vocabulary, the whole vocabulary."""
     if max_top_k <= TOP_P_TOPK_WIDTH and not (active_top_p & ~active_top_k).any():
-        return min(vocab_size, max(GRAPH_TOP_K, 1 << (max_top_k - 1).bit_length()))
-    return vocab_size
+        return max_top_k, min(vocab_size, max(GRAPH_TOP_K, 1 << (max_top_k - 1).bit_length()))
+    return max_top_k, vocab_size
 
 
 def _float_columns(table: np.ndarray) -> list[np.ndarray]:
